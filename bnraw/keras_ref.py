@@ -1,0 +1,122 @@
+"""The seed's network as real Keras layers, and state transfer between it and :class:`SeedNet`.
+
+The Keras model is the seed's ``model_toy`` as the seed wrote it: a Sequential of
+``Conv2D -> Activation('relu') -> BatchNormalization`` blocks, ``Flatten``, ``Dense``,
+``Activation('relu')``, ``BatchNormalization``, ``Dense``, ``Activation('softmax')``, compiled with
+categorical cross-entropy and accuracy. ``model.weights`` has the same order as
+``SeedNet.variables``, and the optimizer slots the same order as ``SeedNet.trainable_variables``,
+so every transfer is by position (shapes are checked).
+
+``reference="tf_keras"`` builds the same model with the optional ``tf_keras`` package (Keras 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from bnraw.config import CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, ModelConfig, TrainConfig
+from bnraw.model import SeedNet
+
+REFERENCES = ("keras3", "tf_keras")
+
+
+def keras_module(reference: str = "keras3"):
+  """The ``keras`` (Keras 3) or ``tf_keras`` (Keras 2) package."""
+  if reference == "keras3":
+    return importlib.import_module("keras")
+  if reference == "tf_keras":
+    return importlib.import_module("tf_keras")
+  raise ValueError(f"unknown reference {reference!r}; expected one of {REFERENCES}")
+
+
+def build_model(config: ModelConfig, reference: str = "keras3"):
+  """The seed's Sequential ``model_toy`` at ``config.width``."""
+  keras = keras_module(reference)
+  layers = keras.layers
+  regularizer = keras.regularizers.l2(config.l2) if config.l2 else None
+  bn = dict(momentum=config.momentum, epsilon=config.epsilon)
+  stack: list[Any] = [keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))]
+  for i, ((k, _), c) in enumerate(zip(CONV_BLOCKS, config.conv_channels()), start=1):
+    stack += [layers.Conv2D(c, k, padding="valid", kernel_regularizer=regularizer,
+                            name=f"conv_{i}"),
+              layers.Activation("relu"), layers.BatchNormalization(name=f"bn_{i}", **bn)]
+  stack += [layers.Flatten(),
+            layers.Dense(config.dense_units(), kernel_regularizer=regularizer, name="dense_8"),
+            layers.Activation("relu"), layers.BatchNormalization(name="bn_8", **bn),
+            layers.Dense(NUM_IMAGES, kernel_regularizer=regularizer, name="dense_9"),
+            layers.Activation("softmax")]
+  return keras.Sequential(stack, name="model_toy")
+
+
+def make_optimizer(train: TrainConfig, reference: str = "keras3"):
+  keras = keras_module(reference)
+  if train.optimizer == "adam":
+    return keras.optimizers.Adam(learning_rate=train.lr)
+  return keras.optimizers.SGD(learning_rate=train.lr, momentum=train.sgd_momentum,
+                              nesterov=train.nesterov)
+
+
+def compile_model(model, train: TrainConfig, *, jit_compile: bool, reference: str = "keras3",
+                  metrics: Sequence = ()) -> None:
+  """``model.compile`` as the seed did, with the optimizer built so its slots exist now."""
+  optimizer = make_optimizer(train, reference)
+  model.compile(optimizer=optimizer, loss="categorical_crossentropy",
+                metrics=["accuracy", *metrics], jit_compile=jit_compile)
+  optimizer.build(model.trainable_variables)
+
+
+def optimizer_slots(optimizer) -> list[list]:
+  """A Keras optimizer's slot lists, in the same layout as ``bnraw.optim``'s ``slots``."""
+  if hasattr(optimizer, "_momentums") and hasattr(optimizer, "_velocities"):  # Keras 3 Adam
+    return [optimizer._momentums, optimizer._velocities]
+  if hasattr(optimizer, "momentums"):  # Keras 3 SGD
+    return [optimizer.momentums] if optimizer.momentums else []
+  # tf_keras: slots by name, per variable
+  names = {"Adam": ("m", "v"), "SGD": ("momentum",)}[type(optimizer).__name__]
+  variables = optimizer._var_list if hasattr(optimizer, "_var_list") else []
+  return [[optimizer.get_slot(v, name) for v in variables] for name in names
+          if name != "momentum" or optimizer.momentum]
+
+
+def _assign_all(targets: Sequence, values: Sequence[np.ndarray], what: str) -> None:
+  if len(targets) != len(values):
+    raise ValueError(f"{what}: {len(targets)} targets for {len(values)} values")
+  for target, value in zip(targets, values):
+    if tuple(target.shape) != tuple(np.shape(value)):
+      raise ValueError(f"{what}: shape {tuple(target.shape)} != {np.shape(value)}")
+    target.assign(value)
+
+
+def get_state(variables: Sequence, optimizer) -> dict:
+  """Numpy copies of weights (Keras order), optimizer slots and iteration count."""
+  slots = optimizer.slots if hasattr(optimizer, "slots") else optimizer_slots(optimizer)
+  return {"weights": [np.array(v.numpy()) for v in variables],
+          "slots": [[np.array(s.numpy()) for s in group] for group in slots],
+          "iterations": int(np.asarray(optimizer.iterations.numpy()))}
+
+
+def keras_state(model) -> dict:
+  return get_state(model.weights, model.optimizer)
+
+
+def raw_state(raw: SeedNet, optimizer) -> dict:
+  return get_state(raw.variables, optimizer)
+
+
+def set_raw_state(raw: SeedNet, optimizer, state: dict) -> None:
+  """Loads a state (from either side) into the raw model and its optimizer."""
+  _assign_all(raw.variables, state["weights"], "weights")
+  for group, values in zip(optimizer.slots, state["slots"]):
+    _assign_all(group, values, "optimizer slots")
+  optimizer.iterations.assign(state["iterations"])
+
+
+def set_keras_state(model, state: dict) -> None:
+  """Loads a state (from either side) into the Keras model and its optimizer."""
+  _assign_all(model.weights, state["weights"], "weights")
+  for group, values in zip(optimizer_slots(model.optimizer), state["slots"]):
+    _assign_all(group, values, "optimizer slots")
+  model.optimizer.iterations.assign(state["iterations"])

@@ -1,0 +1,117 @@
+"""Pure maths of the seed network: no variables, no state, NHWC throughout.
+
+Every function mirrors the TensorFlow operations that Keras 3.15 (TF backend) emits for the same
+layer, in the same order, so that the raw path reproduces Keras bit for bit where it can:
+
+* Conv2D: ``tf.nn.convolution(VALID)`` then ``x + reshape(bias, (1, 1, 1, C))``.
+* Dense: ``matmul`` then ``+ bias``.
+* BatchNormalization: ``tf.nn.moments`` (biased) and ``tf.nn.batch_normalization``.
+* categorical cross-entropy on a softmax output: ``softmax_cross_entropy_with_logits`` on the
+  logits, reduced as "sum over batch size".
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class Moments(NamedTuple):
+  """Per-channel statistics a BN layer normalises with (shape ``[C]`` each)."""
+
+  mean: tf.Tensor
+  variance: tf.Tensor
+
+
+def conv2d(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+  """VALID, stride-1 convolution plus bias.
+
+  Args:
+    x: ``[N, H, W, Cin]``.
+    kernel: ``[kh, kw, Cin, Cout]``.
+    bias: ``[Cout]``.
+
+  Returns:
+    ``[N, H - kh + 1, W - kw + 1, Cout]`` = ``conv(x, kernel) + bias``.
+  """
+  y = tf.nn.convolution(x, kernel, strides=1, padding="VALID", data_format="NHWC")
+  # Keras reshapes the bias to rank 4 before adding; same graph, same rounding.
+  return tf.add(y, tf.reshape(bias, (1, 1, 1, -1)))
+
+
+def dense(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+  """``x @ kernel + bias`` for ``x: [N, Cin]``, ``kernel: [Cin, Cout]``, ``bias: [Cout]``."""
+  return tf.add(tf.matmul(x, kernel), bias)
+
+
+def relu(x: tf.Tensor) -> tf.Tensor:
+  """``max(x, 0)``."""
+  return tf.nn.relu(x)
+
+
+def moments(x: tf.Tensor) -> Moments:
+  """Biased batch moments over every axis but the last (N,H,W for convs, N for dense).
+
+  ``mean = E[x]``, ``variance = E[(x - mean)^2]`` (divides by n, not n - 1), as ``tf.nn.moments``
+  computes them (the variance is taken around the stop-gradient mean, then squared difference).
+  """
+  axes = list(range(x.shape.rank - 1))
+  mean, variance = tf.nn.moments(x, axes)
+  return Moments(mean, variance)
+
+
+def elements_per_channel(x: tf.Tensor) -> tf.Tensor:
+  """n, the number of values each channel's moments average over (N*H*W), as float32."""
+  return tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+
+
+def normalize(x: tf.Tensor, statistics: Moments, gamma: tf.Tensor, beta: tf.Tensor,
+              epsilon: float) -> tf.Tensor:
+  """``gamma * (x - mean) / sqrt(variance + epsilon) + beta``, per channel (last axis).
+
+  ``tf.nn.batch_normalization`` evaluates it as ``x * inv + (beta - mean * inv)`` with
+  ``inv = rsqrt(variance + epsilon) * gamma``; we call it so the rounding is Keras's.
+  """
+  return tf.nn.batch_normalization(x, statistics.mean, statistics.variance, beta, gamma, epsilon)
+
+
+def moving_average(moving: tf.Tensor, batch: tf.Tensor, momentum: float) -> tf.Tensor:
+  """Keras's moving-statistics update: ``moving * momentum + batch * (1 - momentum)``.
+
+  ``momentum`` is Keras's (0.9 here is PyTorch's 0.1). ``momentum=0`` makes the result the batch
+  value; ``momentum=1`` freezes it.
+  """
+  return moving * momentum + batch * (1.0 - momentum)
+
+
+def bessel_variance(variance: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+  """Unbiased variance ``variance * n / (n - 1)``: what Keras 2.2.4 / tf_keras's fused kernel feed
+  into the moving variance (normalisation still uses the biased one). ``n = 1`` gives ``inf`` (as the
+  fused kernel does); the caller decides whether that is allowed."""
+  return variance * (n / (n - 1.0))
+
+
+def softmax_cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+  """Mean categorical cross-entropy of integer ``labels [N]`` under ``softmax(logits [N, K])``.
+
+  Keras recovers the logits behind a Softmax output and calls
+  ``softmax_cross_entropy_with_logits`` on one-hot targets, then reduces as
+  ``sum(losses) / N`` ("sum over batch size"); this is that computation.
+  """
+  one_hot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
+  per_example = tf.nn.softmax_cross_entropy_with_logits(labels=one_hot, logits=logits)
+  return tf.math.divide_no_nan(tf.reduce_sum(per_example),
+                               tf.cast(tf.size(per_example), logits.dtype))
+
+
+def correct_predictions(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+  """Number of examples whose arg-max class equals the label (Keras's categorical accuracy,
+  taken on the softmax probabilities as Keras takes it, so ties break the same way)."""
+  predicted = tf.argmax(tf.nn.softmax(logits), axis=-1, output_type=labels.dtype)
+  return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+
+
+def l2_penalty(kernels: list[tf.Tensor], l2: float) -> tf.Tensor:
+  """Keras's L2 regulariser summed over kernels: ``sum_k l2 * sum(k^2)``."""
+  return tf.add_n([tf.cast(l2, k.dtype) * tf.reduce_sum(tf.square(k)) for k in kernels])
