@@ -2,13 +2,28 @@
 
 Why does ``model.evaluate`` on the training data disagree with what ``model.fit`` printed?
 bnraw reproduces the Keras path op for op and splits that gap into named causes.
+
+Public names are imported lazily so that ``import bnraw`` (and every script's flag parsing) does
+not pay for importing TensorFlow until something needs it.
 """
 
-from bnraw.config import DataConfig, ModelConfig, TrainConfig
-from bnraw.data import Dataset, make_dataset
-from bnraw.errors import UsageError
-from bnraw.loop import History, evaluate, fit, make_eval_step, make_train_step, resolve_mode
-from bnraw.model import SeedNet
-from bnraw.optim import SGD, Adam, make_optimizer
+import importlib
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "DataConfig": "bnraw.config", "ModelConfig": "bnraw.config", "TrainConfig": "bnraw.config",
+    "Dataset": "bnraw.data", "make_dataset": "bnraw.data",
+    "UsageError": "bnraw.errors",
+    "History": "bnraw.loop", "evaluate": "bnraw.loop", "fit": "bnraw.loop",
+    "make_eval_step": "bnraw.loop", "make_train_step": "bnraw.loop", "resolve_mode": "bnraw.loop",
+    "SeedNet": "bnraw.model",
+    "Adam": "bnraw.optim", "SGD": "bnraw.optim", "make_optimizer": "bnraw.optim",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+  if name in _PUBLIC:
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+  raise AttributeError(f"module 'bnraw' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests run on the CPU even where a GPU is present: tolerances and modes are set for it.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
