@@ -14,10 +14,11 @@ from typing import Callable, Optional, Sequence
 from absl import app, flags
 
 from bnraw.config import IMAGE_SIZE, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
-from bnraw.errors import UsageError
+from bnraw.errors import UsageError  # noqa: F401 (re-exported for commands)
 
 FLAGS = flags.FLAGS
-COMMON_FLAGS = ("case", "image", "block", "width", "momentum", "epsilon", "bessel", "l2",
+COMMON_FLAGS = ("case", "image", "block", "width", "momentum", "epsilon", "bessel",
+                "bessel_scope", "l2",
                 "batch_size", "epochs", "optimizer", "lr", "sgd_momentum", "nesterov", "seed",
                 "mode", "trace", "out_dir")
 
@@ -74,6 +75,8 @@ def define_common_flags(*, out_dir: str, trace_default: bool = False) -> None:
   flags.DEFINE_float("epsilon", 1e-5, "BN epsilon.")
   flags.DEFINE_bool("bessel", False, "Legacy BN: feed var*n/(n-1) into the moving variance "
                     "(Keras 2.2.4, tf_keras fused).")
+  flags.DEFINE_enum("bessel_scope", "all", ["all", "conv"], "With --bessel: every BN layer, or "
+                    "only the conv (4-D) ones as tf_keras's fused kernel does.")
   flags.DEFINE_float("l2", 0.0, "L2 factor on every kernel (seed: 0).")
   flags.DEFINE_integer("batch_size", 256, "Batch size, 1..256 (the dataset has 256 images).")
   flags.DEFINE_integer("epochs", 500, "Epochs.")
@@ -121,7 +124,7 @@ def configs() -> tuple[DataConfig, ModelConfig, TrainConfig]:
   """The flag values as the library's frozen configurations."""
   data = DataConfig(case=int(FLAGS.case), image=FLAGS.image, block=parse_block(FLAGS.block))
   model = ModelConfig(width=resolve_width(), momentum=FLAGS.momentum, epsilon=FLAGS.epsilon,
-                      bessel=FLAGS.bessel, l2=FLAGS.l2)
+                      bessel=FLAGS.bessel, bessel_scope=FLAGS.bessel_scope, l2=FLAGS.l2)
   train = TrainConfig(batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, optimizer=FLAGS.optimizer,
                       lr=FLAGS.lr, sgd_momentum=FLAGS.sgd_momentum, nesterov=FLAGS.nesterov,
                       seed=FLAGS.seed, mode=FLAGS.mode)

@@ -35,6 +35,9 @@ class ModelConfig:
   momentum: float = 0.9
   epsilon: float = 1e-5
   bessel: bool = False
+  # Which BN layers the legacy variant applies to: "all", or "conv" = only the 4-D (conv) layers,
+  # which is what tf_keras does (its fused kernel corrects, its 2-D dense path does not).
+  bessel_scope: str = "all"
   l2: float = 0.0
 
   def conv_channels(self) -> list[int]:

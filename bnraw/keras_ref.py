@@ -69,16 +69,35 @@ def compile_model(model, train: TrainConfig, *, jit_compile: bool, reference: st
 
 
 def optimizer_slots(optimizer) -> list[list]:
-  """A Keras optimizer's slot lists, in the same layout as ``bnraw.optim``'s ``slots``."""
-  if hasattr(optimizer, "_momentums") and hasattr(optimizer, "_velocities"):  # Keras 3 Adam
-    return [optimizer._momentums, optimizer._velocities]
-  if hasattr(optimizer, "momentums"):  # Keras 3 SGD
-    return [optimizer.momentums] if optimizer.momentums else []
-  # tf_keras: slots by name, per variable
-  names = {"Adam": ("m", "v"), "SGD": ("momentum",)}[type(optimizer).__name__]
-  variables = optimizer._var_list if hasattr(optimizer, "_var_list") else []
-  return [[optimizer.get_slot(v, name) for v in variables] for name in names
-          if name != "momentum" or optimizer.momentum]
+  """A Keras optimizer's slot lists, in the same layout as ``bnraw.optim``'s ``slots``
+  (Keras 3's and tf_keras's optimizers name them alike; order = trainable variables)."""
+  if hasattr(optimizer, "_momentums") and hasattr(optimizer, "_velocities"):  # Adam
+    return [list(optimizer._momentums), list(optimizer._velocities)]
+  if hasattr(optimizer, "momentums"):  # SGD
+    return [list(optimizer.momentums)] if optimizer.momentums else []
+  raise TypeError(f"no slot layout known for {type(optimizer).__name__}")
+
+
+def weight_key(variable) -> str:
+  """``conv_3/kernel`` from Keras 3's ``model_toy/conv_3/kernel`` or tf_keras's
+  ``conv_3/kernel:0``."""
+  name = getattr(variable, "path", None) or variable.name
+  return "/".join(name.split(":")[0].split("/")[-2:])
+
+
+def model_weights(model) -> list:
+  """The Keras model's weights in ``SeedNet.variables`` order (tf_keras lists trainable weights
+  first, Keras 3 layer by layer; both are matched by name)."""
+  by_key = {weight_key(v): v for v in model.weights}
+  keys = []
+  for i in range(1, 9):
+    if i <= 7:
+      keys += [f"conv_{i}/kernel", f"conv_{i}/bias"]
+    else:
+      keys += ["dense_8/kernel", "dense_8/bias"]
+    keys += [f"bn_{i}/{w}" for w in ("gamma", "beta", "moving_mean", "moving_variance")]
+  keys += ["dense_9/kernel", "dense_9/bias"]
+  return [by_key[key] for key in keys]
 
 
 def _assign_all(targets: Sequence, values: Sequence[np.ndarray], what: str) -> None:
@@ -99,7 +118,7 @@ def get_state(variables: Sequence, optimizer) -> dict:
 
 
 def keras_state(model) -> dict:
-  return get_state(model.weights, model.optimizer)
+  return get_state(model_weights(model), model.optimizer)
 
 
 def raw_state(raw: SeedNet, optimizer) -> dict:
@@ -116,7 +135,7 @@ def set_raw_state(raw: SeedNet, optimizer, state: dict) -> None:
 
 def set_keras_state(model, state: dict) -> None:
   """Loads a state (from either side) into the Keras model and its optimizer."""
-  _assign_all(model.weights, state["weights"], "weights")
+  _assign_all(model_weights(model), state["weights"], "weights")
   for group, values in zip(optimizer_slots(model.optimizer), state["slots"]):
     _assign_all(group, values, "optimizer slots")
   model.optimizer.iterations.assign(state["iterations"])

@@ -109,6 +109,13 @@ class MeanTracker:
     return float(self.total / self.count) if self.count else 0.0
 
 
+def epoch_orders(seed: int, n: int):
+  """The per-epoch example orders: ``np.random.default_rng(seed).permutation(n)``, forever."""
+  rng = np.random.default_rng(seed)
+  while True:
+    yield rng.permutation(n)
+
+
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
   """Consecutive slices of ``order``; the last one may be partial, as Keras's data adapter."""
   return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -147,11 +154,11 @@ def fit(model: SeedNet, optimizer, images: np.ndarray, labels: np.ndarray, *, ba
   """
   step_fn = make_train_step(model, optimizer, mode=mode, trace=trace, hook=hook)
   x, y = tf.constant(images), tf.constant(labels)
-  rng = np.random.default_rng(seed)
+  orders = epoch_orders(seed, len(images))
   history = History()
   global_step = int(optimizer.iterations.numpy())
   for epoch in range(epochs):
-    order = rng.permutation(len(images))
+    order = next(orders)
     history.permutations.append(order)
     loss_mean, accuracy_mean = MeanTracker(), MeanTracker()
     for batch in batches(order, batch_size):

@@ -58,15 +58,16 @@ class SeedNet:
     channels_in = 3
     self.convs: list[Linear] = []
     self.bns: list[BatchNorm] = []
-    bn = dict(momentum=config.momentum, epsilon=config.epsilon, bessel=config.bessel)
+    bn = dict(momentum=config.momentum, epsilon=config.epsilon)
+    dense_bessel = config.bessel and config.bessel_scope == "all"
     for i, (k, c) in enumerate(zip(self.kernel_sizes, config.conv_channels()), start=1):
       self.convs.append(Linear.create(f"conv_{i}", [k, k, channels_in, c], (seed, i)))
-      self.bns.append(BatchNorm.create(f"bn_{i}", c, **bn))
+      self.bns.append(BatchNorm.create(f"bn_{i}", c, bessel=config.bessel, **bn))
       channels_in = c
     side = IMAGE_SIZE - sum(k - 1 for k in self.kernel_sizes)
     units = config.dense_units()
     self.dense_8 = Linear.create("dense_8", [side * side * channels_in, units], (seed, 8))
-    self.bns.append(BatchNorm.create("bn_8", units, **bn))
+    self.bns.append(BatchNorm.create("bn_8", units, bessel=dense_bessel, **bn))
     self.dense_9 = Linear.create("dense_9", [units, NUM_IMAGES], (seed, 9))
 
   # -- variables ------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Every function mirrors the TensorFlow operations that Keras 3.15 (TF backend) emits for the same
 layer, in the same order, so that the raw path reproduces Keras bit for bit where it can:
 
-* Conv2D: ``tf.nn.convolution(VALID)`` then ``x + reshape(bias, (1, 1, 1, C))``.
-* Dense: ``matmul`` then ``+ bias``.
+* Conv2D: ``tf.nn.convolution(VALID)`` then ``ops.add(x, reshape(bias, (1, 1, 1, C)))``, and
+  Dense: ``matmul`` then ``ops.add(x, bias)``; Keras's TF ``add`` turns a bias-shaped operand into
+  ``tf.nn.bias_add`` (see :func:`add_bias`), whose gradient (BiasAddGrad) rounds differently from
+  the broadcast-add gradient.
 * BatchNormalization: ``tf.nn.moments`` (biased) and ``tf.nn.batch_normalization``.
 * categorical cross-entropy on a softmax output: ``softmax_cross_entropy_with_logits`` on the
   logits, reduced as "sum over batch size".
@@ -36,13 +38,21 @@ def conv2d(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
     ``[N, H - kh + 1, W - kw + 1, Cout]`` = ``conv(x, kernel) + bias``.
   """
   y = tf.nn.convolution(x, kernel, strides=1, padding="VALID", data_format="NHWC")
-  # Keras reshapes the bias to rank 4 before adding; same graph, same rounding.
-  return tf.add(y, tf.reshape(bias, (1, 1, 1, -1)))
+  return add_bias(y, bias)
 
 
 def dense(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
   """``x @ kernel + bias`` for ``x: [N, Cin]``, ``kernel: [Cin, Cout]``, ``bias: [Cout]``."""
-  return tf.add(tf.matmul(x, kernel), bias)
+  return add_bias(tf.matmul(x, kernel), bias)
+
+
+def add_bias(x: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+  """``x + bias`` over the last axis, with the op Keras 3 picks (backend/tensorflow/numpy.py
+  ``add``): ``tf.nn.bias_add`` when the bias has more than one element, a broadcast ``tf.add``
+  when it has exactly one. The values are the same; the gradients' rounding is not."""
+  if bias.shape[-1] == 1:
+    return tf.add(x, tf.reshape(bias, [1] * (x.shape.rank - 1) + [1]))
+  return tf.nn.bias_add(x, bias, data_format="NHWC" if x.shape.rank == 4 else None)
 
 
 def relu(x: tf.Tensor) -> tf.Tensor:

@@ -1,0 +1,11 @@
+"""Runs the raw path and real Keras model.fit in lockstep; writes compare.json.
+
+  python scripts/compare.py --width=1/16 --epochs=20 --out_dir=runs/compare
+
+Same as the installed ``bnraw-compare`` command; see ``bnraw/commands/compare.py``.
+"""
+
+from bnraw.commands import compare
+
+if __name__ == "__main__":
+  compare.console()
