@@ -1,0 +1,88 @@
+"""The plain-language diagnosis report the diagnose script prints."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from bnraw.diagnose import ATTRIBUTION, LOSS_KEYS
+
+DESCRIBE = {
+    "fit": "what fit printed: last epoch, each batch's own statistics, weights before each step",
+    "train_mode_final": "final weights, each batch's own statistics (training branch)",
+    "precise_bn": "final weights, population statistics recomputed now (PreciseBN)",
+    "last_batch_stats": "final weights, statistics of the last training batch",
+    "no_bessel": "final weights, moving statistics without the Bessel factor",
+    "evaluate": "what evaluate gives: final weights, final moving statistics",
+}
+
+CAUSE = {
+    "weight_update": (
+        "the weights themselves: fit reports each batch's loss *before* that batch's update, "
+        "evaluate sees the weights after the last one",
+        "nothing to fix in BN; measure the training loss after training (evaluate in training "
+        "mode) or compare at the same weights"),
+    "batch_vs_population": (
+        "batch statistics differ from whole-dataset statistics (batches smaller than the data)",
+        "larger batches, or PreciseBN statistics for inference"),
+    "stale_statistics": (
+        "BN's statistics were collected under the weights *before* the last update; the update "
+        "shifted every layer's activations, and channels with a small variance magnify the "
+        "shift (momentum 0 cannot help: the statistics are always one update old)",
+        "recompute the statistics at the final weights (PreciseBN: `--fix precise_bn`, one "
+        "extra pass over the training data)"),
+    "ema_lag": (
+        "the moving average still carries statistics from older weights (momentum > 0)",
+        "a smaller momentum, or PreciseBN statistics"),
+    "bessel": (
+        "the moving variance holds the unbiased n/(n-1) variance while training normalised with "
+        "the biased one (legacy Keras 2 / tf_keras fused BN)",
+        "Keras 3's BN (no Bessel factor), or PreciseBN statistics"),
+    "moving_statistics": (
+        "the moving statistics differ from the population statistics at the final weights "
+        "(stale statistics, EMA lag and any Bessel factor together)",
+        "recompute the statistics at the final weights (PreciseBN: `--fix precise_bn`)"),
+}
+
+
+def _num(value: Optional[float], fmt: str = "{:.4f}") -> str:
+  return "n/a" if value is None else fmt.format(value)
+
+
+def report(diagnosis: dict, title: str = "") -> str:
+  """The gap, the table, the attribution, the per-layer split, the dominant cause and the fix."""
+  losses, accuracy = diagnosis["losses"], diagnosis["accuracy"]
+  lines = [title] if title else []
+  fit, evaluate = losses["fit"], losses["evaluate"]
+  if fit is not None:
+    lines.append(f"fit printed    loss {fit:.4f}  accuracy {_num(accuracy['fit'])}")
+  lines.append(f"evaluate gives loss {evaluate:.4f}  accuracy {_num(accuracy['evaluate'])}")
+  if fit is not None:
+    lines.append(f"gap            loss {evaluate - fit:+.4f}  accuracy "
+                 f"{_num(None if accuracy['fit'] is None else accuracy['evaluate'] - accuracy['fit'], '{:+.4f}')}")
+  lines += ["", f"{'':18} {'loss':>9} {'accuracy':>9}  meaning"]
+  for key in LOSS_KEYS:
+    lines.append(f"{key:18} {_num(losses[key]):>9} {_num(accuracy[key]):>9}  {DESCRIBE[key]}")
+  parts = {k: v for k, v in diagnosis["attribution"].items() if v is not None}
+  no_history = diagnosis["attribution"].get("stale_statistics") is None
+  total = sum(abs(v) for v in parts.values()) or 1.0
+  lines += ["", "evaluate - fit, split by cause (the parts sum to the gap):"]
+  for key, _, _ in ATTRIBUTION:
+    value = diagnosis["attribution"][key]
+    share = "" if value is None else f"  ({100 * abs(value) / total:4.1f}% of |parts|)"
+    lines.append(f"  {key:20} {_num(value, '{:+.4f}'):>9}{share}")
+  if no_history:
+    lines.append(f"  {'moving statistics':20} {diagnosis['moving_statistics_total']:+.4f}  "
+                 "(= evaluate - precise_bn: stale + EMA lag + Bessel together; without the "
+                 "training history they cannot be split)")
+    parts["moving_statistics"] = diagnosis["moving_statistics_total"]
+  lines += ["", "the moving-statistics part (evaluate - precise_bn) by BN layer, first to last:"]
+  lines.append("  " + "  ".join(f"{p['layer']} {p['contribution']:+.4f}"
+                                for p in diagnosis["per_layer"]))
+  if parts:
+    dominant = max(parts, key=lambda k: abs(parts[k]))
+    why, fix = CAUSE[dominant]
+    lines += ["", f"dominant cause: {dominant} ({parts[dominant]:+.4f}): {why}.", f"fix: {fix}."]
+    if "precise_bn" in losses and losses["precise_bn"] is not None:
+      lines.append(f"with PreciseBN statistics evaluate would give loss {losses['precise_bn']:.4f}"
+                   f", accuracy {_num(accuracy['precise_bn'])}.")
+  return "\n".join(lines)

@@ -1,0 +1,11 @@
+"""Why does evaluate disagree with fit? Trains the seed setup and splits the gap into causes.
+
+  python scripts/diagnose.py --case=2 --momentum=0.9 --out_dir=runs/diagnose
+
+Same as the installed ``bnraw-diagnose`` command; see ``bnraw/commands/diagnose.py``.
+"""
+
+from bnraw.commands import diagnose
+
+if __name__ == "__main__":
+  diagnose.console()
