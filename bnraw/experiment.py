@@ -47,14 +47,24 @@ def environment() -> dict:
 
 def train(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
           trace: bool = False, config: Optional[dict] = None, progress: bool = True,
-          on_step: Optional[Callable] = None) -> dict:
+          on_step: Optional[Callable] = None, break_at: Optional[tuple[str, int]] = None,
+          break_action: Optional[Callable] = None) -> dict:
   """Trains the raw path, evaluates, writes ``summary.json`` (and the trace) into ``out_dir``.
 
+  ``break_at=(layer, step)`` runs eagerly and stops in that layer's moving-average update at
+  that step (``break_action`` replaces the debugger; see bnraw.debug).
   Returns the summary dict (DESIGN.md section 4).
   """
   parts = setup(data, model, train)  # bad input fails here, before anything is written
+  hook = None
+  if break_at is not None:
+    from bnraw.debug import BreakAt
+    names = [layer.name for layer in parts.model.bns]
+    if break_at[0] not in names:
+      raise UsageError("break_at", f"no BN layer {break_at[0]!r}; layers: {', '.join(names)}")
+    hook = BreakAt(*break_at, parts.optimizer.iterations, break_action)
   io.prepare_out_dir(out_dir)
-  mode = loop.resolve_mode(train.mode)
+  mode = "eager" if hook is not None else loop.resolve_mode(train.mode)
   recorders = []
   if trace:
     from bnraw.summaries import TensorBoardWriter
@@ -74,7 +84,7 @@ def train(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: 
   history = loop.fit(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
                      batch_size=train.batch_size, epochs=train.epochs, seed=train.seed, mode=mode,
                      trace=trace, on_step=record if recorders else None,
-                     on_epoch=EpochProgress(train.epochs) if progress else None)
+                     on_epoch=EpochProgress(train.epochs) if progress else None, hook=hook)
   train_s = time.perf_counter() - start
   eval_loss, eval_accuracy = loop.evaluate(parts.model, parts.data.images, parts.data.labels,
                                            batch_size=train.batch_size, mode=mode)

@@ -10,6 +10,8 @@ from absl import flags
 from bnraw import cli
 
 cli.define_common_flags(out_dir="runs/train")
+flags.DEFINE_string("break_at", None, "LAYER:STEP, e.g. bn_3:41: run eagerly and stop in the "
+                    "Python debugger inside that layer's moving-average update at that step.")
 FLAGS = flags.FLAGS
 
 
@@ -17,8 +19,12 @@ def main(argv):
   cli.reject_extra_args(argv)
   from bnraw import experiment
   data, model, train = cli.configs()
+  break_at = None
+  if FLAGS.break_at:
+    from bnraw.debug import parse_break_at
+    break_at = parse_break_at(FLAGS.break_at)
   summary = experiment.train(data, model, train, out_dir=FLAGS.out_dir, trace=FLAGS.trace,
-                             config=cli.flag_values())
+                             config=cli.flag_values(["break_at"]), break_at=break_at)
   print(f"fit loss (last epoch) {summary['history']['loss'][-1]:.6g}  accuracy "
         f"{summary['history']['accuracy'][-1]:.4f}\n"
         f"evaluate loss         {summary['evaluate']['loss']:.6g}  accuracy "

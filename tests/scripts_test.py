@@ -1,4 +1,4 @@
-"""The train script end to end, and every bad input: one line, exit status 2, nothing written."""
+"""The scripts end to end, and every bad input: one line, exit status 2, nothing written."""
 
 import json
 import os
@@ -36,6 +36,42 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       self.assertGreater(summary["parameters"], 0)
       self.assertIn("epoch 2/2", result.stderr)
       self.assertEqual(sorted(os.listdir(out)), ["summary.json"])
+
+  def test_diagnose_prints_report_and_writes_contract(self):
+    with tempfile.TemporaryDirectory() as out:
+      result = run_script("diagnose.py", *TINY, "--epochs=3", "--momentum=0",
+                          "--fix=precise_bn", f"--out_dir={out}")
+      self.assertEqual(result.returncode, 0, result.stderr)
+      for needle in ("fit printed", "evaluate gives", "stale_statistics", "dominant cause:",
+                     "fix:", "fixed model: evaluate loss"):
+        self.assertIn(needle, result.stdout)
+      with open(os.path.join(out, "diagnosis.json")) as f:
+        d = json.load(f)
+      for key in ("losses", "attribution", "per_layer", "accuracy"):
+        self.assertIn(key, d)
+      self.assertEqual(set(d["accuracy"]), {"fit", "train_mode_final", "precise_bn",
+                                            "last_batch_stats", "no_bessel", "evaluate"})
+
+  def test_compare_writes_contract(self):
+    with tempfile.TemporaryDirectory() as out:
+      result = run_script("compare.py", *TINY, "--epochs=2", f"--out_dir={out}")
+      self.assertEqual(result.returncode, 0, result.stderr)
+      self.assertIn("loss rel", result.stdout)
+      with open(os.path.join(out, "compare.json")) as f:
+        c = json.load(f)
+      self.assertEqual(c["reference"], "keras3")
+      self.assertTrue(c["synced"])
+      self.assertIsNone(c["first_divergent_step"])
+      self.assertLen(c["steps"], 2)
+      self.assertEqual(set(c["steps"][0]) >= {
+          "step", "loss_raw", "loss_keras", "loss_rel_diff", "moving_mean_max_rel_diff",
+          "moving_variance_max_rel_diff", "update_rel_l2_diff", "weights_max_rel_diff"}, True)
+      self.assertEqual(set(c["evaluate"]) >= {"raw", "keras"}, True)
+
+  def test_diagnose_flag_pairs(self):
+    result = run_script("diagnose.py", "--keras_model=m.keras")
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("--keras_model and --data go together", result.stderr)
 
   @parameterized.named_parameters(
       ("negative_width", ["--width=-1"], "--width"),
