@@ -18,7 +18,7 @@ from bnraw.errors import UsageError  # noqa: F401 (re-exported for commands)
 
 FLAGS = flags.FLAGS
 COMMON_FLAGS = ("case", "image", "block", "width", "momentum", "epsilon", "bessel",
-                "bessel_scope", "l2",
+                "bessel_scope", "l2", "fast_conv",
                 "batch_size", "epochs", "optimizer", "lr", "sgd_momentum", "nesterov", "seed",
                 "mode", "trace", "out_dir")
 
@@ -78,6 +78,8 @@ def define_common_flags(*, out_dir: str, trace_default: bool = False) -> None:
   flags.DEFINE_enum("bessel_scope", "all", ["all", "conv"], "With --bessel: every BN layer, or "
                     "only the conv (4-D) ones as tf_keras's fused kernel does.")
   flags.DEFINE_float("l2", 0.0, "L2 factor on every kernel (seed: 0).")
+  flags.DEFINE_bool("fast_conv", False, "Compute block 7's conv (kernel covers the input) as one "
+                    "matmul: same maths, faster on CPU, not bit-identical to Keras.")
   flags.DEFINE_integer("batch_size", 256, "Batch size, 1..256 (the dataset has 256 images).")
   flags.DEFINE_integer("epochs", 500, "Epochs.")
   flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Keras 3 Adam, or SGD with momentum.")
@@ -124,7 +126,8 @@ def configs() -> tuple[DataConfig, ModelConfig, TrainConfig]:
   """The flag values as the library's frozen configurations."""
   data = DataConfig(case=int(FLAGS.case), image=FLAGS.image, block=parse_block(FLAGS.block))
   model = ModelConfig(width=resolve_width(), momentum=FLAGS.momentum, epsilon=FLAGS.epsilon,
-                      bessel=FLAGS.bessel, bessel_scope=FLAGS.bessel_scope, l2=FLAGS.l2)
+                      bessel=FLAGS.bessel, bessel_scope=FLAGS.bessel_scope, l2=FLAGS.l2,
+                      fast_conv=FLAGS.fast_conv)
   train = TrainConfig(batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, optimizer=FLAGS.optimizer,
                       lr=FLAGS.lr, sgd_momentum=FLAGS.sgd_momentum, nesterov=FLAGS.nesterov,
                       seed=FLAGS.seed, mode=FLAGS.mode)

@@ -12,13 +12,14 @@ import numpy as np
 from bnraw.errors import UsageError
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+  """``value`` with numpy arrays/scalars as lists/numbers, tuples as lists, NaN as null."""
   if isinstance(value, dict):
-    return {str(k): _jsonable(v) for k, v in value.items()}
+    return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
+    return [jsonable(v) for v in value]
   if isinstance(value, np.ndarray):
-    return _jsonable(value.tolist())
+    return jsonable(value.tolist())
   if isinstance(value, np.generic):
     return value.item()
   if isinstance(value, float) and not np.isfinite(value):
@@ -47,7 +48,7 @@ def write_atomic(path: str, write: Callable[[Any], None], mode: str = "w") -> No
 
 def write_json(path: str, obj: Any) -> None:
   """``obj`` as indented JSON (numpy values converted; NaN -> null), atomically."""
-  write_atomic(path, lambda f: json.dump(_jsonable(obj), f, indent=2, sort_keys=False))
+  write_atomic(path, lambda f: json.dump(jsonable(obj), f, indent=2, sort_keys=False))
 
 
 def prepare_out_dir(out_dir: str) -> str:

@@ -41,7 +41,10 @@ def compile_fn(fn: Callable, mode: str) -> Callable:
   mode = resolve_mode(mode)
   if mode == "eager":
     return fn
-  return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=True)
+  # One concrete graph per batch shape (full, and the partial last batch): with
+  # reduce_retracing a shape-relaxed graph would take over depending on call history, and its
+  # kernels round differently, so a resumed run would not repeat an uninterrupted one exactly.
+  return tf.function(fn, jit_compile=(mode == "xla"))
 
 
 def _moving(model: SeedNet, which: str) -> list[tf.Tensor]:
@@ -70,7 +73,8 @@ def make_train_step(model: SeedNet, optimizer, *, mode: str, trace: bool,
         loss = tf.add_n([loss, penalty])
     gradients = tape.gradient(loss, model.trainable_variables)
     optimizer.apply(gradients)
-    result = {"loss": loss, "correct": ops.correct_predictions(out.logits, labels)}
+    result = {"loss": loss, "correct": ops.correct_predictions(out.logits, labels),
+              "finite": layers_finite(model, out.statistics)}
     if trace:
       result["trace"] = dict(zip(TRACE_KEYS, (
           [s.mean for s in out.statistics], [s.variance for s in out.statistics], *before,
@@ -78,6 +82,15 @@ def make_train_step(model: SeedNet, optimizer, *, mode: str, trace: bool,
     return result
 
   return compile_fn(step, mode)
+
+
+def layers_finite(model: SeedNet, statistics: list[ops.Moments]) -> tf.Tensor:
+  """``[L]`` bool: layer i's batch and (updated) moving statistics are all finite. A handful of
+  tiny reductions, cheap enough to leave on; a returned value, so it works under XLA."""
+  return tf.stack([
+      tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in
+                     (s.mean, s.variance, layer.moving_mean, layer.moving_variance)])
+      for s, layer in zip(statistics, model.bns)])
 
 
 def make_eval_step(model: SeedNet, *, mode: str) -> Callable:
@@ -97,9 +110,9 @@ def make_eval_step(model: SeedNet, *, mode: str) -> Callable:
 class MeanTracker:
   """Keras's ``Mean`` metric in float32: ``total += value * weight; count += weight``."""
 
-  def __init__(self):
-    self.total = np.float32(0.0)
-    self.count = np.float32(0.0)
+  def __init__(self, total: float = 0.0, count: float = 0.0):
+    self.total = np.float32(total)
+    self.count = np.float32(count)
 
   def update(self, value, weight: int) -> None:
     self.total = np.float32(self.total + np.float32(value) * np.float32(weight))
@@ -110,7 +123,7 @@ class MeanTracker:
 
 
 def epoch_orders(seed: int, n: int):
-  """The per-epoch example orders: ``np.random.default_rng(seed).permutation(n)``, forever."""
+  """The per-epoch example orders fit() draws: ``default_rng(seed).permutation(n)``, forever."""
   rng = np.random.default_rng(seed)
   while True:
     yield rng.permutation(n)
@@ -133,38 +146,84 @@ class StepRecord:
   trace: Optional[dict]  # TRACE_KEYS -> list (per BN layer) of arrays, when tracing
 
 
+class NonFiniteError(RuntimeError):
+  """A step produced a non-finite loss or BN statistic."""
+
+  def __init__(self, step: int, where: str):
+    super().__init__(f"non-finite value at step {step}, first in {where}")
+    self.step, self.where = step, where
+
+
+@dataclasses.dataclass
+class FitState:
+  """Where a run stands, exactly enough to continue it bit for bit: the epoch, the next batch
+  of that epoch's order, the epoch's running means so far, and the shuffling generator's state
+  (after this epoch's permutation was drawn)."""
+
+  epoch: int = 0
+  next_batch: int = 0
+  order: Optional[list] = None  # this epoch's permutation, if it has begun
+  loss_mean: tuple = (0.0, 0.0)  # MeanTracker (total, count)
+  accuracy_mean: tuple = (0.0, 0.0)
+  rng_state: Optional[dict] = None
+  loss: list = dataclasses.field(default_factory=list)  # per finished epoch
+  accuracy: list = dataclasses.field(default_factory=list)
+
+
 @dataclasses.dataclass
 class History:
-  """Per epoch, what ``model.fit`` would print, and the batch order that produced it."""
+  """Per epoch, what ``model.fit`` would print, and the batch order that produced it.
+
+  ``status`` is ``"complete"``, ``"interrupted"`` (``should_stop`` said so) or ``"non_finite"``
+  (then ``error`` says where); ``state`` is where to resume.
+  """
 
   loss: list = dataclasses.field(default_factory=list)
   accuracy: list = dataclasses.field(default_factory=list)
   permutations: list = dataclasses.field(default_factory=list)
+  status: str = "complete"
+  state: FitState = dataclasses.field(default_factory=FitState)
+  error: Optional[NonFiniteError] = None
 
 
 def fit(model: SeedNet, optimizer, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
         epochs: int, seed: int, mode: str, trace: bool = False,
         on_step: Optional[Callable[[StepRecord], None]] = None,
         on_epoch: Optional[Callable[[int, History], None]] = None,
-        hook: Optional[UpdateHook] = None) -> History:
-  """Trains for ``epochs`` epochs, reshuffling every epoch from ``np.random.default_rng(seed)``.
+        hook: Optional[UpdateHook] = None, resume: Optional[FitState] = None,
+        should_stop: Optional[Callable[[], bool]] = None) -> History:
+  """Trains until ``epochs`` epochs are done, reshuffling every epoch from
+  ``np.random.default_rng(seed)``; or continues from ``resume``.
 
   The permutations are recorded in the returned history so another trainer (Keras ``fit``) can
-  replay exactly the same batches.
+  replay exactly the same batches. After every step ``should_stop()`` may end the run early
+  (status "interrupted"); a non-finite loss or BN statistic ends it with status "non_finite".
   """
   step_fn = make_train_step(model, optimizer, mode=mode, trace=trace, hook=hook)
   x, y = tf.constant(images), tf.constant(labels)
-  orders = epoch_orders(seed, len(images))
-  history = History()
+  rng = np.random.default_rng(seed)
+  state = resume or FitState(rng_state=rng.bit_generator.state)
+  rng.bit_generator.state = state.rng_state
+  history = History(loss=list(state.loss), accuracy=list(state.accuracy), state=state)
   global_step = int(optimizer.iterations.numpy())
-  for epoch in range(epochs):
-    order = next(orders)
+  for epoch in range(state.epoch, epochs):
+    resuming = state.order is not None and epoch == state.epoch
+    order = np.asarray(state.order) if resuming else rng.permutation(len(images))
+    loss_mean = MeanTracker(*state.loss_mean) if resuming else MeanTracker()
+    accuracy_mean = MeanTracker(*state.accuracy_mean) if resuming else MeanTracker()
+    first = state.next_batch if resuming else 0
     history.permutations.append(order)
-    loss_mean, accuracy_mean = MeanTracker(), MeanTracker()
-    for batch in batches(order, batch_size):
+    for number, batch in enumerate(batches(order, batch_size)):
+      if number < first:
+        continue
       index = tf.constant(batch)
       out = step_fn(tf.gather(x, index), tf.gather(y, index))
       loss, correct = float(out["loss"]), float(out["correct"])
+      finite = out["finite"].numpy()
+      if not finite.all() or not np.isfinite(loss):
+        where = (model.bns[int(np.argmin(finite))].name if not finite.all() else "the loss")
+        history.status, history.error = "non_finite", NonFiniteError(global_step, where)
+        return history
       loss_mean.update(loss, len(batch))
       accuracy_mean.update(correct / len(batch), len(batch))
       if on_step is not None:
@@ -172,13 +231,20 @@ def fit(model: SeedNet, optimizer, images: np.ndarray, labels: np.ndarray, *, ba
                         if trace else None)
         on_step(StepRecord(epoch, global_step, batch, loss, correct / len(batch), record_trace))
       global_step += 1
+      if should_stop is not None and should_stop():
+        history.state = state = FitState(
+            epoch, number + 1, order.tolist(), (float(loss_mean.total), float(loss_mean.count)),
+            (float(accuracy_mean.total), float(accuracy_mean.count)), rng.bit_generator.state,
+            list(history.loss), list(history.accuracy))
+        history.status = "interrupted"
+        return history
     history.loss.append(loss_mean.result())
     history.accuracy.append(accuracy_mean.result())
+    history.state = state = FitState(epoch + 1, rng_state=rng.bit_generator.state,
+                                     loss=list(history.loss), accuracy=list(history.accuracy))
     if on_epoch is not None:
       on_epoch(epoch, history)
   return history
-
-
 def evaluate(model: SeedNet, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
              mode: str, eval_step: Optional[Callable] = None) -> tuple[float, float]:
   """``model.evaluate``: inference-branch loss and accuracy, averaged over batches in order."""

@@ -117,7 +117,9 @@ class SeedNet:
 
     h = x
     for conv, layer, chosen in zip(self.convs, self.bns, statistics):
-      h = block_bn(ops.relu(ops.conv2d(h, conv.kernel, conv.bias)), layer, chosen)
+      covers_input = tuple(h.shape[1:3]) == tuple(conv.kernel.shape[:2])
+      conv_op = ops.conv2d_as_matmul if self.config.fast_conv and covers_input else ops.conv2d
+      h = block_bn(ops.relu(conv_op(h, conv.kernel, conv.bias)), layer, chosen)
     h = tf.reshape(h, (tf.shape(h)[0], -1))
     h = block_bn(ops.relu(ops.dense(h, *self.dense_8)), self.bns[-1], statistics[-1])
     logits = ops.dense(h, *self.dense_9)

@@ -54,6 +54,17 @@ class TraceRecorder:
     self.accuracy: list[float] = []
     self.columns = {(layer, key): [] for layer in self.layer_names for key in TRACE_KEYS}
 
+  def extend_from(self, trace: "Trace", before_step: int) -> None:
+    """Takes over an earlier trace's rows with step < ``before_step`` (a resumed run continues
+    its trace without gaps or duplicates)."""
+    rows = np.nonzero(trace.steps < before_step)[0]
+    self.steps += trace.steps[rows].tolist()
+    self.epochs += trace.arrays["epoch"][rows].tolist()
+    self.loss += trace.arrays["loss"][rows].tolist()
+    self.accuracy += trace.arrays["accuracy"][rows].tolist()
+    for (layer, key), column in self.columns.items():
+      column += list(trace.series(layer, key)[rows])
+
   def __call__(self, record: StepRecord) -> None:
     self.steps.append(record.step)
     self.epochs.append(record.epoch)

@@ -35,7 +35,8 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       self.assertTrue(np.isfinite(summary["evaluate"]["loss"]))
       self.assertGreater(summary["parameters"], 0)
       self.assertIn("epoch 2/2", result.stderr)
-      self.assertEqual(sorted(os.listdir(out)), ["summary.json"])
+      self.assertEqual(sorted(os.listdir(out)), ["checkpoints", "run_state.json", "summary.json"])
+      self.assertTrue(summary["complete"])
 
   def test_diagnose_prints_report_and_writes_contract(self):
     with tempfile.TemporaryDirectory() as out:

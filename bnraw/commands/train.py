@@ -12,7 +12,13 @@ from bnraw import cli
 cli.define_common_flags(out_dir="runs/train")
 flags.DEFINE_string("break_at", None, "LAYER:STEP, e.g. bn_3:41: run eagerly and stop in the "
                     "Python debugger inside that layer's moving-average update at that step.")
+flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint every K epochs (0: only at the end "
+                     "and on interruption).", lower_bound=0)
+flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint (the "
+                  "flags must match; --epochs may grow).")
 FLAGS = flags.FLAGS
+
+EXIT_NON_FINITE = 3
 
 
 def main(argv):
@@ -24,7 +30,20 @@ def main(argv):
     from bnraw.debug import parse_break_at
     break_at = parse_break_at(FLAGS.break_at)
   summary = experiment.train(data, model, train, out_dir=FLAGS.out_dir, trace=FLAGS.trace,
-                             config=cli.flag_values(["break_at"]), break_at=break_at)
+                             config=cli.flag_values(["break_at", "checkpoint_every", "resume"]),
+                             break_at=break_at, checkpoint_every=FLAGS.checkpoint_every,
+                             resume=FLAGS.resume)
+  import sys
+  if summary["status"] == "interrupted":
+    print(f"interrupted after step {summary['steps_done'] - 1}; checkpoint and summary.json "
+          f"(marked incomplete) are in {FLAGS.out_dir}. Resume with the same flags plus "
+          f"--resume: {' '.join(a for a in sys.argv if a != '--resume')} --resume", file=sys.stderr)
+    return 128 + int(summary["signal"])
+  if summary["status"] == "non_finite":
+    bad = summary["non_finite"]
+    print(f"non-finite value at step {bad['step']}, first in {bad['where']}; stopped. Everything "
+          f"up to step {bad['step'] - 1} is in {FLAGS.out_dir}.", file=sys.stderr)
+    return EXIT_NON_FINITE
   print(f"fit loss (last epoch) {summary['history']['loss'][-1]:.6g}  accuracy "
         f"{summary['history']['accuracy'][-1]:.4f}\n"
         f"evaluate loss         {summary['evaluate']['loss']:.6g}  accuracy "

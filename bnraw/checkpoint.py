@@ -1,0 +1,82 @@
+"""Checkpoints that let a run stop anywhere and continue bit for bit.
+
+A checkpoint is a ``tf.train.Checkpoint`` (every model variable by its Keras-style name, the
+optimizer slots and iteration count), written by a ``CheckpointManager`` under
+``{out_dir}/checkpoints``, plus ``run_state.json`` beside it: the loop's
+:class:`bnraw.loop.FitState` (epoch, position in the epoch, running means, the shuffling
+generator's state), the run's configuration and the checkpoint it belongs to. Both are written
+complete-or-absent; the JSON last, so it never points at a checkpoint that is not there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import tensorflow as tf
+
+from bnraw import io
+from bnraw.errors import UsageError
+from bnraw.loop import FitState
+
+STATE_FILE = "run_state.json"
+# Flags that may change between a run and its resumption.
+MAY_DIFFER = {"epochs", "out_dir", "checkpoint_every", "resume", "mode", "break_at"}
+
+
+def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
+  named = {v.name.split(":")[0].replace("/", "."): v for v in model.variables}
+  slots = {f"slot{g}.{i}": v for g, group in enumerate(optimizer.slots)
+           for i, v in enumerate(group)}
+  return tf.train.Checkpoint(iterations=optimizer.iterations, **named, **slots)
+
+
+class Checkpointer:
+  """Saves and restores one run's model, optimizer and loop state in ``out_dir``."""
+
+  def __init__(self, out_dir: str, model, optimizer, config: dict, max_to_keep: int = 2):
+    self.out_dir = out_dir
+    self.config = config
+    self.checkpoint = _checkpoint(model, optimizer)
+    self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(out_dir, "checkpoints"),
+                                              max_to_keep=max_to_keep)
+
+  def save(self, state: FitState, status: str) -> str:
+    path = self.manager.save(checkpoint_number=int(self.checkpoint.iterations.numpy()))
+    io.write_json(os.path.join(self.out_dir, STATE_FILE),
+                  {"checkpoint": os.path.basename(path), "status": status,
+                   "config": self.config, "state": dataclasses.asdict(state)})
+    return path
+
+  def restore(self) -> FitState:
+    """Loads the latest checkpoint; refuses one made with other flags."""
+    saved = read_state(self.out_dir)
+    check_config(saved["config"], self.config)
+    path = os.path.join(self.out_dir, "checkpoints", saved["checkpoint"])
+    self.checkpoint.restore(path).assert_existing_objects_matched()
+    return FitState(**saved["state"])
+
+
+def read_state(out_dir: str) -> dict:
+  path = os.path.join(out_dir, STATE_FILE)
+  if not os.path.isfile(path):
+    raise UsageError("resume", f"no {STATE_FILE} in {out_dir}: nothing to resume")
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_config(saved: dict, current: dict) -> None:
+  """Raises a UsageError naming every flag whose value differs from the saved run's."""
+  current = json.loads(json.dumps(io.jsonable(current)))  # as it would be stored
+  differing = [f"--{k} (run: {saved.get(k)!r}, now: {current.get(k)!r})"
+               for k in sorted(set(saved) | set(current))
+               if k not in MAY_DIFFER and saved.get(k) != current.get(k)]
+  if differing:
+    raise UsageError("resume", "this run was made with other flags: " + ", ".join(differing))
+
+
+def latest_exists(out_dir: str) -> Optional[str]:
+  path = os.path.join(out_dir, STATE_FILE)
+  return path if os.path.isfile(path) else None

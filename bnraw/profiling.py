@@ -1,0 +1,244 @@
+"""Analytic FLOPs, the device's matmul ceiling, and step timers for raw and Keras training.
+
+FLOPs count multiply-adds as 2 and only the convolutions and matmuls (BN, ReLU, softmax and the
+optimizer are O(parameters + activations), under 1% here). A training step costs forward x 3
+(forward, gradient w.r.t. inputs, gradient w.r.t. weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw.config import CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, ModelConfig
+
+
+def forward_flops(config: ModelConfig, batch_size: int) -> int:
+  """Multiply-add FLOPs (x2) of one forward pass over ``batch_size`` images."""
+  flops, side, channels_in = 0, IMAGE_SIZE, 3
+  for (k, _), c in zip(CONV_BLOCKS, config.conv_channels()):
+    side -= k - 1
+    flops += 2 * batch_size * side * side * k * k * channels_in * c
+    channels_in = c
+  units = config.dense_units()
+  flops += 2 * batch_size * side * side * channels_in * units
+  flops += 2 * batch_size * units * NUM_IMAGES
+  return flops
+
+
+def train_step_flops(config: ModelConfig, batch_size: int) -> int:
+  return 3 * forward_flops(config, batch_size)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """GFLOP/s of a large float32 ``n x n`` matmul (median of ``repeats``): the practical ceiling."""
+  a = tf.random.stateless_normal((n, n), (1, 2))
+  b = tf.random.stateless_normal((n, n), (3, 4))
+  matmul = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
+  float(matmul(a, b))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    float(matmul(a, b))
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def device_name() -> str:
+  gpus = tf.config.list_physical_devices("GPU")
+  if gpus:
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return f"GPU: {details.get('device_name', gpus[0].name)}"
+  return f"CPU: {os.cpu_count()} cores"
+
+
+def time_steps(run_step: Callable[[], None], steps: int, warmup: int) -> tuple[float, list]:
+  """``(first_call_seconds, steady_step_seconds)``; ``run_step`` must block until done."""
+  start = time.perf_counter()
+  run_step()
+  first = time.perf_counter() - start
+  for _ in range(warmup):
+    run_step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    run_step()
+    times.append(time.perf_counter() - start)
+  return first, times
+
+
+def time_raw(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *, mode: str,
+             batch_size: int, trace: bool, steps: int, warmup: int,
+             profile_dir: Optional[str] = None, hlo_dir: Optional[str] = None) -> dict:
+  """Times the raw training step (fresh model and Adam) in ``mode``."""
+  from bnraw import loop
+  from bnraw.model import SeedNet
+  from bnraw.optim import Adam
+  net = SeedNet(model_config)
+  step = loop.make_train_step(net, Adam(net.trainable_variables), mode=mode, trace=trace)
+  x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
+  run = lambda: float(step(x, y)["loss"])
+  first, times = time_steps(run, steps, warmup)
+  if hlo_dir and mode == "xla":
+    write_hlo(step, x, y, hlo_dir, f"raw_w{model_config.width:g}_trace{int(trace)}")
+  if profile_dir:
+    capture_profile(run, profile_dir, steps=min(steps, 5))
+  return {"compile_s": first, "times": times}
+
+
+def time_keras(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *,
+               jit_compile: bool, batch_size: int, steps: int, warmup: int) -> dict:
+  """Times real Keras ``fit``: one fit over the data repeated, a timestamp per batch end."""
+  import keras
+  from bnraw import keras_ref
+  from bnraw.config import TrainConfig
+  model = keras_ref.build_model(model_config)
+  keras_ref.compile_model(model, TrainConfig(), jit_compile=jit_compile)
+  reps = -(-(1 + warmup + steps) * batch_size // len(images))
+  x = np.concatenate([images] * reps)
+  y = np.concatenate([np.eye(NUM_IMAGES, dtype=np.float32)[labels]] * reps)
+  stamps = []
+
+  class Stamp(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+      float(logs["loss"])  # block until the step is done
+      stamps.append(time.perf_counter())
+
+  start = time.perf_counter()
+  model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+            steps_per_epoch=1 + warmup + steps, callbacks=[Stamp()])
+  times = list(np.diff(stamps)[warmup:])
+  return {"compile_s": stamps[0] - start, "times": times}
+
+
+def write_hlo(step, x, y, hlo_dir: str, name: str) -> None:
+  """The XLA step's HLO before (``hlo``) and after (``optimized_hlo``) XLA's passes."""
+  os.makedirs(hlo_dir, exist_ok=True)
+  ir = step.experimental_get_compiler_ir(x, y)
+  for stage in ("hlo", "optimized_hlo"):
+    with open(os.path.join(hlo_dir, f"{name}.{stage}.txt"), "w") as f:
+      f.write(ir(stage=stage))
+
+
+def capture_profile(run: Callable[[], None], profile_dir: str, steps: int) -> None:
+  """A TensorFlow profiler trace of ``steps`` steady steps, step-marked for TensorBoard."""
+  tf.profiler.experimental.start(profile_dir)
+  try:
+    for i in range(steps):
+      with tf.profiler.experimental.Trace("train", step_num=i, _r=1):
+        run()
+  finally:
+    tf.profiler.experimental.stop()
+
+
+def result_row(impl: str, mode: str, model_config: ModelConfig, batch_size: int, traced: bool,
+               timing: dict, peak: float) -> dict:
+  median = statistics.median(timing["times"])
+  gflops = train_step_flops(model_config, batch_size) / median / 1e9
+  return {"impl": impl, "mode": mode, "width": model_config.width, "batch_size": batch_size,
+          "traced": traced, "fast_conv": model_config.fast_conv, "compile_s": timing["compile_s"],
+          "step_s_median": median,
+          "images_per_s": batch_size / median, "gflops": gflops, "peak_fraction": gflops / peak}
+
+
+def run(*, widths: list[float], batch_size: int, steps: int, warmup: int,
+        raw_modes: list[str], keras_jit: list[bool], profile_dir: Optional[str] = None,
+        hlo_dir: Optional[str] = None, progress: bool = False) -> dict:
+  """Every configuration, one after another in this process; returns the profile.json dict."""
+  import sys
+  from bnraw import loop
+  from bnraw.config import DataConfig
+  from bnraw.data import make_dataset
+  data = make_dataset(DataConfig())
+  peak = matmul_peak_gflops()
+  rows = []
+
+  def add(row):
+    rows.append(row)
+    if progress:
+      print(f"  {row['impl']:5} {row['mode']:9} w={row['width']:g} trace={int(row['traced'])} "
+            f"fast={int(row['fast_conv'])}  "
+            f"{row['step_s_median'] * 1e3:8.1f} ms/step", file=sys.stderr)
+
+  for width in widths:
+    config = ModelConfig(width=width)
+    for mode in raw_modes:
+      resolved = loop.resolve_mode(mode)
+      variants = [(False, False)]  # (fast_conv, traced)
+      if resolved != "eager":
+        variants.append((True, False))
+      if resolved == "xla":
+        variants.append((False, True))
+      for fast, traced in variants:
+        variant = dataclasses.replace(config, fast_conv=fast)
+        timing = time_raw(variant, data.images, data.labels, mode=resolved, batch_size=batch_size,
+                          trace=traced, steps=steps, warmup=warmup,
+                          hlo_dir=hlo_dir if not (traced or fast) else None)
+        add(result_row("raw", resolved, variant, batch_size, traced, timing, peak))
+    for jit in keras_jit:
+      timing = time_keras(config, data.images, data.labels, jit_compile=jit,
+                          batch_size=batch_size, steps=steps, warmup=warmup)
+      add(result_row("keras", "fit_xla" if jit else "fit", config, batch_size, False, timing,
+                     peak))
+    if profile_dir:
+      best = min((r for r in rows if r["impl"] == "raw" and r["width"] == width
+                  and not r["traced"]), key=lambda r: r["step_s_median"])
+      time_raw(dataclasses.replace(config, fast_conv=best["fast_conv"]), data.images,
+               data.labels, mode=best["mode"], batch_size=batch_size, trace=False, steps=3,
+               warmup=1, profile_dir=profile_dir)
+  return {"device": device_name(), "matmul_peak_gflops": peak, "results": rows}
+
+
+def ratios(result: dict) -> list[dict]:
+  """Per width: best raw / best Keras step time, and trace on/off for raw xla."""
+  out = []
+  for width in sorted({r["width"] for r in result["results"]}):
+    rows = [r for r in result["results"] if r["width"] == width]
+    raw = [r for r in rows if r["impl"] == "raw" and not r["traced"]]
+    exact = [r for r in raw if not r["fast_conv"]]
+    keras = [r for r in rows if r["impl"] == "keras"]
+    entry = {"width": width}
+    if raw and keras:
+      best_keras = min(keras, key=lambda r: r["step_s_median"])
+      for label, candidates in (("", raw), ("exact_", exact)):
+        best = min(candidates, key=lambda r: r["step_s_median"])
+        name = best["mode"] + ("+fast_conv" if best["fast_conv"] else "")
+        entry.update({f"best_{label}raw": name,
+                      f"{label}raw_over_keras": best["step_s_median"] / best_keras["step_s_median"],
+                      f"best_{label}raw_peak_fraction": best["peak_fraction"]})
+      entry["best_keras"] = best_keras["mode"]
+    xla = {r["traced"]: r for r in rows if r["impl"] == "raw" and r["mode"] == "xla"
+           and not r["fast_conv"]}
+    if len(xla) == 2:
+      entry["xla_trace_on_over_off"] = xla[True]["step_s_median"] / xla[False]["step_s_median"]
+    out.append(entry)
+  return out
+
+
+def format_table(result: dict) -> str:
+  lines = [f"device {result['device']}; matmul ceiling {result['matmul_peak_gflops']:.0f} GFLOP/s",
+           f"{'impl':5} {'mode':9} {'fast':>4} {'width':>7} {'batch':>5} {'trace':>5} "
+           f"{'compile s':>9} {'step ms':>9} {'img/s':>8} {'GFLOP/s':>8} {'of peak':>7}"]
+  for r in result["results"]:
+    lines.append(f"{r['impl']:5} {r['mode']:9} {'yes' if r['fast_conv'] else 'no':>4} "
+                 f"{r['width']:>7.4g} {r['batch_size']:>5} "
+                 f"{'on' if r['traced'] else 'off':>5} {r['compile_s']:>9.2f} "
+                 f"{r['step_s_median'] * 1e3:>9.1f} {r['images_per_s']:>8.0f} "
+                 f"{r['gflops']:>8.1f} {r['peak_fraction']:>7.1%}")
+  result["ratios"] = ratios(result)
+  for entry in result["ratios"]:
+    parts = [f"width {entry['width']:g}:"]
+    if "raw_over_keras" in entry:
+      parts.append(f"best raw ({entry['best_raw']}) / best Keras ({entry['best_keras']}) = "
+                   f"{entry['raw_over_keras']:.2f}; Keras-exact raw ({entry['best_exact_raw']}): "
+                   f"{entry['exact_raw_over_keras']:.2f}")
+    if "xla_trace_on_over_off" in entry:
+      parts.append(f"raw xla trace on/off = {entry['xla_trace_on_over_off']:.3f}")
+    lines.append("  ".join(parts))
+  return "\n".join(lines)
