@@ -58,63 +58,76 @@ def device_name() -> str:
   return f"CPU: {os.cpu_count()} cores"
 
 
-def time_steps(run_step: Callable[[], None], steps: int, warmup: int) -> tuple[float, list]:
-  """``(first_call_seconds, steady_step_seconds)``; ``run_step`` must block until done."""
-  start = time.perf_counter()
-  run_step()
-  first = time.perf_counter() - start
+class Bench:
+  """One configuration, built and compiled once; :meth:`measure` times steady steps."""
+
+  def __init__(self, row: dict, compile_s: float, measure: Callable[[int, int], list],
+               run: Optional[Callable[[], None]] = None):
+    self.row, self.compile_s, self.measure, self.run = row, compile_s, measure, run
+    self.times: list[float] = []
+
+
+def _timed(run: Callable[[], None], steps: int, warmup: int) -> list:
   for _ in range(warmup):
-    run_step()
+    run()
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    run_step()
+    run()
     times.append(time.perf_counter() - start)
-  return first, times
+  return times
 
 
-def time_raw(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *, mode: str,
-             batch_size: int, trace: bool, steps: int, warmup: int,
-             profile_dir: Optional[str] = None, hlo_dir: Optional[str] = None) -> dict:
-  """Times the raw training step (fresh model and Adam) in ``mode``."""
+def raw_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *, mode: str,
+              batch_size: int, trace: bool, hlo_dir: Optional[str] = None) -> Bench:
+  """The raw training step (fresh model and Adam) in ``mode``; its first call is the compile."""
   from bnraw import loop
   from bnraw.model import SeedNet
   from bnraw.optim import Adam
   net = SeedNet(model_config)
   step = loop.make_train_step(net, Adam(net.trainable_variables), mode=mode, trace=trace)
   x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
-  run = lambda: float(step(x, y)["loss"])
-  first, times = time_steps(run, steps, warmup)
+  run = lambda: float(step(x, y)["loss"])  # float() waits for the step to finish
+  start = time.perf_counter()
+  run()
+  compile_s = time.perf_counter() - start
   if hlo_dir and mode == "xla":
     write_hlo(step, x, y, hlo_dir, f"raw_w{model_config.width:g}_trace{int(trace)}")
-  if profile_dir:
-    capture_profile(run, profile_dir, steps=min(steps, 5))
-  return {"compile_s": first, "times": times}
+  return Bench({"impl": "raw", "mode": mode, "traced": trace}, compile_s,
+               lambda steps, warmup: _timed(run, steps, warmup), run)
 
 
-def time_keras(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *,
-               jit_compile: bool, batch_size: int, steps: int, warmup: int) -> dict:
-  """Times real Keras ``fit``: one fit over the data repeated, a timestamp per batch end."""
+def keras_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *,
+                jit_compile: bool, batch_size: int) -> Bench:
+  """Real Keras ``fit``. Each measurement is one ``fit`` over the data repeated, timed from one
+  batch end to the next (a callback waits for each step's loss), warm-up steps dropped; the
+  first ``fit`` call's first step is the compile."""
   import keras
   from bnraw import keras_ref
   from bnraw.config import TrainConfig
   model = keras_ref.build_model(model_config)
   keras_ref.compile_model(model, TrainConfig(), jit_compile=jit_compile)
-  reps = -(-(1 + warmup + steps) * batch_size // len(images))
-  x = np.concatenate([images] * reps)
-  y = np.concatenate([np.eye(NUM_IMAGES, dtype=np.float32)[labels]] * reps)
-  stamps = []
+  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
 
-  class Stamp(keras.callbacks.Callback):
-    def on_train_batch_end(self, batch, logs=None):
-      float(logs["loss"])  # block until the step is done
-      stamps.append(time.perf_counter())
+  def fit_stamps(n_steps):
+    reps = -(-n_steps * batch_size // len(images))
+    stamps = []
 
-  start = time.perf_counter()
-  model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
-            steps_per_epoch=1 + warmup + steps, callbacks=[Stamp()])
-  times = list(np.diff(stamps)[warmup:])
-  return {"compile_s": stamps[0] - start, "times": times}
+    class Stamp(keras.callbacks.Callback):
+      def on_train_batch_end(self, batch, logs=None):
+        float(logs["loss"])
+        stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    model.fit(np.concatenate([images] * reps), np.concatenate([one_hot] * reps),
+              batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+              steps_per_epoch=n_steps, callbacks=[Stamp()])
+    return start, stamps
+
+  start, stamps = fit_stamps(1)
+  measure = lambda steps, warmup: list(np.diff(fit_stamps(1 + warmup + steps)[1])[warmup:])
+  return Bench({"impl": "keras", "mode": "fit_xla" if jit_compile else "fit", "traced": False},
+               stamps[0] - start, measure)
 
 
 def write_hlo(step, x, y, hlo_dir: str, name: str) -> None:
@@ -137,20 +150,21 @@ def capture_profile(run: Callable[[], None], profile_dir: str, steps: int) -> No
     tf.profiler.experimental.stop()
 
 
-def result_row(impl: str, mode: str, model_config: ModelConfig, batch_size: int, traced: bool,
-               timing: dict, peak: float) -> dict:
-  median = statistics.median(timing["times"])
+def result_row(bench: Bench, model_config: ModelConfig, batch_size: int, peak: float) -> dict:
+  median = statistics.median(bench.times)
   gflops = train_step_flops(model_config, batch_size) / median / 1e9
-  return {"impl": impl, "mode": mode, "width": model_config.width, "batch_size": batch_size,
-          "traced": traced, "fast_conv": model_config.fast_conv, "compile_s": timing["compile_s"],
-          "step_s_median": median,
+  return {**bench.row, "width": model_config.width, "batch_size": batch_size,
+          "fast_conv": model_config.fast_conv, "compile_s": bench.compile_s,
+          "step_s_median": median, "steps_timed": len(bench.times),
           "images_per_s": batch_size / median, "gflops": gflops, "peak_fraction": gflops / peak}
 
 
-def run(*, widths: list[float], batch_size: int, steps: int, warmup: int,
+def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds: int,
         raw_modes: list[str], keras_jit: list[bool], profile_dir: Optional[str] = None,
         hlo_dir: Optional[str] = None, progress: bool = False) -> dict:
-  """Every configuration, one after another in this process; returns the profile.json dict."""
+  """Every configuration of a width is built once, then timed round-robin ``rounds`` times
+  (``steps`` steps each after ``warmup``), so drift on a noisy machine hits all alike; the
+  reported step time is the median of all timed steps. Returns the profile.json dict."""
   import sys
   from bnraw import loop
   from bnraw.config import DataConfig
@@ -158,16 +172,10 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int,
   data = make_dataset(DataConfig())
   peak = matmul_peak_gflops()
   rows = []
-
-  def add(row):
-    rows.append(row)
-    if progress:
-      print(f"  {row['impl']:5} {row['mode']:9} w={row['width']:g} trace={int(row['traced'])} "
-            f"fast={int(row['fast_conv'])}  "
-            f"{row['step_s_median'] * 1e3:8.1f} ms/step", file=sys.stderr)
-
+  say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
   for width in widths:
     config = ModelConfig(width=width)
+    benches = []
     for mode in raw_modes:
       resolved = loop.resolve_mode(mode)
       variants = [(False, False)]  # (fast_conv, traced)
@@ -177,22 +185,29 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int,
         variants.append((False, True))
       for fast, traced in variants:
         variant = dataclasses.replace(config, fast_conv=fast)
-        timing = time_raw(variant, data.images, data.labels, mode=resolved, batch_size=batch_size,
-                          trace=traced, steps=steps, warmup=warmup,
+        bench = raw_bench(variant, data.images, data.labels, mode=resolved,
+                          batch_size=batch_size, trace=traced,
                           hlo_dir=hlo_dir if not (traced or fast) else None)
-        add(result_row("raw", resolved, variant, batch_size, traced, timing, peak))
+        benches.append((variant, bench))
     for jit in keras_jit:
-      timing = time_keras(config, data.images, data.labels, jit_compile=jit,
-                          batch_size=batch_size, steps=steps, warmup=warmup)
-      add(result_row("keras", "fit_xla" if jit else "fit", config, batch_size, False, timing,
-                     peak))
+      benches.append((config, keras_bench(config, data.images, data.labels, jit_compile=jit,
+                                          batch_size=batch_size)))
+    for r in range(rounds):
+      say(f"width {width:g}: round {r + 1}/{rounds}")
+      for _, bench in benches:
+        bench.times += bench.measure(steps, warmup)
+    for variant, bench in benches:
+      rows.append(result_row(bench, variant, batch_size, peak))
+      say(f"  {bench.row['impl']:5} {bench.row['mode']:9} fast={int(variant.fast_conv)} "
+          f"trace={int(bench.row['traced'])}  {rows[-1]['step_s_median'] * 1e3:8.1f} ms/step")
     if profile_dir:
-      best = min((r for r in rows if r["impl"] == "raw" and r["width"] == width
-                  and not r["traced"]), key=lambda r: r["step_s_median"])
-      time_raw(dataclasses.replace(config, fast_conv=best["fast_conv"]), data.images,
-               data.labels, mode=best["mode"], batch_size=batch_size, trace=False, steps=3,
-               warmup=1, profile_dir=profile_dir)
-  return {"device": device_name(), "matmul_peak_gflops": peak, "results": rows}
+      best_variant, best = min(((v, b) for v, b in benches if b.row["impl"] == "raw"
+                                and not b.row["traced"]),
+                               key=lambda vb: statistics.median(vb[1].times))
+      capture_profile(best.run, os.path.join(profile_dir, f"w{width:g}"), steps=5)
+    del benches
+  return {"device": device_name(), "matmul_peak_gflops": peak, "rounds": rounds,
+          "results": rows}
 
 
 def ratios(result: dict) -> list[dict]:

@@ -2,7 +2,8 @@
 
   python scripts/profile_xla.py --widths=1/16,1/4 --out_dir=runs/profile
 
-All in one process, one after another, on the same data, width and batch; prints a table with
+All in one process on the same data, width and batch: every configuration is built once and
+timed round-robin (--rounds), so a noisy machine's drift hits all alike. Prints a table with
 GFLOP/s, the fraction of the matmul ceiling measured in the same run, and raw/Keras ratios.
 """
 
@@ -12,8 +13,9 @@ from bnraw import cli
 
 flags.DEFINE_list("widths", ["1/16"], "Width multipliers, comma-separated (e.g. 1/16,1/4).")
 flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1, upper_bound=256)
-flags.DEFINE_integer("steps", 10, "Timed steps per configuration (median reported).",
-                     lower_bound=1)
+flags.DEFINE_integer("steps", 5, "Timed steps per configuration and round.", lower_bound=1)
+flags.DEFINE_integer("rounds", 3, "Round-robin rounds over all configurations (the median of "
+                     "all timed steps is reported).", lower_bound=1)
 flags.DEFINE_integer("warmup", 2, "Untimed steps after the first (compiling) one.", lower_bound=0)
 flags.DEFINE_list("raw_modes", ["eager", "function", "xla"], "Raw modes to time.")
 flags.DEFINE_list("keras_jit", ["false", "true"], "Keras fit jit_compile values to time.")
@@ -45,7 +47,7 @@ def main(argv):
   io.prepare_out_dir(FLAGS.out_dir)
   result = profiling.run(
       widths=[cli.parse_width(w) for w in FLAGS.widths], batch_size=FLAGS.batch_size,
-      steps=FLAGS.steps, warmup=FLAGS.warmup, raw_modes=FLAGS.raw_modes,
+      steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, raw_modes=FLAGS.raw_modes,
       keras_jit=[v == "true" for v in FLAGS.keras_jit], profile_dir=FLAGS.profile_dir,
       hlo_dir=FLAGS.hlo_dir, progress=True)
   result["environment"] = experiment.environment()
