@@ -68,8 +68,10 @@ def update_moving_statistics(layer: BatchNorm, batch: ops.Moments, n: tf.Tensor,
   ``n`` is the number of values per channel behind ``batch`` (N*H*W); the legacy variant feeds
   ``variance * n / (n - 1)`` into the moving variance.
   """
-  variance = ops.bessel_variance(batch.variance, n) if layer.bessel else batch.variance
-  if hook is not None:
-    hook(layer, layer.moving, ops.Moments(batch.mean, variance))
-  layer.moving_mean.assign(ops.moving_average(layer.moving_mean, batch.mean, layer.momentum))
-  layer.moving_variance.assign(ops.moving_average(layer.moving_variance, variance, layer.momentum))
+  with tf.name_scope(f"{layer.name}_moving_update"):  # findable in graphs and XLA's HLO
+    variance = ops.bessel_variance(batch.variance, n) if layer.bessel else batch.variance
+    if hook is not None:
+      hook(layer, layer.moving, ops.Moments(batch.mean, variance))
+    layer.moving_mean.assign(ops.moving_average(layer.moving_mean, batch.mean, layer.momentum))
+    layer.moving_variance.assign(
+        ops.moving_average(layer.moving_variance, variance, layer.momentum))

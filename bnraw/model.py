@@ -110,10 +110,11 @@ class SeedNet:
     used, counts = [], []
 
     def block_bn(h, layer, chosen):
-      stats = ops.moments(h) if chosen is None else chosen
-      used.append(stats)
-      counts.append(ops.elements_per_channel(h))
-      return layer.normalize(h, stats)
+      with tf.name_scope(layer.name):  # op names "bn_3/moments/..." survive into XLA's HLO
+        stats = ops.moments(h) if chosen is None else chosen
+        used.append(stats)
+        counts.append(ops.elements_per_channel(h))
+        return layer.normalize(h, stats)
 
     h = x
     for conv, layer, chosen in zip(self.convs, self.bns, statistics):

@@ -142,3 +142,4 @@ def correct_predictions(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
 def l2_penalty(kernels: list[tf.Tensor], l2: float) -> tf.Tensor:
   """Keras's L2 regulariser summed over kernels: ``sum_k l2 * sum(k^2)``."""
   return tf.add_n([tf.cast(l2, k.dtype) * tf.reduce_sum(tf.square(k)) for k in kernels])
+

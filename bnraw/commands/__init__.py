@@ -36,3 +36,5 @@ def import_tensorflow_quietly() -> None:
   with _stderr_fd_silenced():
     import tensorflow as tf
     tf.config.list_physical_devices("GPU")
+  # Python-side warnings too (e.g. retracing notices when profile_xla builds many steps).
+  tf.get_logger().setLevel("ERROR")
