@@ -160,6 +160,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def run(main: Callable[[list[str]], Optional[int]]) -> None:
   """``app.run(main)``; bad flags or a :class:`UsageError` -> one line, exit status 2."""
   def guarded(argv):
+    from absl import logging
+    if not FLAGS["verbosity"].present:  # TF's INFO lines (checkpoint sharding...) are noise here
+      logging.set_verbosity(logging.WARNING)
     from bnraw.commands import import_tensorflow_quietly
     import_tensorflow_quietly()
     try:

@@ -179,11 +179,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, reference: 
       if progress is not None:
         progress(row)
 
-  orders = loop.epoch_orders(train.seed, len(images))
-  for epoch in range(train.epochs):
-    order = next(orders)
-    kmodel.fit(images[order], one_hot[order], batch_size=train.batch_size, epochs=epoch + 1,
-               initial_epoch=epoch, shuffle=False, verbose=0, callbacks=[Lockstep(order)])
+  keras_ref.fit_replaying(kmodel, images, one_hot, loop.epoch_orders(train.seed, len(images)),
+                          batch_size=train.batch_size, epochs=train.epochs,
+                          callbacks_for=lambda epoch, order: [Lockstep(order)])
 
   raw_eval = loop.evaluate(raw, images, labels, batch_size=train.batch_size, mode=mode)
   keras_eval = kmodel.evaluate(images, one_hot, batch_size=train.batch_size, verbose=0,

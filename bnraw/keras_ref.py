@@ -139,3 +139,18 @@ def set_keras_state(model, state: dict) -> None:
   for group, values in zip(optimizer_slots(model.optimizer), state["slots"]):
     _assign_all(group, values, "optimizer slots")
   model.optimizer.iterations.assign(state["iterations"])
+
+
+def fit_replaying(model, images: np.ndarray, one_hot: np.ndarray, orders, *, batch_size: int,
+                  epochs: int, callbacks_for=None, after_epoch=None) -> None:
+  """Real ``model.fit``, one call per epoch, on the examples in the given per-epoch ``orders``
+  (``shuffle=False``): Keras sees exactly the batches the raw loop drew, without relying on two
+  random generators agreeing. ``callbacks_for(epoch, order)`` supplies that epoch's callbacks;
+  ``after_epoch(epoch, order, keras_history)`` runs after it."""
+  for epoch in range(epochs):
+    order = next(orders)
+    history = model.fit(images[order], one_hot[order], batch_size=batch_size, epochs=epoch + 1,
+                        initial_epoch=epoch, shuffle=False, verbose=0,
+                        callbacks=callbacks_for(epoch, order) if callbacks_for else None)
+    if after_epoch is not None:
+      after_epoch(epoch, order, history)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from bnraw.config import NUM_IMAGES
 from bnraw.diagnose import ATTRIBUTION, LOSS_KEYS
 
 DESCRIBE = {
@@ -44,6 +45,9 @@ CAUSE = {
 }
 
 
+NO_GAP = 1e-4  # parts smaller than this fraction of the loss are float noise, not a gap
+
+
 def _num(value: Optional[float], fmt: str = "{:.4f}") -> str:
   return "n/a" if value is None else fmt.format(value)
 
@@ -57,15 +61,20 @@ def report(diagnosis: dict, title: str = "") -> str:
     lines.append(f"fit printed    loss {fit:.4f}  accuracy {_num(accuracy['fit'])}")
   lines.append(f"evaluate gives loss {evaluate:.4f}  accuracy {_num(accuracy['evaluate'])}")
   if fit is not None:
+    accuracy_gap = (None if accuracy["fit"] is None or accuracy["evaluate"] is None
+                    else accuracy["evaluate"] - accuracy["fit"])
     lines.append(f"gap            loss {evaluate - fit:+.4f}  accuracy "
-                 f"{_num(None if accuracy['fit'] is None else accuracy['evaluate'] - accuracy['fit'], '{:+.4f}')}")
+                 f"{_num(accuracy_gap, '{:+.4f}')}")
   lines += ["", f"{'':18} {'loss':>9} {'accuracy':>9}  meaning"]
   for key in LOSS_KEYS:
     lines.append(f"{key:18} {_num(losses[key]):>9} {_num(accuracy[key]):>9}  {DESCRIBE[key]}")
   parts = {k: v for k, v in diagnosis["attribution"].items() if v is not None}
   no_history = diagnosis["attribution"].get("stale_statistics") is None
   total = sum(abs(v) for v in parts.values()) or 1.0
-  lines += ["", "evaluate - fit, split by cause (the parts sum to the gap):"]
+  lines.append("")
+  lines.append("evaluate - fit, split by cause (the parts sum to the gap):" if fit is not None else
+               "evaluate - train_mode_final, split by cause (no fit history: the training-"
+               "history causes are n/a):")
   for key, _, _ in ATTRIBUTION:
     value = diagnosis["attribution"][key]
     share = "" if value is None else f"  ({100 * abs(value) / total:4.1f}% of |parts|)"
@@ -78,7 +87,14 @@ def report(diagnosis: dict, title: str = "") -> str:
   lines += ["", "the moving-statistics part (evaluate - precise_bn) by BN layer, first to last:"]
   lines.append("  " + "  ".join(f"{p['layer']} {p['contribution']:+.4f}"
                                 for p in diagnosis["per_layer"]))
-  if parts:
+  if parts and max(abs(v) for v in parts.values()) < NO_GAP * max(abs(evaluate), 1e-12):
+    lines += ["", f"no gap to explain: every part is below {NO_GAP:g} of the loss, so fit, "
+              "evaluate and PreciseBN agree."]
+    chance = 1.0 / NUM_IMAGES
+    if fit is not None and accuracy["evaluate"] is not None and accuracy["evaluate"] < 2 * chance:
+      lines.append("the network is at chance level: it has not learned (e.g. every ReLU of a "
+                   "thin first layer dead from the start; try another --seed or width).")
+  elif parts:
     dominant = max(parts, key=lambda k: abs(parts[k]))
     why, fix = CAUSE[dominant]
     lines += ["", f"dominant cause: {dominant} ({parts[dominant]:+.4f}): {why}.", f"fix: {fix}."]

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bnraw import experiment, ops
+from bnraw import diagnose_run, experiment, ops
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.diagnose import ATTRIBUTION, LOSS_KEYS
 from bnraw.errors import UsageError
@@ -20,7 +20,7 @@ TINY = dict(width=1 / 32)
 
 def run(tmp, impl="raw", momentum=0.9, batch_size=256, epochs=3, bessel=False, fix=None,
         every=0, trace=False):
-  return experiment.diagnose(
+  return diagnose_run.run(
       DataConfig(), ModelConfig(momentum=momentum, bessel=bessel, **TINY),
       TrainConfig(batch_size=batch_size, epochs=epochs, mode="function"),
       out_dir=tmp, impl=impl, fix=fix, every=every, trace=trace, progress=False)
@@ -140,7 +140,7 @@ class UserKerasModelTest(tf.test.TestCase):
 
   def test_functional_model_diagnosis(self):
     out = os.path.join(self.tmp, "out")
-    d = experiment.diagnose_keras_model(self.model_path, self.data_path, batch_size=16,
+    d = diagnose_run.run_keras_model(self.model_path, self.data_path, batch_size=16,
                                         out_dir=out, fix="precise_bn")
     evaluate = self.model.evaluate(self.x, self.y, batch_size=16, verbose=0, return_dict=True)
     self.assertAllClose(d["losses"]["evaluate"], evaluate["loss"], rtol=1e-5)
@@ -173,10 +173,37 @@ class UserKerasModelTest(tf.test.TestCase):
              ((self.data_path, self.data_path), "--keras_model: cannot load")]
     for (model_path, data_path), pattern in cases:
       with self.assertRaisesRegex(UsageError, pattern):
-        experiment.diagnose_keras_model(model_path, data_path, batch_size=8,
+        diagnose_run.run_keras_model(model_path, data_path, batch_size=8,
                                         out_dir=os.path.join(self.tmp, "never"))
       self.assertFalse(os.path.exists(os.path.join(self.tmp, "never")))
 
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class ReportTest(tf.test.TestCase):
+
+  def diagnosis(self, losses, accuracy=0.5):
+    from bnraw.diagnose import attribution
+    return {"losses": losses, "attribution": attribution(losses),
+            "accuracy": {k: accuracy for k in LOSS_KEYS},
+            "per_layer": [{"layer": "bn_1", "contribution": losses["evaluate"] -
+                           losses["precise_bn"]}]}
+
+  def test_dominant_cause_and_fix(self):
+    from bnraw.report import report
+    text = report(self.diagnosis({"fit": 1.0, "train_mode_final": 0.9, "precise_bn": 0.9,
+                                  "last_batch_stats": 3.0, "no_bessel": 3.2, "evaluate": 3.2}))
+    self.assertIn("gap            loss +2.2000", text)
+    self.assertIn("stale_statistics         +2.1000", text)
+    self.assertIn("dominant cause: stale_statistics (+2.1000)", text)
+    self.assertIn("--fix precise_bn", text)
+
+  def test_no_gap(self):
+    from bnraw.report import report
+    same = dict.fromkeys(LOSS_KEYS, 5.5452)
+    text = report(self.diagnosis(same, accuracy=1 / 256))
+    self.assertIn("no gap to explain", text)
+    self.assertIn("chance level", text)
+    self.assertNotIn("dominant cause", text)

@@ -30,16 +30,16 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   cli.reject_extra_args(argv)
-  from bnraw import experiment, report
+  from bnraw import diagnose_run, report
   extra = ["impl", "fix", "every", "keras_model", "data"]
   if FLAGS.keras_model:
-    result = experiment.diagnose_keras_model(
+    result = diagnose_run.run_keras_model(
         FLAGS.keras_model, FLAGS.data, batch_size=FLAGS.batch_size, out_dir=FLAGS.out_dir,
         fix=FLAGS.fix, config=cli.flag_values(extra))
     title = f"bnraw diagnosis of {FLAGS.keras_model} on {FLAGS.data}"
   else:
     data, model, train = cli.configs()
-    result = experiment.diagnose(data, model, train, out_dir=FLAGS.out_dir, impl=FLAGS.impl,
+    result = diagnose_run.run(data, model, train, out_dir=FLAGS.out_dir, impl=FLAGS.impl,
                                  trace=FLAGS.trace, fix=FLAGS.fix, every=FLAGS.every,
                                  config=cli.flag_values(extra))
     title = (f"bnraw diagnosis: case {data.case}, width {cli.fractions.Fraction(model.width)}, "
