@@ -196,7 +196,7 @@ class ReportTest(tf.test.TestCase):
     text = report(self.diagnosis({"fit": 1.0, "train_mode_final": 0.9, "precise_bn": 0.9,
                                   "last_batch_stats": 3.0, "no_bessel": 3.2, "evaluate": 3.2}))
     self.assertIn("gap            loss +2.2000", text)
-    self.assertIn("stale_statistics         +2.1000", text)
+    self.assertIn("stale_statistics       +2.1000  (87.5% of |parts|)", text)
     self.assertIn("dominant cause: stale_statistics (+2.1000)", text)
     self.assertIn("--fix precise_bn", text)
 
