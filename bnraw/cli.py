@@ -165,8 +165,15 @@ def run(main: Callable[[list[str]], Optional[int]]) -> None:
       logging.set_verbosity(logging.WARNING)
     from bnraw.commands import import_tensorflow_quietly
     import_tensorflow_quietly()
+    from bnraw.loop import NonFiniteError
     try:
       return main(argv)
     except UsageError as e:
       _fail(str(e) if e.flag else e.problem)
+    except NonFiniteError as e:
+      print(f"{os.path.basename(sys.argv[0])}: {e}; stopped.", file=sys.stderr)
+      return 3
+    except KeyboardInterrupt:
+      print(f"{os.path.basename(sys.argv[0])}: interrupted.", file=sys.stderr)
+      return 128 + 2
   app.run(guarded, flags_parser=_parse_flags)

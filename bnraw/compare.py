@@ -197,7 +197,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, reference: 
       "steps": steps,
       "evaluate": {"raw": {"loss": raw_eval[0], "accuracy": raw_eval[1]},
                    "keras": {"loss": keras_eval["loss"], "accuracy": keras_eval["accuracy"]},
-                   "loss_rel_diff": abs(raw_eval[0] - keras_eval["loss"]) / abs(keras_eval["loss"])},
+                   "loss_rel_diff": abs(raw_eval[0] - keras_eval["loss"])
+                                    / abs(keras_eval["loss"])},
       "first_divergent_step": next((s["step"] for s in steps if gated(s)), None),
       "tolerance": TOLERANCE,
       "bit_identical_steps": sum(s["bit_identical"] and s["loss_rel_diff"] == 0 for s in steps),

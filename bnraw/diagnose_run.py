@@ -33,7 +33,8 @@ def _fix_raw(parts: Setup, precise, out_dir: str, batch_size: int, mode: str) ->
 
 
 def _keras_train(parts: Setup, model: ModelConfig, train: TrainConfig, mode: str,
-                 on_epoch: Callable, need_last_batch: Callable[[int], bool]):
+                 one_hot: np.ndarray, on_epoch: Callable,
+                 need_last_batch: Callable[[int], bool]):
   """Real Keras ``fit`` from the raw initial weights, replaying the raw batch order. Before the
   last step of each epoch where ``need_last_batch(epoch)``, the batch statistics Keras is about to
   use are computed by the raw forward pass on a copy of Keras's weights (bit-identical to Keras's
@@ -42,8 +43,7 @@ def _keras_train(parts: Setup, model: ModelConfig, train: TrainConfig, mode: str
   kmodel = keras_ref.build_model(model)
   keras_ref.compile_model(kmodel, train, jit_compile=(mode == "xla"))
   keras_ref.set_keras_state(kmodel, keras_ref.raw_state(parts.model, parts.optimizer))
-  images, labels = parts.data.images, parts.data.labels
-  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
+  images = parts.data.images
   state = {"last_batch": None}
   history = loop.History()
 
@@ -71,7 +71,7 @@ def _keras_train(parts: Setup, model: ModelConfig, train: TrainConfig, mode: str
                           batch_size=train.batch_size, epochs=train.epochs,
                           callbacks_for=lambda epoch, order: [LastBatch(epoch, order)],
                           after_epoch=after_epoch)
-  return kmodel, one_hot, history, state
+  return kmodel, history, state["last_batch"]
 
 
 def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
@@ -82,9 +82,12 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   ``every`` > 0 also computes the decomposition every that many epochs ("over time").
   Writes ``diagnosis.json`` (and ``fixed/`` with ``fix="precise_bn"``); returns its dict.
   """
+  if impl not in ("raw", "keras"):
+    raise UsageError("impl", f"must be raw or keras, got {impl!r}")
   parts = setup(data, model, train)
   io.prepare_out_dir(out_dir)
   mode = loop.resolve_mode(train.mode)
+  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[parts.data.labels]
   printer = EpochProgress(train.epochs, label=impl) if progress else None
   over_time: list[dict] = []
   board = None
@@ -124,11 +127,13 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                        batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
                        mode=mode, trace=True, on_step=lambda r: [f(r) for f in recorders],
                        on_epoch=on_epoch)
+    if history.status == "non_finite":
+      raise history.error
     result = raw_diagnosis(history)
     if trace:
       recorder.save(os.path.join(out_dir, "trace.npz"))
-  elif impl == "keras":
-    def keras_diagnosis(kmodel, one_hot, history, last_batch):
+  else:
+    def keras_diagnosis(kmodel, history, last_batch):
       return dg.diagnose_keras(kmodel, parts.data.images, one_hot, batch_size=train.batch_size,
                                fit_loss=history.loss[-1], fit_accuracy=history.accuracy[-1],
                                last_order=history.permutations[-1],
@@ -138,15 +143,12 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
       if printer:
         printer(epoch, history)
       if wants(epoch):
-        record_over_time(epoch, keras_diagnosis(kmodel, one_hot_all, history, last_batch))
+        record_over_time(epoch, keras_diagnosis(kmodel, history, last_batch))
 
-    one_hot_all = np.eye(NUM_IMAGES, dtype=np.float32)[parts.data.labels]
-    kmodel, one_hot, history, state = _keras_train(
-        parts, model, train, mode, on_epoch,
+    kmodel, history, last_batch = _keras_train(
+        parts, model, train, mode, one_hot, on_epoch,
         need_last_batch=lambda e: e + 1 == train.epochs or wants(e))
-    result = keras_diagnosis(kmodel, one_hot, history, state["last_batch"])
-  else:
-    raise UsageError("impl", f"must be raw or keras, got {impl!r}")
+    result = keras_diagnosis(kmodel, history, last_batch)
 
   precise = result.pop("precise_statistics")
   out = {"config": config if config is not None else config_dict(
@@ -158,8 +160,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     if impl == "raw":
       out["fixed"] = _fix_raw(parts, precise, out_dir, train.batch_size, mode)
     else:
-      out["fixed"] = _fix_keras(kmodel, precise, parts.data.images, one_hot_all,
-                                train.batch_size, out_dir)
+      out["fixed"] = _fix_keras(kmodel, precise, parts.data.images, one_hot, train.batch_size,
+                                out_dir)
   if board is not None:
     board.close()
   io.write_json(os.path.join(out_dir, "diagnosis.json"), out)

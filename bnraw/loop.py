@@ -53,10 +53,11 @@ def _moving(model: SeedNet, which: str) -> list[tf.Tensor]:
 
 def make_train_step(model: SeedNet, optimizer, *, mode: str, trace: bool,
                     hook: Optional[UpdateHook] = None) -> Callable:
-  """``step(images, labels) -> {"loss", "correct"[, "trace"]}``: one optimizer step.
+  """``step(images, labels) -> {"loss", "correct", "finite"[, "trace"]}``: one optimizer step.
 
   ``loss`` is the training-branch loss (plus L2) *before* the update, as fit reports it;
-  ``correct`` counts arg-max hits in that same forward pass. ``hook`` (eager mode only) is
+  ``correct`` counts arg-max hits in that same forward pass; ``finite`` is the per-layer NaN/Inf
+  guard (:func:`layers_finite`). ``hook`` (eager mode only) is
   called in each BN layer just before its moving update: the step debugger uses it.
   """
   if hook is not None and resolve_mode(mode) != "eager":

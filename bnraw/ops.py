@@ -113,9 +113,9 @@ def moving_average(moving: tf.Tensor, batch: tf.Tensor, momentum: float) -> tf.T
 
 
 def bessel_variance(variance: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
-  """Unbiased variance ``variance * n / (n - 1)``: what Keras 2.2.4 / tf_keras's fused kernel feed
-  into the moving variance (normalisation still uses the biased one). ``n = 1`` gives ``inf`` (as the
-  fused kernel does); the caller decides whether that is allowed."""
+  """Unbiased variance ``variance * n / (n - 1)``: what Keras 2.2.4 / tf_keras's fused kernel
+  feed into the moving variance (normalisation still uses the biased one). ``n = 1`` gives
+  ``inf``; the flags refuse batches that small with --bessel."""
   return variance * (n / (n - 1.0))
 
 
@@ -142,4 +142,3 @@ def correct_predictions(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
 def l2_penalty(kernels: list[tf.Tensor], l2: float) -> tf.Tensor:
   """Keras's L2 regulariser summed over kernels: ``sum_k l2 * sum(k^2)``."""
   return tf.add_n([tf.cast(l2, k.dtype) * tf.reduce_sum(tf.square(k)) for k in kernels])
-

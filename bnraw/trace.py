@@ -19,6 +19,7 @@ Size: ``6 * sum(channels) * 4`` bytes per step: 220 KB at full width (sum 9,152 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import numpy as np
@@ -118,7 +119,7 @@ class Trace:
 
   @classmethod
   def load(cls, path: str) -> "Trace":
-    import os
+    """From a ``trace.npz`` file or the run directory holding it."""
     if os.path.isdir(path):
       path = os.path.join(path, TRACE_FILE)
     with np.load(path) as data:

@@ -25,7 +25,8 @@ def one_step(mode, optimizer):
   opt = make_optimizer(optimizer, net.trainable_variables, 1e-3)
   x, y = data()
   out = loop.make_train_step(net, opt, mode=mode, trace=True)(tf.constant(x), tf.constant(y))
-  update = np.concatenate([(v.numpy() - b).ravel() for v, b in zip(net.trainable_variables, before)])
+  update = np.concatenate([(v.numpy() - b).ravel()
+                           for v, b in zip(net.trainable_variables, before)])
   return out, update
 
 

@@ -46,9 +46,9 @@ def describe(trace, layer: str, step: int, limit: int) -> str:
   for key in ("batch_mean", "moving_mean_before", "moving_mean_after", "batch_variance",
               "moving_variance_before", "moving_variance_after"):
     lines.append(f"  {key:24} {_fmt(v[key], limit)}")
-  lines.append(f"  mean_gap {float(v['mean_gap']):.6g}   variance_gap {float(v['variance_gap']):.6g}"
-               f"   min_batch_variance {float(v['min_batch_variance']):.6g}   "
-               f"max_amplification {float(v['max_amplification']):.6g}")
+  lines.append("  " + "   ".join(f"{key} {float(v[key]):.6g}" for key in
+                                  ("mean_gap", "variance_gap", "min_batch_variance",
+                                   "max_amplification")))
   return "\n".join(lines)
 
 
