@@ -70,20 +70,21 @@ def report(diagnosis: dict, title: str = "") -> str:
     lines.append(f"{key:18} {_num(losses[key]):>9} {_num(accuracy[key]):>9}  {DESCRIBE[key]}")
   parts = {k: v for k, v in diagnosis["attribution"].items() if v is not None}
   no_history = diagnosis["attribution"].get("stale_statistics") is None
+  if no_history:
+    parts["moving_statistics"] = diagnosis["moving_statistics_total"]
   total = sum(abs(v) for v in parts.values()) or 1.0
+  share = lambda value: f"  ({100 * abs(value) / total:4.1f}% of |parts|)"
   lines.append("")
   lines.append("evaluate - fit, split by cause (the parts sum to the gap):" if fit is not None else
                "evaluate - train_mode_final, split by cause (no fit history: the training-"
                "history causes are n/a):")
   for key, _, _ in ATTRIBUTION:
     value = diagnosis["attribution"][key]
-    share = "" if value is None else f"  ({100 * abs(value) / total:4.1f}% of |parts|)"
-    lines.append(f"  {key:20} {_num(value, '{:+.4f}'):>9}{share}")
+    lines.append(f"  {key:20} {_num(value, '{:+.4f}'):>9}{'' if value is None else share(value)}")
   if no_history:
-    lines.append(f"  {'moving statistics':20} {diagnosis['moving_statistics_total']:+.4f}  "
-                 "(= evaluate - precise_bn: stale + EMA lag + Bessel together; without the "
-                 "training history they cannot be split)")
-    parts["moving_statistics"] = diagnosis["moving_statistics_total"]
+    value = parts["moving_statistics"]
+    lines.append(f"  {'moving_statistics':20} {value:>+9.4f}{share(value)}  = evaluate - "
+                 "precise_bn: stale + EMA lag + Bessel, not separable without the history")
   lines += ["", "the moving-statistics part (evaluate - precise_bn) by BN layer, first to last:"]
   lines.append("  " + "  ".join(f"{p['layer']} {p['contribution']:+.4f}"
                                 for p in diagnosis["per_layer"]))
