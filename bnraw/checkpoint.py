@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
-
 import tensorflow as tf
 
 from bnraw import io
@@ -76,7 +74,3 @@ def check_config(saved: dict, current: dict) -> None:
   if differing:
     raise UsageError("resume", "this run was made with other flags: " + ", ".join(differing))
 
-
-def latest_exists(out_dir: str) -> Optional[str]:
-  path = os.path.join(out_dir, STATE_FILE)
-  return path if os.path.isfile(path) else None

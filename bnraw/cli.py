@@ -13,7 +13,8 @@ from typing import Callable, Optional, Sequence
 
 from absl import app, flags
 
-from bnraw.config import IMAGE_SIZE, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
+from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
+from bnraw.data import check_block
 from bnraw.errors import UsageError  # noqa: F401 (re-exported for commands)
 
 FLAGS = flags.FLAGS
@@ -40,8 +41,10 @@ def parse_block(text: str) -> tuple[int, int]:
     start, stop = (int(part) for part in text.split(":"))
   except ValueError:
     raise ValueError(f"expected START:STOP, got {text!r}") from None
-  if not 0 <= start < stop <= IMAGE_SIZE:
-    raise ValueError(f"need 0 <= START < STOP <= {IMAGE_SIZE}, got {text}")
+  try:
+    check_block((start, stop))
+  except UsageError as e:
+    raise ValueError(e.problem) from None
   return start, stop
 
 

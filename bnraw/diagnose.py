@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw import ops
-from bnraw.loop import MeanTracker, StepRecord, batches
+from bnraw.loop import StepRecord, batches, mean_over_batches
 
 LOSS_KEYS = ("fit", "train_mode_final", "precise_bn", "last_batch_stats", "no_bessel", "evaluate")
 ATTRIBUTION = (  # key, later loss, earlier loss
@@ -74,11 +74,7 @@ def _forward_loss(model):
   @tf.function
   def run(x, y, statistics):
     logits = model.forward(x, statistics).logits
-    loss = ops.softmax_cross_entropy(logits, y)
-    penalty = model.regularization()
-    if penalty is not None:
-      loss = loss + penalty
-    return loss, ops.correct_predictions(logits, y)
+    return model.loss(logits, y), ops.correct_predictions(logits, y)
   return run
 
 
@@ -87,12 +83,9 @@ def raw_loss(model, images, labels, statistics: Sequence, batch_size: int,
   """Loss and accuracy over the dataset, each BN layer normalising with ``statistics[i]``
   (None = the batch's own statistics), batches taken in ``order``; Keras's epoch averaging."""
   run = run or _forward_loss(model)
-  loss_mean, accuracy_mean = MeanTracker(), MeanTracker()
-  for chunk in batch_chunks(len(images), batch_size, order):
-    loss, correct = run(tf.constant(images[chunk]), tf.constant(labels[chunk]), list(statistics))
-    loss_mean.update(float(loss), len(chunk))
-    accuracy_mean.update(float(correct) / len(chunk), len(chunk))
-  return loss_mean.result(), accuracy_mean.result()
+  return mean_over_batches(
+      lambda chunk: run(tf.constant(images[chunk]), tf.constant(labels[chunk]), list(statistics)),
+      batch_chunks(len(images), batch_size, order))
 
 
 def per_layer_split(loss_with: callable, names: Sequence[str], moving: Sequence,
@@ -161,14 +154,12 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
     y_pred = model(xb, training=training)
     return model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=False), y_pred
 
-  loss_mean, accuracy_mean = MeanTracker(), MeanTracker()
+  def batch(chunk):
+    loss, y_pred = run(tf.constant(x[chunk]), tf.constant(y[chunk]))
+    return loss, _keras_accuracy(y[chunk], y_pred).sum()
+
   with keras_statistics(keras_bn_layers(model), []):  # restores the moving statistics
-    for chunk in batch_chunks(len(x), batch_size, order):
-      loss, y_pred = run(tf.constant(x[chunk]), tf.constant(y[chunk]))
-      loss_mean.update(float(loss), len(chunk))
-      hits = _keras_accuracy(y[chunk], y_pred)
-      accuracy_mean.update(float(hits.mean()), len(chunk))
-  return loss_mean.result(), accuracy_mean.result()
+    return mean_over_batches(batch, batch_chunks(len(x), batch_size, order))
 
 
 def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,

@@ -68,10 +68,7 @@ def make_train_step(model: SeedNet, optimizer, *, mode: str, trace: bool,
       before = (_moving(model, "moving_mean"), _moving(model, "moving_variance"))
     with tf.GradientTape() as tape:
       out = model(images, training=True, hook=hook)
-      loss = ops.softmax_cross_entropy(out.logits, labels)
-      penalty = model.regularization()
-      if penalty is not None:
-        loss = tf.add_n([loss, penalty])
+      loss = model.loss(out.logits, labels)
     gradients = tape.gradient(loss, model.trainable_variables)
     optimizer.apply(gradients)
     result = {"loss": loss, "correct": ops.correct_predictions(out.logits, labels),
@@ -99,11 +96,7 @@ def make_eval_step(model: SeedNet, *, mode: str) -> Callable:
 
   def step(images: tf.Tensor, labels: tf.Tensor) -> dict:
     out = model(images, training=False)
-    loss = ops.softmax_cross_entropy(out.logits, labels)
-    penalty = model.regularization()
-    if penalty is not None:
-      loss = tf.add_n([loss, penalty])
-    return {"loss": loss, "correct": ops.correct_predictions(out.logits, labels)}
+    return {"loss": model.loss(out.logits, labels), "correct": ops.correct_predictions(out.logits, labels)}
 
   return compile_fn(step, mode)
 
@@ -246,13 +239,24 @@ def fit(model: SeedNet, optimizer, images: np.ndarray, labels: np.ndarray, *, ba
     if on_epoch is not None:
       on_epoch(epoch, history)
   return history
-def evaluate(model: SeedNet, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
-             mode: str, eval_step: Optional[Callable] = None) -> tuple[float, float]:
-  """``model.evaluate``: inference-branch loss and accuracy, averaged over batches in order."""
-  step_fn = eval_step or make_eval_step(model, mode=mode)
+def mean_over_batches(run: Callable[[np.ndarray], tuple], chunks) -> tuple[float, float]:
+  """Keras's epoch averaging: ``run(indices) -> (loss, correct count)`` per batch, combined as
+  fit/evaluate's float32 ``Mean`` metrics weighted by batch size."""
   loss_mean, accuracy_mean = MeanTracker(), MeanTracker()
-  for batch in batches(np.arange(len(images)), batch_size):
-    out = step_fn(tf.constant(images[batch]), tf.constant(labels[batch]))
-    loss_mean.update(float(out["loss"]), len(batch))
-    accuracy_mean.update(float(out["correct"]) / len(batch), len(batch))
+  for chunk in chunks:
+    loss, correct = run(chunk)
+    loss_mean.update(float(loss), len(chunk))
+    accuracy_mean.update(float(correct) / len(chunk), len(chunk))
   return loss_mean.result(), accuracy_mean.result()
+
+
+def evaluate(model: SeedNet, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+             mode: str) -> tuple[float, float]:
+  """``model.evaluate``: inference-branch loss and accuracy, averaged over batches in order."""
+  step_fn = make_eval_step(model, mode=mode)
+
+  def run(batch):
+    out = step_fn(tf.constant(images[batch]), tf.constant(labels[batch]))
+    return out["loss"], out["correct"]
+
+  return mean_over_batches(run, batches(np.arange(len(images)), batch_size))

@@ -137,6 +137,12 @@ class SeedNet:
       update_moving_statistics(layer, stats, n, hook)
     return out
 
+  def loss(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """What fit and evaluate report: cross-entropy, plus the L2 penalty when l2 > 0."""
+    loss = ops.softmax_cross_entropy(logits, labels)
+    penalty = self.regularization()
+    return loss if penalty is None else tf.add_n([loss, penalty])
+
   def regularization(self) -> Optional[tf.Tensor]:
     """The L2 penalty on kernels, or None when l2 is 0 (Keras then adds no loss term at all)."""
     if self.config.l2 == 0:

@@ -4,7 +4,6 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from bnraw import ops
 from bnraw.config import ModelConfig
 from bnraw.model import SeedNet
 
