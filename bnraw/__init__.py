@@ -1,4 +1,4 @@
-"""bnraw: the seed's BatchNorm network and training, written out by hand in TensorFlow 2.
+"""bnraw: BatchNorm training written out by hand in TensorFlow 2, bit-identical to Keras fit.
 
 Why does ``model.evaluate`` on the training data disagree with what ``model.fit`` printed?
 bnraw reproduces the Keras path op for op and splits that gap into named causes.
@@ -13,12 +13,15 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "DataConfig": "bnraw.config", "ModelConfig": "bnraw.config", "TrainConfig": "bnraw.config",
-    "Dataset": "bnraw.data", "make_dataset": "bnraw.data",
     "UsageError": "bnraw.errors",
-    "History": "bnraw.loop", "evaluate": "bnraw.loop", "fit": "bnraw.loop",
-    "make_eval_step": "bnraw.loop", "make_train_step": "bnraw.loop", "resolve_mode": "bnraw.loop",
-    "SeedNet": "bnraw.model",
-    "Adam": "bnraw.optim", "SGD": "bnraw.optim", "make_optimizer": "bnraw.optim",
+    "BATCH": "bnraw.core.layers", "BatchNorm": "bnraw.core.layers",
+    "Model": "bnraw.core.graph",
+    "History": "bnraw.core.loop", "NonFiniteError": "bnraw.core.loop",
+    "evaluate": "bnraw.core.loop", "fit": "bnraw.core.loop",
+    "make_eval_step": "bnraw.core.step", "make_train_step": "bnraw.core.step",
+    "resolve_mode": "bnraw.core.step",
+    "Adam": "bnraw.core.optim", "SGD": "bnraw.core.optim", "make_optimizer": "bnraw.core.optim",
+    "make_dataset": "bnraw.models.seed", "seed_network": "bnraw.models.seed",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -1,16 +1,18 @@
-"""Frozen configuration. Defaults are the seed's (DESIGN.md section 1); absl flags live in
-``bnraw.commands.flags`` and only map onto these."""
+"""Typed, frozen configuration: the single source of truth. Defaults are the seed's (DESIGN.md
+section 1). The flags in ``bnraw.cli.flags`` only map onto these; outputs and ``--resume`` record
+:func:`record` of them, the same typed values whoever started the run."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 # The seed network at width 1: (kernel size, output channels) of conv blocks 1-7.
 CONV_BLOCKS = ((7, 64), (7, 128), (5, 256), (5, 512), (5, 1024), (3, 2048), (3, 4096))
 DENSE_UNITS = 1024
 NUM_IMAGES = 256  # also the number of classes: label i for image i
 IMAGE_SIZE = 29
+CPU_WIDTH = 1 / 16  # the default width without a GPU (full width is a GPU workload)
 
 
 def scaled(channels: int, width: float) -> int:
@@ -31,7 +33,7 @@ class DataConfig:
 class ModelConfig:
   """The seed's ``model_toy``; ``momentum`` is Keras's (moving * m + batch * (1 - m))."""
 
-  width: float = 1.0
+  width: Optional[float] = None  # None: 1 with a GPU, CPU_WIDTH without (see resolved())
   momentum: float = 0.9
   epsilon: float = 1e-5
   bessel: bool = False
@@ -43,11 +45,19 @@ class ModelConfig:
   # much faster on CPU, no longer bit-identical to Keras (ops.conv2d_as_matmul).
   fast_conv: bool = False
 
+  def resolved(self) -> "ModelConfig":
+    """This config with ``width`` decided: 1 with a GPU, 1/16 without (imports TensorFlow)."""
+    if self.width is not None:
+      return self
+    import tensorflow as tf
+    width = 1.0 if tf.config.list_physical_devices("GPU") else CPU_WIDTH
+    return dataclasses.replace(self, width=width)
+
   def conv_channels(self) -> list[int]:
-    return [scaled(c, self.width) for _, c in CONV_BLOCKS]
+    return [scaled(c, self.resolved().width) for _, c in CONV_BLOCKS]
 
   def dense_units(self) -> int:
-    return scaled(DENSE_UNITS, self.width)
+    return scaled(DENSE_UNITS, self.resolved().width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +72,25 @@ class TrainConfig:
   nesterov: bool = True
   seed: int = 0
   mode: str = "auto"  # "eager" | "function" | "xla" | "auto"
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def record(data: DataConfig, model: ModelConfig, train: TrainConfig, **options: Any) -> dict:
+  """What outputs and checkpoints store: ``{"data": {...}, "model": {...}, "train": {...},
+  "options": {...}}`` with the typed values (the model's width resolved), JSON-ready."""
+  as_json = lambda config: {k: list(v) if isinstance(v, tuple) else v
+                            for k, v in dataclasses.asdict(config).items()}
+  return {"data": as_json(data), "model": as_json(model.resolved()), "train": as_json(train),
+          "options": dict(options)}
+
+
+def from_record(saved: dict) -> tuple[DataConfig, ModelConfig, TrainConfig, dict]:
+  """The inverse of :func:`record`: the configs a stored run was made with, and its options."""
+  def build(cls, values):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+                  if k in fields})
+  return (*(build(cls, saved[name]) for name, cls in SECTIONS.items()),
+          dict(saved.get("options", {})))

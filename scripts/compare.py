@@ -1,11 +1,11 @@
-"""Runs the raw path and real Keras model.fit in lockstep; writes compare.json.
+"""Runs the raw path and real Keras ``model.fit`` in lockstep; writes compare.json.
 
   python scripts/compare.py --width=1/16 --epochs=20 --out_dir=runs/compare
 
-Same as the installed ``bnraw-compare`` command; see ``bnraw/commands/compare.py``.
+Same as the installed command; flags and behaviour live in ``bnraw/cli/compare.py``.
 """
 
-from bnraw.commands import compare
+from bnraw.cli import compare
 
 if __name__ == "__main__":
   compare.console()

@@ -2,10 +2,10 @@
 
   python scripts/diagnose.py --case=2 --momentum=0.9 --out_dir=runs/diagnose
 
-Same as the installed ``bnraw-diagnose`` command; see ``bnraw/commands/diagnose.py``.
+Same as the installed command; flags and behaviour live in ``bnraw/cli/diagnose.py``.
 """
 
-from bnraw.commands import diagnose
+from bnraw.cli import diagnose
 
 if __name__ == "__main__":
   diagnose.console()

@@ -2,10 +2,10 @@
 
   python scripts/inspect_trace.py --run_dir=runs/t --layer=bn_3 --step=41
 
-Same as the installed ``bnraw-inspect`` command; see ``bnraw/commands/inspect_trace.py``.
+Same as the installed command; flags and behaviour live in ``bnraw/cli/inspect_trace.py``.
 """
 
-from bnraw.commands import inspect_trace
+from bnraw.cli import inspect_trace
 
 if __name__ == "__main__":
   inspect_trace.console()

@@ -1,11 +1,11 @@
-"""Trains the seed network with the raw path; writes summary.json.
+"""Trains the seed network with the raw path; writes summary.json (and trace.npz with --trace).
 
   python scripts/train.py --case=2 --epochs=500 --out_dir=runs/train
 
-Same as the installed ``bnraw-train`` command; see ``bnraw/commands/train.py`` for the flags.
+Same as the installed command; flags and behaviour live in ``bnraw/cli/train.py``.
 """
 
-from bnraw.commands import train
+from bnraw.cli import train
 
 if __name__ == "__main__":
   train.console()

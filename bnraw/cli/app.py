@@ -1,0 +1,104 @@
+"""What every command shares: TensorFlow imported quietly, and the one exit-status policy.
+
+=====  ====================================================================================
+0      done
+2      bad input: one line naming the input and the problem, no traceback, nothing written
+3      a step produced a non-finite value (the line names the step and the BN layer)
+128+s  stopped by signal s (130: Ctrl-C); a train run leaves a checkpoint to ``--resume``
+=====  ====================================================================================
+
+Each command module (``bnraw/cli/*.py``) defines its flags at the top and a short ``main`` that
+maps them onto typed configs and calls one library function; ``console()`` is ``run(main)``.
+``scripts/*.py`` run the same modules; setup.cfg installs them as ``bnraw-*`` commands.
+"""
+
+import contextlib
+import os
+import sys
+from typing import Callable, Optional
+
+EXIT_USAGE = 2
+EXIT_NON_FINITE = 3
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def _stderr_fd_silenced():
+  """Points file descriptor 2 at /dev/null for the duration (C++ logging bypasses sys.stderr)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow and probes the devices with its start-up log lines hidden.
+
+  TF 2.21 writes oneDNN/CUDA-stub notices through absl's C++ logger before any log level applies,
+  and they bury the one line a script prints. Set BNRAW_TF_LOGS=1 to see them.
+  """
+  if os.environ.get("BNRAW_TF_LOGS") == "1":
+    return
+  with _stderr_fd_silenced():
+    import tensorflow as tf
+    tf.config.list_physical_devices("GPU")
+  # Python-side warnings too (e.g. retracing notices when profile_xla builds many steps).
+  tf.get_logger().setLevel("ERROR")
+
+
+def exit_status_for_signal(signum: int) -> int:
+  return 128 + int(signum)
+
+
+def _name() -> str:
+  return os.path.basename(sys.argv[0])
+
+
+def _fail(message: str) -> None:
+  print(f"{_name()}: error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def _usage_message(error) -> str:
+  """``--flag: problem`` where the input at fault is one of the command's flags."""
+  from absl import flags
+  if error.subject and error.subject in flags.FLAGS:
+    return f"--{error.subject}: {error.problem}"
+  return str(error)
+
+
+def run(main: Callable[[list[str]], Optional[int]]) -> None:
+  """``app.run(main)`` with the exit-status policy above; bad flags never import TensorFlow."""
+  from absl import app, flags, logging
+  from bnraw.errors import UsageError
+
+  def parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      _fail(str(e))
+
+  def guarded(argv):
+    if not flags.FLAGS["verbosity"].present:  # TF's INFO lines (checkpoint sharding...) are noise
+      logging.set_verbosity(logging.WARNING)
+    import_tensorflow_quietly()
+    from bnraw.core.loop import NonFiniteError
+    try:
+      return main(argv)
+    except UsageError as e:
+      _fail(_usage_message(e))
+    except NonFiniteError as e:
+      print(f"{_name()}: {e}; stopped.", file=sys.stderr)
+      return EXIT_NON_FINITE
+    except KeyboardInterrupt:
+      print(f"{_name()}: interrupted.", file=sys.stderr)
+      return exit_status_for_signal(2)
+
+  app.run(guarded, flags_parser=parse_flags)

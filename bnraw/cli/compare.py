@@ -1,0 +1,44 @@
+"""Runs the raw path and real Keras ``model.fit`` in lockstep; writes compare.json.
+
+  bnraw-compare --width=1/16 --epochs=20 --out_dir=runs/compare
+
+Prints a per-step table (relative differences of loss, moving statistics, weight update and
+weights) and the first step where a gated metric exceeds its tolerance.
+"""
+
+from absl import flags
+
+from bnraw.cli import app
+from bnraw.cli import flags as common
+
+common.define_common_flags(out_dir="runs/compare", trace=False)
+flags.FLAGS.set_default("epochs", 20)
+flags.DEFINE_enum("reference", "keras3", ["keras3", "tf_keras"], "Keras 3 (keras), or Keras 2 "
+                  "(the optional tf_keras package; its fused BN implies --bessel on conv layers).")
+flags.DEFINE_bool("synced", True, "Reset the raw side to Keras's state before every step "
+                  "(--nosynced: both run free from the same start).")
+flags.DEFINE_float("perturb", 0.0, "With --nosynced: multiply the raw initial weights by "
+                   "1 +- this, to measure how fast a tiny difference grows.")
+flags.register_validator("perturb", lambda v: 0 <= v < 1, message="must be in [0, 1)")
+flags.register_multi_flags_validator(
+    ["perturb", "synced"], lambda f: not (f["perturb"] and f["synced"]),
+    message="--perturb needs --nosynced (a synced step starts from Keras's state)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  common.reject_extra_args(argv)
+  from bnraw import parity
+  data, model, train = common.configs()
+  result = parity.run(data, model, train, out_dir=FLAGS.out_dir, reference=FLAGS.reference,
+                      synced=FLAGS.synced, perturbation=FLAGS.perturb)
+  print(parity.report(result))
+  print(f"wrote {FLAGS.out_dir}/compare.json")
+
+
+def console():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  console()

@@ -1,0 +1,68 @@
+"""Why does evaluate disagree with fit? Trains the seed setup and splits the gap into causes.
+
+  bnraw-diagnose --case=2 --momentum=0.9 --out_dir=runs/diagnose
+
+Prints the gap, a table of six losses, the attribution to five named causes, the per-layer split,
+the dominant cause and its fix; writes diagnosis.json. For your own trained Keras model:
+
+  bnraw-diagnose --keras_model=model.keras --data=train.npz --out_dir=runs/mine
+"""
+
+import fractions
+
+from absl import flags
+
+from bnraw.cli import app
+from bnraw.cli import flags as common
+
+common.define_common_flags(out_dir="runs/diagnose", trace=True)
+flags.DEFINE_enum("impl", "raw", ["raw", "keras"], "Train with the raw path or with real Keras "
+                  "fit (same initial weights and batch order).")
+flags.DEFINE_enum("fix", None, ["precise_bn"], "Apply a fix and report its evaluate: precise_bn "
+                  "writes population statistics into the moving statistics and saves the model.")
+flags.DEFINE_integer("every", 0, "Also compute the decomposition every K epochs (0: only at the "
+                     "end); with --trace it goes to TensorBoard too.", lower_bound=0)
+flags.DEFINE_string("keras_model", None, "Diagnose your own trained .keras model instead "
+                    "(needs --data).")
+flags.DEFINE_string("data", None, ".npz with arrays x and y for --keras_model.")
+flags.register_multi_flags_validator(
+    ["keras_model", "data"], lambda f: (f["keras_model"] is None) == (f["data"] is None),
+    message="--keras_model and --data go together")
+flags.register_multi_flags_validator(
+    ["trace", "impl"], lambda f: not (f["trace"] and f["impl"] != "raw"),
+    message="--trace records the raw step's statistics: it needs --impl=raw")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  common.reject_extra_args(argv)
+  from bnraw import diagnosis
+  if FLAGS.keras_model:
+    common.refuse_present((*common.SEED_FLAGS, "impl", "trace", "every"),
+                          "describes the seed setup; it has no meaning with --keras_model")
+    result = diagnosis.run_keras_model(FLAGS.keras_model, FLAGS.data,
+                                       batch_size=FLAGS.batch_size, out_dir=FLAGS.out_dir,
+                                       fix=FLAGS.fix)
+    title = f"bnraw diagnosis of {FLAGS.keras_model} on {FLAGS.data}"
+  else:
+    data, model, train = common.configs()
+    result = diagnosis.run(data, model, train, out_dir=FLAGS.out_dir, impl=FLAGS.impl,
+                           trace=FLAGS.trace, fix=FLAGS.fix, every=FLAGS.every)
+    title = (f"bnraw diagnosis: case {data.case}, width {fractions.Fraction(model.width)}, "
+             f"momentum {model.momentum:g}, batch {train.batch_size}, {train.epochs} epochs, "
+             f"{FLAGS.impl} ({result['resolved']['mode']})")
+  print()
+  print(diagnosis.report(result, title))
+  if "fixed" in result:
+    fixed = result["fixed"]["evaluate"]
+    print(f"fixed model: evaluate loss {fixed['loss']:.4f}  accuracy {fixed['accuracy']:.4f}  "
+          f"saved to {result['fixed']['saved']}")
+  print(f"wrote {FLAGS.out_dir}/diagnosis.json")
+
+
+def console():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  console()

@@ -1,0 +1,153 @@
+"""The absl flags the seed's tools share and their validators; :func:`configs` maps their
+values onto the typed configs of ``bnraw.config`` (the single source of truth). Defaults are the
+seed's, taken from those configs. Checked before TensorFlow is imported."""
+
+from __future__ import annotations
+
+import fractions
+import sys
+from typing import Callable
+
+from absl import flags
+
+from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
+from bnraw.errors import UsageError
+from bnraw.models.seed import check_block
+
+FLAGS = flags.FLAGS
+# The flags that describe the seed setup: with --keras_model they have no meaning.
+SEED_FLAGS = ("case", "image", "block", "width", "momentum", "epsilon", "bessel",
+              "bessel_scope", "l2", "fast_conv", "epochs", "optimizer", "lr", "sgd_momentum",
+              "nesterov", "seed", "mode")
+
+
+def parse_width(text: str) -> float:
+  """``"1/16"``, ``"0.0625"`` or ``"1"`` -> float > 0."""
+  try:
+    value = float(fractions.Fraction(text.strip()))
+  except (ValueError, ZeroDivisionError):
+    raise ValueError(f"not a number or fraction: {text!r}") from None
+  if not value > 0:
+    raise ValueError(f"must be > 0, got {text}")
+  return value
+
+
+def parse_block(text: str) -> tuple[int, int]:
+  """``"12:16"`` -> (12, 16), rows/cols [start, stop) inside the 29x29 image."""
+  try:
+    start, stop = (int(part) for part in text.split(":"))
+  except ValueError:
+    raise ValueError(f"expected START:STOP, got {text!r}") from None
+  try:
+    check_block((start, stop))
+  except UsageError as e:
+    raise ValueError(e.problem) from None
+  return start, stop
+
+
+def _check(name: str, parse: Callable) -> None:
+  """Registers ``parse`` as the validator of flag ``name``, its ValueError text as the message."""
+  def validator(value):
+    if value is None:
+      return True
+    try:
+      parse(value)
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+    return True
+  flags.register_validator(name, validator)
+
+
+def _bound(name: str, ok: Callable[[float], bool], message: str) -> None:
+  flags.register_validator(name, lambda v: v is None or ok(v), message=message)
+
+
+def define_common_flags(*, out_dir: str, trace: bool) -> None:
+  """Data, model, training and output flags, with validators; ``--trace`` where the tool
+  records one. Defaults come from the configs."""
+  data, model, train = DataConfig(), ModelConfig(), TrainConfig()
+  flags.DEFINE_enum("case", str(data.case), ["1", "2"],
+                    "Seed case: 1 = whole image is i, 2 = a block is i.")
+  flags.DEFINE_string("image", data.image, "Photo for case 2 (any file Pillow reads); default: "
+                      "the project's deterministic image.")
+  flags.DEFINE_string("block", "{}:{}".format(*data.block), "Rows/cols START:STOP of case 2's "
+                      "block (seed code: 12:16, a 4x4 block).")
+  flags.DEFINE_string("width", None, "Width multiplier, e.g. 1, 1/4, 0.0625. Default: 1 with a "
+                      "GPU, 1/16 on CPU.")
+  flags.DEFINE_float("momentum", model.momentum, "BN momentum, Keras convention: "
+                     "moving*m + batch*(1-m).")
+  flags.DEFINE_float("epsilon", model.epsilon, "BN epsilon.")
+  flags.DEFINE_bool("bessel", model.bessel, "Legacy BN: feed var*n/(n-1) into the moving "
+                    "variance (Keras 2.2.4, tf_keras fused).")
+  flags.DEFINE_enum("bessel_scope", model.bessel_scope, ["all", "conv"], "With --bessel: every "
+                    "BN layer, or only the conv (4-D) ones as tf_keras's fused kernel does.")
+  flags.DEFINE_float("l2", model.l2, "L2 factor on every kernel (seed: 0).")
+  flags.DEFINE_bool("fast_conv", model.fast_conv, "Compute block 7's conv (kernel covers the "
+                    "input) as one matmul: same maths, faster on CPU, not bit-identical to Keras.")
+  flags.DEFINE_integer("batch_size", train.batch_size, f"Batch size, 1..{NUM_IMAGES} (the "
+                       f"dataset has {NUM_IMAGES} images).")
+  flags.DEFINE_integer("epochs", train.epochs, "Epochs.")
+  flags.DEFINE_enum("optimizer", train.optimizer, ["adam", "sgd"],
+                    "Keras 3 Adam, or SGD with momentum.")
+  flags.DEFINE_float("lr", train.lr, "Learning rate.")
+  flags.DEFINE_float("sgd_momentum", train.sgd_momentum, "SGD momentum (with --optimizer=sgd).")
+  flags.DEFINE_bool("nesterov", train.nesterov, "Nesterov momentum (with --optimizer=sgd).")
+  flags.DEFINE_integer("seed", train.seed, "Seed of the initial weights and of the per-epoch "
+                       "shuffling.")
+  flags.DEFINE_enum("mode", train.mode, ["eager", "function", "xla", "auto"],
+                    "How the step runs: eager, tf.function, tf.function(jit_compile=True), or "
+                    "auto = xla with a GPU, function on CPU.")
+  if trace:
+    flags.DEFINE_bool("trace", False, "Record every BN layer's batch and moving statistics at "
+                      "every step (trace.npz + TensorBoard in --out_dir).")
+  flags.DEFINE_string("out_dir", out_dir, "Directory for the outputs.")
+
+  _check("width", parse_width)
+  _check("block", parse_block)
+  _bound("momentum", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+  _bound("epsilon", lambda v: v > 0, "must be > 0")
+  _bound("l2", lambda v: v >= 0, "must be >= 0")
+  _bound("batch_size", lambda v: 1 <= v <= NUM_IMAGES,
+         f"must be in [1, {NUM_IMAGES}] (the dataset has {NUM_IMAGES} images)")
+  _bound("epochs", lambda v: v >= 1, "must be >= 1")
+  _bound("lr", lambda v: v > 0, "must be > 0")
+  _bound("sgd_momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+  flags.register_multi_flags_validator(
+      ["bessel", "batch_size"],
+      lambda f: not (f["bessel"] and (f["batch_size"] == 1 or NUM_IMAGES % f["batch_size"] == 1)),
+      message="with --bessel every batch needs >= 2 images (n/(n-1) is infinite for n = 1)")
+
+
+def resolve_width() -> float:
+  """--width, or the library's default (1 with a GPU, 1/16 on CPU), said on stderr when picked."""
+  if FLAGS.width is not None:
+    return parse_width(FLAGS.width)
+  width = ModelConfig().resolved().width  # imports TensorFlow
+  why = "a GPU is present" if width == 1.0 else "no GPU found; --width=1 is the full network"
+  print(f"width: {fractions.Fraction(width)} ({why})", file=sys.stderr)
+  return width
+
+
+def configs() -> tuple[DataConfig, ModelConfig, TrainConfig]:
+  """The flag values as the library's frozen configurations."""
+  data = DataConfig(case=int(FLAGS.case), image=FLAGS.image, block=parse_block(FLAGS.block))
+  model = ModelConfig(width=resolve_width(), momentum=FLAGS.momentum, epsilon=FLAGS.epsilon,
+                      bessel=FLAGS.bessel, bessel_scope=FLAGS.bessel_scope, l2=FLAGS.l2,
+                      fast_conv=FLAGS.fast_conv)
+  train = TrainConfig(batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, optimizer=FLAGS.optimizer,
+                      lr=FLAGS.lr, sgd_momentum=FLAGS.sgd_momentum, nesterov=FLAGS.nesterov,
+                      seed=FLAGS.seed, mode=FLAGS.mode)
+  return data, model, train
+
+
+def refuse_present(names, reason: str) -> None:
+  """A UsageError for the first of ``names`` given on the command line: it would be ignored."""
+  for name in names:
+    if name in FLAGS and FLAGS[name].present:
+      raise UsageError(name, reason)
+
+
+def reject_extra_args(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise UsageError("", f"unexpected arguments: {' '.join(argv[1:])} (flags take the form "
+                     "--name=value)")

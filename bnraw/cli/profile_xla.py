@@ -1,0 +1,63 @@
+"""Times the training step: raw eager/function/xla (trace off and on) vs Keras fit (XLA off/on).
+
+  bnraw-profile --widths=1/16,1/4 --out_dir=runs/profile
+
+All in one process on the same data, width and batch: every configuration is built once and
+timed round-robin (--rounds), so a noisy machine's drift hits all alike. Prints a table with
+GFLOP/s, the fraction of the matmul ceiling measured in the same run, and raw/Keras ratios.
+"""
+
+from absl import flags
+
+from bnraw.cli import app
+from bnraw.cli import flags as common
+from bnraw.errors import UsageError
+
+flags.DEFINE_list("widths", ["1/16"], "Width multipliers, comma-separated (e.g. 1/16,1/4).")
+flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1, upper_bound=256)
+flags.DEFINE_integer("steps", 5, "Timed steps per configuration and round.", lower_bound=1)
+flags.DEFINE_integer("rounds", 3, "Round-robin rounds over all configurations (the median of "
+                     "all timed steps is reported).", lower_bound=1)
+flags.DEFINE_integer("warmup", 2, "Untimed steps after the first (compiling) one.", lower_bound=0)
+flags.DEFINE_list("raw_modes", ["eager", "function", "xla"], "Raw modes to time.")
+flags.DEFINE_list("keras_jit", ["false", "true"], "Keras fit jit_compile values to time.")
+flags.DEFINE_string("profile_dir", None, "Write a TensorFlow profiler trace of a few steady raw "
+                    "steps of the best mode here (TensorBoard's Profile tab).")
+flags.DEFINE_string("hlo_dir", None, "Write the raw xla step's HLO before/after optimisation.")
+flags.DEFINE_string("out_dir", "runs/profile", "Directory for profile.json.")
+FLAGS = flags.FLAGS
+
+
+def _validate():
+  for text in FLAGS.widths:
+    try:
+      common.parse_width(text)
+    except ValueError as e:
+      raise UsageError("widths", str(e)) from None
+  for mode in FLAGS.raw_modes:
+    if mode not in ("eager", "function", "xla", "auto"):
+      raise UsageError("raw_modes", f"unknown mode {mode!r}")
+  for value in FLAGS.keras_jit:
+    if value not in ("false", "true"):
+      raise UsageError("keras_jit", f"expected false or true, got {value!r}")
+
+
+def main(argv):
+  common.reject_extra_args(argv)
+  _validate()
+  from bnraw import profiling
+  result = profiling.run(
+      widths=[common.parse_width(w) for w in FLAGS.widths], batch_size=FLAGS.batch_size,
+      steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, raw_modes=FLAGS.raw_modes,
+      keras_jit=[v == "true" for v in FLAGS.keras_jit], out_dir=FLAGS.out_dir,
+      profile_dir=FLAGS.profile_dir, hlo_dir=FLAGS.hlo_dir, progress=True)
+  print(profiling.report(result))
+  print(f"wrote {FLAGS.out_dir}/profile.json")
+
+
+def console():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  console()

@@ -1,0 +1,53 @@
+"""Trains the seed network with the raw path; writes summary.json (and trace.npz with --trace).
+
+  bnraw-train --case=2 --epochs=500 --out_dir=runs/train
+
+Prints a progress line per epoch, then what fit printed last and what evaluate gives.
+"""
+
+import sys
+
+from absl import flags
+
+from bnraw.cli import app
+from bnraw.cli import flags as common
+from bnraw.errors import UsageError
+
+common.define_common_flags(out_dir="runs/train", trace=True)
+flags.DEFINE_string("break_at", None, "LAYER:STEP, e.g. bn_3:41: run eagerly and stop in the "
+                    "Python debugger inside that layer's moving-average update at that step.")
+flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint every K epochs (0: only at the end "
+                     "and on interruption).", lower_bound=0)
+flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint (the "
+                  "settings must match; --epochs may grow).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  common.reject_extra_args(argv)
+  from bnraw import training
+  from bnraw.tracing.debugger import parse_break_at
+  break_at = parse_break_at(FLAGS.break_at) if FLAGS.break_at else None
+  data, model, train = common.configs()
+  summary = training.run(data, model, train, out_dir=FLAGS.out_dir, trace=FLAGS.trace,
+                         break_at=break_at, checkpoint_every=FLAGS.checkpoint_every,
+                         resume=FLAGS.resume)
+  if summary["status"] == "interrupted":
+    print(f"interrupted after step {summary['steps_done'] - 1}; checkpoint and summary.json "
+          f"(marked incomplete) are in {FLAGS.out_dir}. Resume with the same flags plus "
+          f"--resume: {' '.join(a for a in sys.argv if a != '--resume')} --resume",
+          file=sys.stderr)
+    return app.exit_status_for_signal(summary["signal"])
+  print(f"fit loss (last epoch) {summary['history']['loss'][-1]:.6g}  accuracy "
+        f"{summary['history']['accuracy'][-1]:.4f}\n"
+        f"evaluate loss         {summary['evaluate']['loss']:.6g}  accuracy "
+        f"{summary['evaluate']['accuracy']:.4f}\n"
+        f"wrote {FLAGS.out_dir}/summary.json")
+
+
+def console():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  console()

@@ -1,0 +1,189 @@
+"""Raw layers: explicit variables created up front under Keras's weight names, NHWC throughout.
+
+Every layer has ``variables`` (Keras's ``layer.weights`` order), ``trainable_variables`` and
+``__call__(x, *, training)``; ``training`` is keyword-only with no default, so every caller
+decides the branch. Only :class:`BatchNorm` has state that changes outside the optimizer.
+
+BatchNorm, training branch (``training=True`` on a trainable layer)::
+
+    mean, variance = biased moments of x over every axis but the last   (ops.moments)
+    y = gamma * (x - mean) / sqrt(variance + eps) + beta                (ops.normalize)
+    moving_mean     <- moving_mean     * m + mean      * (1 - m)
+    moving_variance <- moving_variance * m + variance' * (1 - m)
+
+with ``variance' = variance * n / (n - 1)`` in the legacy ("bessel") variant. Inference branch
+(``training=False``, or a frozen layer, as Keras 3's ``training and self.trainable``): the same
+normalisation with the moving statistics, no state change.
+
+The moving statistics change in exactly two places: the training writer
+(:meth:`BatchNorm._update_moving_statistics`) and the named setter
+(:meth:`BatchNorm.set_moving_statistics`, used by PreciseBN's fix and state transfer).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw.core import ops
+
+# ``statistics=BATCH``: normalise with this batch's own moments and change nothing (the
+# training branch's normalisation without its update, for the diagnosis).
+BATCH = "batch"
+Statistics = Union[ops.Moments, str, None]
+
+# Called eagerly as hook(layer, moving, batch) just before a layer's moving update: the step
+# debugger (bnraw.tracing.debugger) stops there. None in normal runs.
+UpdateHook = Callable[["BatchNorm", ops.Moments, ops.Moments], None]
+
+
+def glorot_uniform(shape: Sequence[int], seed: tuple[int, int]) -> tf.Tensor:
+  """Keras's default kernel initialiser: U(-l, l), ``l = sqrt(6 / (fan_in + fan_out))``, fans
+  counted over the receptive field (kh * kw * channels); stateless, so a seed fixes it."""
+  receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+  fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+  limit = np.sqrt(6.0 / (fan_in + fan_out))
+  return tf.random.stateless_uniform(shape, seed, -limit, limit, dtype=tf.float32)
+
+
+class _Linear:
+  """Kernel and bias (Keras initial values: glorot-uniform kernel, zero bias)."""
+
+  def __init__(self, name: str, shape: Sequence[int], seed: tuple[int, int]):
+    self.name = name
+    self.kernel = tf.Variable(glorot_uniform(shape, seed), name=f"{name}/kernel")
+    self.bias = tf.Variable(tf.zeros([shape[-1]]), name=f"{name}/bias")
+    self.variables = self.trainable_variables = [self.kernel, self.bias]
+    self.kernels = [self.kernel]
+
+
+class Conv2D(_Linear):
+  """VALID, stride-1 convolution plus bias (:func:`ops.conv2d`), kernel ``[k, k, Cin, Cout]``.
+
+  ``as_matmul``: where the kernel covers the whole input, compute it as one matmul
+  (:func:`ops.conv2d_as_matmul`): faster on CPU, no longer bit-identical to Keras.
+  """
+
+  def __init__(self, name: str, kernel_size: int, channels_in: int, channels_out: int,
+               seed: tuple[int, int], *, as_matmul: bool = False):
+    super().__init__(name, [kernel_size, kernel_size, channels_in, channels_out], seed)
+    self.as_matmul = as_matmul
+
+  def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
+    del training  # same in both branches
+    if self.as_matmul and tuple(x.shape[1:3]) == tuple(self.kernel.shape[:2]):
+      return ops.conv2d_as_matmul(x, self.kernel, self.bias)
+    return ops.conv2d(x, self.kernel, self.bias)
+
+
+class Dense(_Linear):
+  """``x @ kernel + bias`` (:func:`ops.dense`), kernel ``[Cin, Cout]``."""
+
+  def __init__(self, name: str, channels_in: int, channels_out: int, seed: tuple[int, int]):
+    super().__init__(name, [channels_in, channels_out], seed)
+
+  def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
+    del training
+    return ops.dense(x, self.kernel, self.bias)
+
+
+class _Stateless:
+  variables = trainable_variables = kernels = ()
+
+  def __init__(self, name: str):
+    self.name = name
+
+
+class ReLU(_Stateless):
+  def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
+    del training
+    return ops.relu(x)
+
+
+class Flatten(_Stateless):
+  def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
+    del training
+    return tf.reshape(x, (tf.shape(x)[0], -1))
+
+
+class BatchNormOutput(NamedTuple):
+  """What a BN call returns: the output, the statistics it normalised with, and ``n``."""
+
+  y: tf.Tensor
+  statistics: ops.Moments
+  count: tf.Tensor  # values per channel behind the batch moments (N*H*W), float32
+
+
+class BatchNorm:
+  """One BN layer: ``gamma``, ``beta``, ``moving_mean``, ``moving_variance`` (Keras names
+  ``{name}/gamma`` ...; initial values 1, 0, 0, 1) and the branch choice."""
+
+  def __init__(self, name: str, channels: int, *, momentum: float, epsilon: float,
+               bessel: bool = False, trainable: bool = True):
+    def var(suffix, value, is_trainable):
+      return tf.Variable(tf.fill([channels], value), name=f"{name}/{suffix}",
+                         trainable=is_trainable)
+    self.name, self.momentum, self.epsilon, self.bessel = name, momentum, epsilon, bessel
+    self.trainable = trainable
+    self.gamma, self.beta = var("gamma", 1.0, True), var("beta", 0.0, True)
+    self.moving_mean = var("moving_mean", 0.0, False)
+    self.moving_variance = var("moving_variance", 1.0, False)
+    self.variables = [self.gamma, self.beta, self.moving_mean, self.moving_variance]
+    self.trainable_variables = [self.gamma, self.beta] if trainable else []
+    self.kernels = ()
+
+  @property
+  def moving(self) -> ops.Moments:
+    """The moving statistics, read now."""
+    return ops.Moments(tf.identity(self.moving_mean), tf.identity(self.moving_variance))
+
+  def __call__(self, x: tf.Tensor, *, training: bool, statistics: Statistics = None,
+               hook: Optional[UpdateHook] = None) -> BatchNormOutput:
+    """Keras 3's ``BatchNormalization.call``, with the statistics made explicit.
+
+    Args:
+      x: ``[..., C]``; moments are taken over every axis but the last.
+      training: the branch. True on a trainable layer: batch moments, then the moving update.
+        False, or a frozen layer: the moving statistics, no state change.
+      statistics: overrides the branch and changes no state: :data:`BATCH` normalises with the
+        batch's own moments, an ``ops.Moments`` with those (PreciseBN, the diagnosis).
+      hook: called eagerly just before the moving update (the step debugger).
+    """
+    with tf.name_scope(self.name):  # op names "bn_3/moments/..." survive into XLA's HLO
+      update = statistics is None and training and self.trainable
+      count = ops.elements_per_channel(x)
+      if statistics is None:
+        statistics = BATCH if update else self.moving
+      if isinstance(statistics, str):
+        if statistics != BATCH:
+          raise ValueError(f"statistics must be BATCH, Moments or None, got {statistics!r}")
+        statistics = ops.moments(x)
+      y = ops.normalize(x, statistics, self.gamma, self.beta, self.epsilon)
+    if update:
+      self._update_moving_statistics(statistics, count, hook)
+    return BatchNormOutput(y, statistics, count)
+
+  def _update_moving_statistics(self, batch: ops.Moments, n: tf.Tensor,
+                                hook: Optional[UpdateHook]) -> None:
+    """The training writer: the moving-average update from this batch's biased moments
+    (``variance * n / (n - 1)`` into the moving variance in the legacy variant)."""
+    with tf.name_scope(f"{self.name}_moving_update"):  # findable in graphs and XLA's HLO
+      variance = ops.bessel_variance(batch.variance, n) if self.bessel else batch.variance
+      if hook is not None:
+        hook(self, self.moving, ops.Moments(batch.mean, variance))
+      self.moving_mean.assign(ops.moving_average(self.moving_mean, batch.mean, self.momentum))
+      self.moving_variance.assign(
+          ops.moving_average(self.moving_variance, variance, self.momentum))
+
+  def set_moving_statistics(self, statistics: ops.Moments) -> None:
+    """The named setter: replaces the moving statistics (PreciseBN and its fix). Whole-state
+    loads (checkpoint restore, parity sync) copy every variable alike and do not come here."""
+    mean = tf.convert_to_tensor(statistics.mean, tf.float32)
+    variance = tf.convert_to_tensor(statistics.variance, tf.float32)
+    if mean.shape != self.moving_mean.shape or variance.shape != self.moving_variance.shape:
+      raise ValueError(f"{self.name}: statistics of shape {mean.shape}/{variance.shape} for "
+                       f"{self.moving_mean.shape} channels")
+    self.moving_mean.assign(mean)
+    self.moving_variance.assign(variance)

@@ -1,0 +1,175 @@
+"""The explicit training loop: fit() and evaluate() around the compiled steps of
+:mod:`bnraw.core.step`, with Keras's batching, shuffling and epoch averaging, and the state a run
+needs to stop anywhere and continue bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw.core.graph import Model
+from bnraw.core.layers import UpdateHook
+from bnraw.core.step import make_eval_step, make_train_step
+
+class MeanTracker:
+  """Keras's ``Mean`` metric in float32: ``total += value * weight; count += weight``."""
+
+  def __init__(self, total: float = 0.0, count: float = 0.0):
+    self.total = np.float32(total)
+    self.count = np.float32(count)
+
+  def update(self, value, weight: int) -> None:
+    self.total = np.float32(self.total + np.float32(value) * np.float32(weight))
+    self.count = np.float32(self.count + np.float32(weight))
+
+  def result(self) -> float:
+    return float(self.total / self.count) if self.count else 0.0
+
+
+def epoch_orders(seed: int, n: int):
+  """The per-epoch example orders fit() draws: ``default_rng(seed).permutation(n)``, forever."""
+  rng = np.random.default_rng(seed)
+  while True:
+    yield rng.permutation(n)
+
+
+def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+  """Consecutive slices of ``order``; the last one may be partial, as Keras's data adapter."""
+  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclasses.dataclass
+class StepRecord:
+  """What the loop hands to ``on_step`` after every optimizer step (numpy values)."""
+
+  epoch: int  # 0-based
+  step: int  # global optimizer step, 0-based
+  batch: np.ndarray  # example indices of this batch
+  loss: float
+  accuracy: float
+  trace: Optional[dict]  # TRACE_KEYS -> list (per BN layer) of arrays, when tracing
+
+
+class NonFiniteError(RuntimeError):
+  """A step produced a non-finite loss or BN statistic; ``step`` is 0-based."""
+
+  def __init__(self, step: int, where: str):
+    super().__init__(f"non-finite value at step {step}, first in {where}")
+    self.step, self.where = step, where
+
+
+@dataclasses.dataclass
+class FitState:
+  """Where a run stands, exactly enough to continue it bit for bit: the epoch, the next batch
+  of that epoch's order, the epoch's running means so far, and the shuffling generator's state
+  (after this epoch's permutation was drawn)."""
+
+  epoch: int = 0
+  next_batch: int = 0
+  order: Optional[list] = None  # this epoch's permutation, if it has begun
+  loss_mean: tuple = (0.0, 0.0)  # MeanTracker (total, count)
+  accuracy_mean: tuple = (0.0, 0.0)
+  rng_state: Optional[dict] = None
+  loss: list = dataclasses.field(default_factory=list)  # per finished epoch
+  accuracy: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class History:
+  """Per epoch, what ``model.fit`` would print, and the batch order that produced it.
+
+  ``status`` is ``"complete"``, ``"interrupted"`` (``should_stop`` said so) or ``"non_finite"``
+  (then ``error`` says where); ``state`` is where to resume.
+  """
+
+  loss: list = dataclasses.field(default_factory=list)
+  accuracy: list = dataclasses.field(default_factory=list)
+  permutations: list = dataclasses.field(default_factory=list)
+  status: str = "complete"
+  state: FitState = dataclasses.field(default_factory=FitState)
+  error: Optional[NonFiniteError] = None
+
+
+def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+        epochs: int, seed: int, mode: str, trace: bool = False,
+        on_step: Optional[Callable[[StepRecord], None]] = None,
+        on_epoch: Optional[Callable[[int, History], None]] = None,
+        hook: Optional[UpdateHook] = None, resume: Optional[FitState] = None,
+        should_stop: Optional[Callable[[], bool]] = None) -> History:
+  """Trains until ``epochs`` epochs are done, reshuffling every epoch from
+  ``np.random.default_rng(seed)``; or continues from ``resume``.
+
+  The permutations are recorded in the returned history so another trainer (Keras ``fit``) can
+  replay exactly the same batches. After every step ``should_stop()`` may end the run early
+  (status "interrupted"); a non-finite loss or BN statistic ends it with status "non_finite".
+  """
+  step_fn = make_train_step(model, optimizer, mode=mode, trace=trace, hook=hook)
+  x, y = tf.constant(images), tf.constant(labels)
+  rng = np.random.default_rng(seed)
+  state = resume or FitState(rng_state=rng.bit_generator.state)
+  rng.bit_generator.state = state.rng_state
+  history = History(loss=list(state.loss), accuracy=list(state.accuracy), state=state)
+  global_step = int(optimizer.iterations.numpy())
+  for epoch in range(state.epoch, epochs):
+    resuming = state.order is not None and epoch == state.epoch
+    order = np.asarray(state.order) if resuming else rng.permutation(len(images))
+    loss_mean = MeanTracker(*state.loss_mean) if resuming else MeanTracker()
+    accuracy_mean = MeanTracker(*state.accuracy_mean) if resuming else MeanTracker()
+    first = state.next_batch if resuming else 0
+    history.permutations.append(order)
+    for number, batch in enumerate(batches(order, batch_size)):
+      if number < first:
+        continue
+      index = tf.constant(batch)
+      out = step_fn(tf.gather(x, index), tf.gather(y, index))
+      loss, correct = float(out["loss"]), float(out["correct"])
+      finite = out["finite"].numpy()
+      if not finite.all() or not np.isfinite(loss):
+        where = (model.batch_norms[int(np.argmin(finite))].name if not finite.all() else "the loss")
+        history.status, history.error = "non_finite", NonFiniteError(global_step, where)
+        return history
+      loss_mean.update(loss, len(batch))
+      accuracy_mean.update(correct / len(batch), len(batch))
+      if on_step is not None:
+        record_trace = (tf.nest.map_structure(lambda t: t.numpy(), out["trace"])
+                        if trace else None)
+        on_step(StepRecord(epoch, global_step, batch, loss, correct / len(batch), record_trace))
+      global_step += 1
+      if should_stop is not None and should_stop():
+        history.state = state = FitState(
+            epoch, number + 1, order.tolist(), (float(loss_mean.total), float(loss_mean.count)),
+            (float(accuracy_mean.total), float(accuracy_mean.count)), rng.bit_generator.state,
+            list(history.loss), list(history.accuracy))
+        history.status = "interrupted"
+        return history
+    history.loss.append(loss_mean.result())
+    history.accuracy.append(accuracy_mean.result())
+    history.state = state = FitState(epoch + 1, rng_state=rng.bit_generator.state,
+                                     loss=list(history.loss), accuracy=list(history.accuracy))
+    if on_epoch is not None:
+      on_epoch(epoch, history)
+  return history
+def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks) -> tuple[float, float]:
+  """Keras's epoch averaging: ``one_batch(indices) -> (loss, correct count)`` per batch,
+  combined as fit/evaluate's float32 ``Mean`` metrics weighted by batch size."""
+  loss_mean, accuracy_mean = MeanTracker(), MeanTracker()
+  for chunk in chunks:
+    loss, correct = one_batch(chunk)
+    loss_mean.update(float(loss), len(chunk))
+    accuracy_mean.update(float(correct) / len(chunk), len(chunk))
+  return loss_mean.result(), accuracy_mean.result()
+
+
+def evaluate(model: Model, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+             mode: str) -> tuple[float, float]:
+  """``model.evaluate``: inference-branch loss and accuracy, averaged over batches in order."""
+  step_fn = make_eval_step(model, mode=mode)
+
+  def one_batch(batch):
+    out = step_fn(tf.constant(images[batch]), tf.constant(labels[batch]))
+    return out["loss"], out["correct"]
+
+  return mean_over_batches(one_batch, batches(np.arange(len(images)), batch_size))

@@ -1,0 +1,144 @@
+"""Pure maths of the seed network: no variables, no state, NHWC throughout.
+
+Every function mirrors the TensorFlow operations that Keras 3.15 (TF backend) emits for the same
+layer, in the same order, so that the raw path reproduces Keras bit for bit where it can:
+
+* Conv2D: ``tf.nn.convolution(VALID)`` then ``ops.add(x, reshape(bias, (1, 1, 1, C)))``, and
+  Dense: ``matmul`` then ``ops.add(x, bias)``; Keras's TF ``add`` turns a bias-shaped operand into
+  ``tf.nn.bias_add`` (see :func:`add_bias`), whose gradient (BiasAddGrad) rounds differently from
+  the broadcast-add gradient.
+* BatchNormalization: ``tf.nn.moments`` (biased) and ``tf.nn.batch_normalization``.
+* categorical cross-entropy on a softmax output: ``softmax_cross_entropy_with_logits`` on the
+  logits, reduced as "sum over batch size".
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class Moments(NamedTuple):
+  """Per-channel statistics a BN layer normalises with (shape ``[C]`` each)."""
+
+  mean: tf.Tensor
+  variance: tf.Tensor
+
+
+def conv2d(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+  """VALID, stride-1 convolution plus bias.
+
+  Args:
+    x: ``[N, H, W, Cin]``.
+    kernel: ``[kh, kw, Cin, Cout]``.
+    bias: ``[Cout]``.
+
+  Returns:
+    ``[N, H - kh + 1, W - kw + 1, Cout]`` = ``conv(x, kernel) + bias``.
+  """
+  y = tf.nn.convolution(x, kernel, strides=1, padding="VALID", data_format="NHWC")
+  return add_bias(y, bias)
+
+
+def conv2d_as_matmul(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+  """:func:`conv2d` for a kernel that covers the whole input (output ``[N, 1, 1, Cout]``), as one
+  matmul: ``reshape(x, [N, kh*kw*Cin]) @ reshape(kernel, [kh*kw*Cin, Cout])``.
+
+  The same sum of products, taken in another order: not bit-identical to Keras's conv, within
+  the compare tolerance, and 4-5x faster on CPU (oneDNN runs a 1x1-output conv at ~35 GFLOP/s,
+  the matmul near the ceiling; BUILD.md, "Measured: CPU, this machine class").
+  """
+  if x.shape[1:3] != kernel.shape[:2]:
+    raise ValueError(f"conv2d_as_matmul needs a kernel covering the input: {x.shape} vs "
+                     f"{kernel.shape}")
+  cout = kernel.shape[-1]
+  y = add_bias(tf.matmul(tf.reshape(x, (-1, x.shape[1] * x.shape[2] * x.shape[3])),
+                         tf.reshape(kernel, (-1, cout))), bias)
+  return tf.reshape(y, (-1, 1, 1, cout))
+
+
+def dense(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+  """``x @ kernel + bias`` for ``x: [N, Cin]``, ``kernel: [Cin, Cout]``, ``bias: [Cout]``."""
+  return add_bias(tf.matmul(x, kernel), bias)
+
+
+def add_bias(x: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+  """``x + bias`` over the last axis, with the op Keras 3 picks (backend/tensorflow/numpy.py
+  ``add``): ``tf.nn.bias_add`` when the bias has more than one element, a broadcast ``tf.add``
+  when it has exactly one. The values are the same; the gradients' rounding is not."""
+  if bias.shape[-1] == 1:
+    return tf.add(x, tf.reshape(bias, [1] * (x.shape.rank - 1) + [1]))
+  return tf.nn.bias_add(x, bias)
+
+
+def relu(x: tf.Tensor) -> tf.Tensor:
+  """``max(x, 0)``."""
+  return tf.nn.relu(x)
+
+
+def moments(x: tf.Tensor) -> Moments:
+  """Biased batch moments over every axis but the last (N,H,W for convs, N for dense).
+
+  ``mean = E[x]``, ``variance = E[(x - mean)^2]`` (divides by n, not n - 1), as ``tf.nn.moments``
+  computes them (the variance is taken around the stop-gradient mean, then squared difference).
+  """
+  axes = list(range(x.shape.rank - 1))
+  mean, variance = tf.nn.moments(x, axes)
+  return Moments(mean, variance)
+
+
+def elements_per_channel(x: tf.Tensor) -> tf.Tensor:
+  """n, the number of values each channel's moments average over (N*H*W), as float32."""
+  return tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+
+
+def normalize(x: tf.Tensor, statistics: Moments, gamma: tf.Tensor, beta: tf.Tensor,
+              epsilon: float) -> tf.Tensor:
+  """``gamma * (x - mean) / sqrt(variance + epsilon) + beta``, per channel (last axis).
+
+  ``tf.nn.batch_normalization`` evaluates it as ``x * inv + (beta - mean * inv)`` with
+  ``inv = rsqrt(variance + epsilon) * gamma``; we call it so the rounding is Keras's.
+  """
+  return tf.nn.batch_normalization(x, statistics.mean, statistics.variance, beta, gamma, epsilon)
+
+
+def moving_average(moving: tf.Tensor, batch: tf.Tensor, momentum: float) -> tf.Tensor:
+  """Keras's moving-statistics update: ``moving * momentum + batch * (1 - momentum)``.
+
+  ``momentum`` is Keras's (0.9 here is PyTorch's 0.1). ``momentum=0`` makes the result the batch
+  value; ``momentum=1`` freezes it.
+  """
+  return moving * momentum + batch * (1.0 - momentum)
+
+
+def bessel_variance(variance: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+  """Unbiased variance ``variance * n / (n - 1)``: what Keras 2.2.4 / tf_keras's fused kernel
+  feed into the moving variance (normalisation still uses the biased one). ``n = 1`` gives
+  ``inf``; the flags refuse batches that small with --bessel."""
+  return variance * (n / (n - 1.0))
+
+
+def softmax_cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+  """Mean categorical cross-entropy of integer ``labels [N]`` under ``softmax(logits [N, K])``.
+
+  Keras recovers the logits behind a Softmax output and calls
+  ``softmax_cross_entropy_with_logits`` on one-hot targets, then reduces as
+  ``sum(losses) / N`` ("sum over batch size"); this is that computation.
+  """
+  one_hot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
+  per_example = tf.nn.softmax_cross_entropy_with_logits(labels=one_hot, logits=logits)
+  return tf.math.divide_no_nan(tf.reduce_sum(per_example),
+                               tf.cast(tf.size(per_example), logits.dtype))
+
+
+def correct_predictions(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+  """Number of examples whose arg-max class equals the label (Keras's categorical accuracy,
+  taken on the softmax probabilities as Keras takes it, so ties break the same way)."""
+  predicted = tf.argmax(tf.nn.softmax(logits), axis=-1, output_type=labels.dtype)
+  return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+
+
+def l2_penalty(kernels: list[tf.Tensor], l2: float) -> tf.Tensor:
+  """Keras's L2 regulariser summed over kernels: ``sum_k l2 * sum(k^2)``."""
+  return tf.add_n([tf.cast(l2, k.dtype) * tf.reduce_sum(tf.square(k)) for k in kernels])

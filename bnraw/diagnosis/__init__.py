@@ -1,0 +1,9 @@
+"""The diagnose tool: :func:`run` (the seed, trained raw or with Keras fit) and
+:func:`run_keras_model` (a user's trained model) split ``evaluate - fit`` into named causes
+(:mod:`~bnraw.diagnosis.decompose`, with :mod:`~bnraw.diagnosis.precise_bn`) and write
+``diagnosis.json``; :func:`report` is the text."""
+
+from bnraw.diagnosis.report import report
+from bnraw.diagnosis.run import run, run_keras_model
+
+__all__ = ["report", "run", "run_keras_model"]

@@ -1,0 +1,209 @@
+"""The decomposition of ``evaluate - fit`` into named causes (DESIGN.md section 3).
+
+All losses are on the full training set, at the final weights W_f unless said otherwise:
+
+=================  ============================================================  ==========
+``fit``            what fit printed for the last epoch (weights as they were then)  training
+``train_mode_final``  batch statistics recomputed at W_f, no state change          training
+``precise_bn``     population statistics recomputed at W_f (PreciseBN)             inference
+``last_batch_stats``  the last training batch's statistics (collected at W_t)      inference
+``no_bessel``      final moving statistics, Bessel factor removed                  inference
+``evaluate``       final moving statistics                                         inference
+=================  ============================================================  ==========
+
+The attribution telescopes, so its five parts sum exactly to ``evaluate - fit``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw.core import ops
+from bnraw.core.layers import BATCH
+from bnraw.core.loop import StepRecord, batches, mean_over_batches
+
+LOSS_KEYS = ("fit", "train_mode_final", "precise_bn", "last_batch_stats", "no_bessel", "evaluate")
+ATTRIBUTION = (  # key, later loss, earlier loss
+    ("weight_update", "train_mode_final", "fit"),
+    ("batch_vs_population", "precise_bn", "train_mode_final"),
+    ("stale_statistics", "last_batch_stats", "precise_bn"),
+    ("ema_lag", "no_bessel", "last_batch_stats"),
+    ("bessel", "evaluate", "no_bessel"),
+)
+
+
+def attribution(losses: dict) -> dict:
+  """The five telescoping differences (None where a loss is unknown)."""
+  out = {}
+  for key, later, earlier in ATTRIBUTION:
+    a, b = losses.get(later), losses.get(earlier)
+    out[key] = None if a is None or b is None else a - b
+  return out
+
+
+class StatisticsWatcher:
+  """``on_step`` callback keeping what the decomposition needs from a traced run: the last
+  batch's statistics, and the moving variance replayed *without* the Bessel factor (the same
+  float32 update, fed the biased batch variance)."""
+
+  def __init__(self, model):
+    self.momentum = [layer.momentum for layer in model.batch_norms]
+    self.no_bessel_variance = [layer.moving_variance.numpy() for layer in model.batch_norms]
+    self.last: Optional[list[ops.Moments]] = None
+
+  def __call__(self, record: StepRecord) -> None:
+    trace = record.trace
+    self.last = [ops.Moments(m, v) for m, v in zip(trace["batch_mean"], trace["batch_variance"])]
+    self.no_bessel_variance = [
+        ops.moving_average(tf.constant(moving), tf.constant(batch), m).numpy()
+        for moving, batch, m in zip(self.no_bessel_variance, trace["batch_variance"],
+                                    self.momentum)]
+
+
+def batch_chunks(n: int, batch_size: int, order: Optional[np.ndarray]) -> list[np.ndarray]:
+  """The batches of ``order`` (default 0..n-1), each sorted by example index: a batch's
+  statistics depend only on which examples it holds, and sorting makes the float reductions run
+  in the same order as PreciseBN's, so a batch that is the whole dataset gives identical numbers."""
+  order = np.arange(n) if order is None else order
+  return [np.sort(chunk) for chunk in batches(order, batch_size)]
+
+
+def _forward_loss(model):
+  @tf.function
+  def forward_loss(x, y, statistics):
+    logits = model(x, training=False, statistics=statistics).logits
+    return model.loss(logits, y), ops.correct_predictions(logits, y)
+  return forward_loss
+
+
+def raw_loss(model, images, labels, statistics, batch_size: int,
+             order: Optional[np.ndarray] = None, forward_loss=None) -> tuple[float, float]:
+  """Loss and accuracy over the dataset, BN layers normalising with ``statistics`` (a
+  ``bnraw.core.graph.StatisticsChoice``: BATCH, or per layer name), batches taken in ``order``;
+  Keras's epoch averaging."""
+  forward_loss = forward_loss or _forward_loss(model)
+  return mean_over_batches(
+      lambda chunk: forward_loss(tf.constant(images[chunk]), tf.constant(labels[chunk]),
+                                 statistics),
+      batch_chunks(len(images), batch_size, order))
+
+
+def per_layer_split(loss_with: callable, names: Sequence[str], moving: Sequence,
+                    precise: Sequence) -> list[dict]:
+  """Swap moving -> precise statistics one layer at a time, first to last (cumulative);
+  ``contribution[k] = L(k-1 swapped) - L(k swapped)`` where ``loss_with({name: statistics})``
+  is the loss with those statistics; the parts sum to ``evaluate - precise_bn``."""
+  out, previous = [], loss_with(dict(zip(names, moving)))
+  for k, name in enumerate(names):
+    current = loss_with(dict(zip(names, list(precise[:k + 1]) + list(moving[k + 1:]))))
+    out.append({"layer": name, "contribution": previous - current})
+    previous = current
+  return out
+
+
+def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
+                 fit_loss: float, fit_accuracy: float, last_order: np.ndarray,
+                 watcher: StatisticsWatcher) -> dict:
+  """The full decomposition for a trained :class:`SeedNet` (state left untouched)."""
+  from bnraw.diagnosis.precise_bn import raw_population_statistics
+  forward_loss = _forward_loss(model)
+  names = [layer.name for layer in model.batch_norms]
+  loss = lambda stats, order=None: raw_loss(model, images, labels, stats, batch_size, order,
+                                            forward_loss)
+  per_layer = lambda stats: dict(zip(names, stats))
+  moving = [layer.moving for layer in model.batch_norms]
+  precise = raw_population_statistics(model, images, batch_size)
+  no_bessel = [ops.Moments(m.mean, tf.constant(v)) for m, v in
+               zip(moving, watcher.no_bessel_variance)]
+  results = {
+      "fit": (fit_loss, fit_accuracy),
+      "train_mode_final": loss(BATCH, last_order),
+      "precise_bn": loss(per_layer(precise)),
+      "last_batch_stats": loss(per_layer(watcher.last)),
+      "no_bessel": loss(per_layer(no_bessel)),
+      "evaluate": loss(per_layer(moving)),
+  }
+  losses = {key: results[key][0] for key in LOSS_KEYS}
+  return {
+      "losses": losses,
+      "attribution": attribution(losses),
+      "per_layer": per_layer_split(lambda stats: loss(stats)[0], names, moving, precise),
+      "accuracy": {key: results[key][1] for key in LOSS_KEYS},
+      "precise_statistics": precise,
+  }
+
+
+# -- Keras models ---------------------------------------------------------------------------------
+
+
+def _keras_accuracy(y, y_pred) -> np.ndarray:
+  y, y_pred = np.asarray(y), np.asarray(y_pred)
+  predicted = y_pred.argmax(-1)
+  truth = y.argmax(-1) if y.ndim == y_pred.ndim and y.shape[-1] == y_pred.shape[-1] > 1 else \
+      y.reshape(predicted.shape)
+  return (predicted == truth).astype(np.float32)
+
+
+def keras_loss(model, x, y, batch_size: int, *, training: bool,
+               order: Optional[np.ndarray] = None) -> tuple[float, Optional[float]]:
+  """Loss (the model's compiled loss, as fit/evaluate compute it) and arg-max accuracy over the
+  data in batches. ``training=True`` runs the training branch and then restores every BN
+  layer's moving statistics, so no state changes."""
+  from bnraw.diagnosis.precise_bn import keras_bn_layers, keras_statistics
+
+  @tf.function
+  def forward_loss(xb, yb):
+    y_pred = model(xb, training=training)
+    return model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=False), y_pred
+
+  def one_batch(chunk):
+    loss, y_pred = forward_loss(tf.constant(x[chunk]), tf.constant(y[chunk]))
+    return loss, _keras_accuracy(y[chunk], y_pred).sum()
+
+  with keras_statistics(keras_bn_layers(model), {}):  # restores the moving statistics
+    return mean_over_batches(one_batch, batch_chunks(len(x), batch_size, order))
+
+
+def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
+                   fit_loss: Optional[float] = None, fit_accuracy: Optional[float] = None,
+                   last_order: Optional[np.ndarray] = None,
+                   last_batch_statistics: Optional[Sequence] = None,
+                   bessel_applied: bool = False) -> dict:
+  """The decomposition for a Keras model; keys that need a training history are None unless
+  given (``fit_*``, ``last_batch_statistics``). Keras 3 applies no Bessel factor, so
+  ``no_bessel`` is ``evaluate`` unless ``bessel_applied``."""
+  from bnraw.diagnosis.precise_bn import (keras_bn_layers, keras_population_statistics,
+                                          keras_statistics)
+  layers = keras_bn_layers(model)
+  names = [layer.name for layer in layers]
+  precise = keras_population_statistics(model, x, batch_size)
+
+  def inference_with(statistics):
+    with keras_statistics(layers, statistics):
+      return keras_loss(model, x, y, batch_size, training=False)
+
+  evaluate = keras_loss(model, x, y, batch_size, training=False)
+  results = {
+      "fit": (fit_loss, fit_accuracy),
+      "train_mode_final": keras_loss(model, x, y, batch_size, training=True, order=last_order),
+      "precise_bn": inference_with(dict(zip(names, precise))),
+      "last_batch_stats": (inference_with(dict(zip(names, last_batch_statistics)))
+                           if last_batch_statistics else (None, None)),
+      "no_bessel": (None, None) if bessel_applied else evaluate,
+      "evaluate": evaluate,
+  }
+  losses = {key: results[key][0] for key in LOSS_KEYS}
+  moving = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
+  out = {
+      "losses": losses,
+      "attribution": attribution(losses),
+      "per_layer": per_layer_split(lambda stats: inference_with(stats)[0], names, moving,
+                                   precise),
+      "accuracy": {key: results[key][1] for key in LOSS_KEYS},
+      "precise_statistics": precise,
+  }
+  out["moving_statistics_total"] = losses["evaluate"] - losses["precise_bn"]
+  return out

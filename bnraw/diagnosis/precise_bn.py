@@ -1,0 +1,120 @@
+"""PreciseBN: population statistics of every BN layer, recomputed at the current weights.
+
+Layer by layer, first to last: layer k's input is produced by layers 1..k-1 already normalising
+with *their* population statistics, and layer k's statistics are aggregated over the whole
+dataset in batches (each batch b with n_b values per channel)::
+
+    mean     = sum_b n_b * mean_b / sum_b n_b
+    variance = sum_b n_b * (variance_b + (mean_b - mean)^2) / sum_b n_b
+
+(mean of variances plus variance of means: the exact biased population variance). The weights
+and the moving statistics are not touched. Works for a raw :class:`bnraw.core.graph.Model` and
+for a Keras model whose BatchNormalization layers sit at its top level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw.core import ops
+from bnraw.core.layers import BATCH
+from bnraw.core.loop import batches
+
+
+def aggregate(parts: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ops.Moments:
+  """Population moments from per-batch ``(mean, variance, n)`` (float64 accumulation)."""
+  means = np.stack([np.asarray(m, np.float64) for m, _, _ in parts])
+  variances = np.stack([np.asarray(v, np.float64) for _, v, _ in parts])
+  weights = np.asarray([n for _, _, n in parts], np.float64)[:, None]
+  total = weights.sum()
+  mean = (weights * means).sum(0) / total
+  variance = (weights * (variances + (means - mean) ** 2)).sum(0) / total
+  return ops.Moments(tf.constant(mean, tf.float32), tf.constant(variance, tf.float32))
+
+
+def raw_population_statistics(model, images: np.ndarray, batch_size: int) -> list[ops.Moments]:
+  """PreciseBN statistics of every BN layer of a raw model at its current weights."""
+  chunks = batches(np.arange(len(images)), batch_size)
+  forward = tf.function(lambda x, stats: model(x, training=False, statistics=stats))
+  if len(chunks) == 1:  # one batch = the dataset: the training branch computes exactly this
+    return list(forward(tf.constant(images), BATCH).statistics)
+  names = [layer.name for layer in model.batch_norms]
+  found: list[ops.Moments] = []
+  for k, name in enumerate(names):
+    parts = []
+    chosen = {**dict(zip(names, found)), **{later: BATCH for later in names[k:]}}
+    for chunk in chunks:
+      out = forward(tf.constant(images[chunk]), chosen)
+      parts.append((out.statistics[k].mean.numpy(), out.statistics[k].variance.numpy(),
+                    float(out.counts[k])))
+    found.append(aggregate(parts))
+  return found
+
+
+# -- Keras models ---------------------------------------------------------------------------------
+
+
+def keras_bn_layers(model) -> list:
+  """Every BatchNormalization layer at the top level of ``model``, in order. A BN layer inside a
+  nested model is refused: PreciseBN probes each layer's input from the model's own inputs."""
+  found = []
+  for layer in model.layers:
+    if hasattr(layer, "layers") and keras_bn_layers(layer):
+      raise ValueError(f"BatchNormalization inside the nested model {layer.name!r} is not "
+                       "supported yet; only top-level BN layers are")
+    if type(layer).__name__ in ("BatchNormalization", "SyncBatchNormalization"):
+      found.append(layer)
+  return found
+
+
+def set_keras_moving_statistics(layer, statistics) -> None:
+  """The Keras-side twin of ``BatchNorm.set_moving_statistics``: replaces a Keras BN layer's
+  moving mean and variance (a Keras model's own state; raw models never come here)."""
+  for variable, value in zip((layer.moving_mean, layer.moving_variance), statistics):
+    variable.assign(np.asarray(value, np.float32))
+
+
+@contextlib.contextmanager
+def keras_statistics(layers: Sequence, statistics: dict):
+  """Temporarily sets the moving statistics of the layers named in ``statistics``; restores
+  every layer's on exit."""
+  saved = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
+  try:
+    for layer in layers:
+      if layer.name in statistics:
+        set_keras_moving_statistics(layer, statistics[layer.name])
+    yield
+  finally:
+    for layer, stats in zip(layers, saved):
+      set_keras_moving_statistics(layer, stats)
+
+
+def keras_population_statistics(model, x: np.ndarray, batch_size: int) -> list[ops.Moments]:
+  """PreciseBN statistics of every BN layer of a Keras model at its current weights.
+
+  For layer k, a sub-model maps the inputs to that layer's input; it runs in inference mode with
+  layers 1..k-1 already holding their population statistics. The model's own moving statistics
+  are restored afterwards.
+  """
+  import keras
+  layers = keras_bn_layers(model)
+  found: list[ops.Moments] = []
+  chunks = batches(np.arange(len(x)), batch_size)
+  for k, layer in enumerate(layers):
+    probe = keras.Model(model.inputs, layer.input)
+    probe_input = tf.function(lambda xb, probe=probe: probe(xb, training=False))
+    axis = layer.axis if layer.axis >= 0 else len(layer.input.shape) + layer.axis
+    parts = []
+    with keras_statistics(layers, {l.name: stats for l, stats in zip(layers, found)}):
+      for chunk in chunks:
+        h = probe_input(tf.constant(x[chunk]))
+        reduce = [i for i in range(len(h.shape)) if i != axis]
+        mean, variance = tf.nn.moments(h, reduce)
+        n = float(np.prod([h.shape[i] for i in reduce]))
+        parts.append((mean.numpy(), variance.numpy(), n))
+    found.append(aggregate(parts))
+  return found

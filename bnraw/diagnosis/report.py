@@ -1,0 +1,105 @@
+"""The plain-language diagnosis report the diagnose script prints."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from bnraw.config import NUM_IMAGES
+from bnraw.diagnosis.decompose import ATTRIBUTION, LOSS_KEYS
+
+DESCRIBE = {
+    "fit": "what fit printed: last epoch, each batch's own statistics, weights before each step",
+    "train_mode_final": "final weights, each batch's own statistics (training branch)",
+    "precise_bn": "final weights, population statistics recomputed now (PreciseBN)",
+    "last_batch_stats": "final weights, statistics of the last training batch",
+    "no_bessel": "final weights, moving statistics without the Bessel factor",
+    "evaluate": "what evaluate gives: final weights, final moving statistics",
+}
+
+CAUSE = {
+    "weight_update": (
+        "the weights themselves: fit reports each batch's loss *before* that batch's update, "
+        "evaluate sees the weights after the last one",
+        "nothing to fix in BN; measure the training loss after training (evaluate in training "
+        "mode) or compare at the same weights"),
+    "batch_vs_population": (
+        "batch statistics differ from whole-dataset statistics (batches smaller than the data)",
+        "larger batches, or PreciseBN statistics for inference"),
+    "stale_statistics": (
+        "BN's statistics were collected under the weights *before* the last update; the update "
+        "shifted every layer's activations, and channels with a small variance magnify the "
+        "shift (momentum 0 cannot help: the statistics are always one update old)",
+        "recompute the statistics at the final weights (PreciseBN: `--fix precise_bn`, one "
+        "extra pass over the training data)"),
+    "ema_lag": (
+        "the moving average still carries statistics from older weights (momentum > 0)",
+        "a smaller momentum, or PreciseBN statistics"),
+    "bessel": (
+        "the moving variance holds the unbiased n/(n-1) variance while training normalised with "
+        "the biased one (legacy Keras 2 / tf_keras fused BN)",
+        "Keras 3's BN (no Bessel factor), or PreciseBN statistics"),
+    "moving_statistics": (
+        "the moving statistics differ from the population statistics at the final weights "
+        "(stale statistics, EMA lag and any Bessel factor together)",
+        "recompute the statistics at the final weights (PreciseBN: `--fix precise_bn`)"),
+}
+
+
+NO_GAP = 1e-4  # parts smaller than this fraction of the loss are float noise, not a gap
+
+
+def _num(value: Optional[float], fmt: str = "{:.4f}") -> str:
+  return "n/a" if value is None else fmt.format(value)
+
+
+def report(diagnosis: dict, title: str = "") -> str:
+  """The gap, the table, the attribution, the per-layer split, the dominant cause and the fix."""
+  losses, accuracy = diagnosis["losses"], diagnosis["accuracy"]
+  lines = [title] if title else []
+  fit, evaluate = losses["fit"], losses["evaluate"]
+  if fit is not None:
+    lines.append(f"fit printed    loss {fit:.4f}  accuracy {_num(accuracy['fit'])}")
+  lines.append(f"evaluate gives loss {evaluate:.4f}  accuracy {_num(accuracy['evaluate'])}")
+  if fit is not None:
+    accuracy_gap = (None if accuracy["fit"] is None or accuracy["evaluate"] is None
+                    else accuracy["evaluate"] - accuracy["fit"])
+    lines.append(f"gap            loss {evaluate - fit:+.4f}  accuracy "
+                 f"{_num(accuracy_gap, '{:+.4f}')}")
+  lines += ["", f"{'':18} {'loss':>9} {'accuracy':>9}  meaning"]
+  for key in LOSS_KEYS:
+    lines.append(f"{key:18} {_num(losses[key]):>9} {_num(accuracy[key]):>9}  {DESCRIBE[key]}")
+  parts = {k: v for k, v in diagnosis["attribution"].items() if v is not None}
+  no_history = diagnosis["attribution"].get("stale_statistics") is None
+  if no_history:
+    parts["moving_statistics"] = diagnosis["moving_statistics_total"]
+  total = sum(abs(v) for v in parts.values()) or 1.0
+  share = lambda value: f"  ({100 * abs(value) / total:4.1f}% of |parts|)"
+  lines.append("")
+  lines.append("evaluate - fit, split by cause (the parts sum to the gap):" if fit is not None else
+               "evaluate - train_mode_final, split by cause (no fit history: the training-"
+               "history causes are n/a):")
+  for key, _, _ in ATTRIBUTION:
+    value = diagnosis["attribution"][key]
+    lines.append(f"  {key:20} {_num(value, '{:+.4f}'):>9}{'' if value is None else share(value)}")
+  if no_history:
+    value = parts["moving_statistics"]
+    lines.append(f"  {'moving_statistics':20} {value:>+9.4f}{share(value)}  = evaluate - "
+                 "precise_bn: stale + EMA lag + Bessel, not separable without the history")
+  lines += ["", "the moving-statistics part (evaluate - precise_bn) by BN layer, first to last:"]
+  lines.append("  " + "  ".join(f"{p['layer']} {p['contribution']:+.4f}"
+                                for p in diagnosis["per_layer"]))
+  if parts and max(abs(v) for v in parts.values()) < NO_GAP * max(abs(evaluate), 1e-12):
+    lines += ["", f"no gap to explain: every part is below {NO_GAP:g} of the loss, so fit, "
+              "evaluate and PreciseBN agree."]
+    chance = 1.0 / NUM_IMAGES
+    if fit is not None and accuracy["evaluate"] is not None and accuracy["evaluate"] < 2 * chance:
+      lines.append("the network is at chance level: it has not learned (e.g. every ReLU of a "
+                   "thin first layer dead from the start; try another --seed or width).")
+  elif parts:
+    dominant = max(parts, key=lambda k: abs(parts[k]))
+    why, fix = CAUSE[dominant]
+    lines += ["", f"dominant cause: {dominant} ({parts[dominant]:+.4f}): {why}.", f"fix: {fix}."]
+    if "precise_bn" in losses and losses["precise_bn"] is not None:
+      lines.append(f"with PreciseBN statistics evaluate would give loss {losses['precise_bn']:.4f}"
+                   f", accuracy {_num(accuracy['precise_bn'])}.")
+  return "\n".join(lines)

@@ -1,0 +1,257 @@
+"""The diagnose tool: train (raw or real Keras fit), decompose, optionally fix; and the same for
+a user's own trained Keras model. Plain typed values in, the diagnosis.json dict out (written
+into ``out_dir``); :mod:`bnraw.diagnosis.report` turns it into text."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw import config as configs
+from bnraw import outputs
+from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
+from bnraw.core import loop, step
+from bnraw.core.layers import BATCH
+from bnraw.diagnosis import decompose as dg
+from bnraw.diagnosis.precise_bn import keras_bn_layers, set_keras_moving_statistics
+from bnraw.errors import UsageError
+from bnraw.models import keras_bridge, seed
+from bnraw.progress import EpochProgress
+
+
+def _fix_raw(parts: seed.Setup, precise, out_dir: str, batch_size: int, mode: str) -> dict:
+  """Writes PreciseBN statistics into the moving statistics, saves a checkpoint, evaluates."""
+  for layer, stats in zip(parts.model.batch_norms, precise):
+    layer.set_moving_statistics(stats)
+  loss, accuracy = loop.evaluate(parts.model, parts.data.images, parts.data.labels,
+                                 batch_size=batch_size, mode=mode)
+  checkpoint = tf.train.Checkpoint(**{v.name.split(":")[0].replace("/", "."): v
+                                      for v in parts.model.variables})
+  path = checkpoint.write(os.path.join(out_dir, "fixed", "ckpt"))
+  return {"method": "precise_bn", "evaluate": {"loss": loss, "accuracy": accuracy},
+          "saved": path}
+
+
+def _keras_train(parts: seed.Setup, model: ModelConfig, train: TrainConfig, mode: str,
+                 one_hot: np.ndarray, on_epoch: Callable,
+                 need_last_batch: Callable[[int], bool]):
+  """Real Keras ``fit`` from the raw initial weights, replaying the raw batch order. Before the
+  last step of each epoch where ``need_last_batch(epoch)``, the batch statistics Keras is about to
+  use are computed by the raw forward pass on a copy of Keras's weights (bit-identical to Keras's
+  own forward, see compare)."""
+  import keras
+  kmodel = keras_bridge.build_model(model)
+  keras_bridge.compile_model(kmodel, train, jit_compile=(mode == "xla"))
+  keras_bridge.set_keras_state(kmodel, keras_bridge.raw_state(parts.model, parts.optimizer))
+  images = parts.data.images
+  state = {"last_batch": None}
+  history = loop.History()
+
+  class LastBatch(keras.callbacks.Callback):
+
+    def __init__(self, epoch, order):
+      super().__init__()
+      self.order, self.epoch = order, epoch
+      self.last = len(loop.batches(order, train.batch_size)) - 1
+
+    def on_train_batch_begin(self, batch, logs=None):
+      if batch == self.last and need_last_batch(self.epoch):
+        keras_bridge.set_raw_state(parts.model, parts.optimizer, keras_bridge.keras_state(kmodel))
+        index = self.order[batch * train.batch_size:]
+        out = parts.model(tf.constant(images[index]), training=False, statistics=BATCH)
+        state["last_batch"] = [(s.mean.numpy(), s.variance.numpy()) for s in out.statistics]
+
+  def after_epoch(epoch, order, keras_history):
+    history.loss.append(keras_history.history["loss"][-1])
+    history.accuracy.append(keras_history.history["accuracy"][-1])
+    history.permutations.append(order)
+    on_epoch(epoch, history, kmodel, state["last_batch"])
+
+  keras_bridge.fit_replaying(kmodel, images, one_hot, loop.epoch_orders(train.seed, len(images)),
+                          batch_size=train.batch_size, epochs=train.epochs,
+                          callbacks_for=lambda epoch, order: [LastBatch(epoch, order)],
+                          after_epoch=after_epoch)
+  return kmodel, history, state["last_batch"]
+
+
+def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
+        impl: str = "raw", trace: bool = False, fix: Optional[str] = None, every: int = 0,
+        progress: bool = True) -> dict:
+  """Trains the seed setup (raw, or real Keras ``fit``), then splits ``evaluate - fit``.
+
+  ``every`` > 0 also computes the decomposition every that many epochs ("over time").
+  Writes ``diagnosis.json`` (and ``fixed/`` with ``fix="precise_bn"``); returns its dict.
+  """
+  if impl not in ("raw", "keras"):
+    raise UsageError("impl", f"must be raw or keras, got {impl!r}")
+  if trace and impl != "raw":
+    raise UsageError("trace", "records the raw step's statistics: it needs impl raw")
+  if fix not in (None, "precise_bn"):
+    raise UsageError("fix", f"must be precise_bn, got {fix!r}")
+  model = model.resolved()
+  parts = seed.build(data, model, train)
+  outputs.prepare_out_dir(out_dir)
+  mode = step.resolve_mode(train.mode)
+  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[parts.data.labels]
+  printer = EpochProgress(train.epochs, label=impl) if progress else None
+  names = [layer.name for layer in parts.model.batch_norms]
+  over_time: list[dict] = []
+  wants = lambda epoch: every and (epoch + 1) % every == 0 and epoch + 1 < train.epochs
+  with contextlib.ExitStack() as stack:
+    board = None
+    if trace:
+      from bnraw.tracing.tensorboard import TensorBoardWriter
+      board = stack.enter_context(TensorBoardWriter(out_dir, names, model.epsilon))
+
+    def record_over_time(epoch, result):
+      over_time.append({"epoch": epoch + 1, "losses": result["losses"],
+                        "attribution": result["attribution"]})
+      if board is not None:
+        board.scalars(epoch + 1, {f"diagnosis/{k}": v for k, v in result["losses"].items()
+                                  if v is not None})
+
+    if impl == "raw":
+      result, history = _diagnose_raw_training(parts, train, mode, trace, board, printer,
+                                               wants, record_over_time, out_dir)
+    else:
+      def keras_diagnosis(kmodel, history, last_batch):
+        return dg.diagnose_keras(kmodel, parts.data.images, one_hot,
+                                 batch_size=train.batch_size, fit_loss=history.loss[-1],
+                                 fit_accuracy=history.accuracy[-1],
+                                 last_order=history.permutations[-1],
+                                 last_batch_statistics=last_batch)
+
+      def on_epoch(epoch, history, kmodel, last_batch):
+        if printer:
+          printer(epoch, history)
+        if wants(epoch):
+          record_over_time(epoch, keras_diagnosis(kmodel, history, last_batch))
+
+      kmodel, history, last_batch = _keras_train(
+          parts, model, train, mode, one_hot, on_epoch,
+          need_last_batch=lambda e: e + 1 == train.epochs or wants(e))
+      result = keras_diagnosis(kmodel, history, last_batch)
+
+  precise = result.pop("precise_statistics")
+  out = {"config": configs.record(data, model, train, impl=impl, trace=trace, fix=fix,
+                                  every=every),
+         "impl": impl, "resolved": {"width": model.width, "mode": mode},
+         "environment": outputs.environment(), **result, "over_time": over_time,
+         "history": {"loss": history.loss, "accuracy": history.accuracy}}
+  if fix == "precise_bn":
+    if impl == "raw":
+      out["fixed"] = _fix_raw(parts, precise, out_dir, train.batch_size, mode)
+    else:
+      out["fixed"] = _fix_keras(kmodel, precise, parts.data.images, one_hot, train.batch_size,
+                                out_dir)
+  outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)
+  return out
+
+
+def _diagnose_raw_training(parts: seed.Setup, train: TrainConfig, mode: str, trace: bool, board,
+                           printer, wants, record_over_time, out_dir: str):
+  """Raw training with the statistics the decomposition needs watched; (result, history)."""
+  watcher = dg.StatisticsWatcher(parts.model)
+  recorders = [watcher]
+  if trace:
+    from bnraw.tracing.store import TRACE_FILE, TraceRecorder
+    recorder = TraceRecorder([layer.name for layer in parts.model.batch_norms],
+                             parts.model.batch_norms[0].epsilon)
+    recorders += [recorder, board.step]
+
+  def raw_diagnosis(history):
+    return dg.diagnose_raw(parts.model, parts.data.images, parts.data.labels,
+                           batch_size=train.batch_size, fit_loss=history.loss[-1],
+                           fit_accuracy=history.accuracy[-1],
+                           last_order=history.permutations[-1], watcher=watcher)
+
+  def on_epoch(epoch, history):
+    if printer:
+      printer(epoch, history)
+    if wants(epoch):
+      record_over_time(epoch, raw_diagnosis(history))
+
+  history = loop.fit(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
+                     batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
+                     mode=mode, trace=True, on_step=lambda r: [f(r) for f in recorders],
+                     on_epoch=on_epoch)
+  if history.status == "non_finite":
+    raise history.error
+  if trace:
+    recorder.save(os.path.join(out_dir, TRACE_FILE))
+  return raw_diagnosis(history), history
+
+
+def _fix_keras(kmodel, precise, x, y, batch_size: int, out_dir: str) -> dict:
+  """PreciseBN statistics into the Keras model's BN layers; saves ``fixed.keras``; evaluates."""
+  for layer, stats in zip(keras_bn_layers(kmodel), precise):
+    set_keras_moving_statistics(layer, stats)
+  loss, accuracy = dg.keras_loss(kmodel, x, y, batch_size, training=False)
+  path = os.path.join(out_dir, "fixed.keras")
+  tmp = os.path.join(out_dir, ".tmp-fixed.keras")
+  kmodel.save(tmp)
+  os.replace(tmp, path)
+  return {"method": "precise_bn", "evaluate": {"loss": loss, "accuracy": accuracy},
+          "saved": path}
+
+
+def load_keras_inputs(model_path: str, data_path: str):
+  """A user's trained ``.keras`` model and its ``.npz`` data (arrays ``x``, ``y``), checked."""
+  import keras
+  if not os.path.isfile(model_path):
+    raise UsageError("keras_model", f"no such file: {model_path}")
+  try:
+    kmodel = keras.models.load_model(model_path)
+  except Exception as e:  # Keras raises many types for a bad file
+    raise UsageError("keras_model", f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
+  try:
+    has_bn = bool(keras_bn_layers(kmodel))
+  except ValueError as e:
+    raise UsageError("keras_model", f"{model_path}: {e}") from None
+  if not has_bn:
+    raise UsageError("keras_model", f"{model_path} has no BatchNormalization layer")
+  if getattr(kmodel, "loss", None) is None:
+    raise UsageError("keras_model", f"{model_path} was saved without a compiled loss "
+                     "(compile it before model.save)")
+  if not os.path.isfile(data_path):
+    raise UsageError("data", f"no such file: {data_path}")
+  try:
+    with np.load(data_path) as arrays:
+      x, y = arrays["x"], arrays["y"]
+  except KeyError:
+    raise UsageError("data", f"{data_path} needs arrays named x and y") from None
+  except Exception as e:
+    raise UsageError("data", f"cannot read {data_path}: {str(e).splitlines()[0]}") from None
+  expected = tuple(kmodel.inputs[0].shape[1:])
+  if len(x) != len(y) or len(x) == 0:
+    raise UsageError("data", f"x has {len(x)} examples and y {len(y)}; need the same, > 0")
+  if len(expected) != x.ndim - 1 or any(e is not None and e != a for e, a in
+                                        zip(expected, x.shape[1:])):
+    raise UsageError("data", f"x examples have shape {x.shape[1:]}, the model takes "
+                     f"{expected}")
+  return kmodel, x.astype(np.float32), y
+
+
+def run_keras_model(model_path: str, data_path: str, *, batch_size: int, out_dir: str,
+                    fix: Optional[str] = None) -> dict:
+  """The decomposition for a user's own trained Keras model: ``evaluate``, ``train_mode_final``,
+  ``precise_bn`` and the per-layer split (the rest needs the training history)."""
+  kmodel, x, y = load_keras_inputs(model_path, data_path)
+  outputs.prepare_out_dir(out_dir)
+  batch_size = min(batch_size, len(x))
+  # train_mode_final on shuffled batches, as fit would draw them (sorted data would put similar
+  # examples together and give batch statistics no training step ever saw)
+  shuffled = np.random.default_rng(0).permutation(len(x))
+  result = dg.diagnose_keras(kmodel, x, y, batch_size=batch_size, last_order=shuffled)
+  precise = result.pop("precise_statistics")
+  out = {"config": {"keras_model": model_path, "data": data_path, "batch_size": batch_size,
+                    "fix": fix},
+         "impl": "keras_model", "environment": outputs.environment(), **result}
+  if fix == "precise_bn":
+    out["fixed"] = _fix_keras(kmodel, precise, x, y, batch_size, out_dir)
+  outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)
+  return out

@@ -1,0 +1,157 @@
+"""The seed's network as real Keras layers, and state transfer between it and the raw twin.
+
+The Keras model is the seed's ``model_toy`` as the seed wrote it: a Sequential of
+``Conv2D -> Activation('relu') -> BatchNormalization`` blocks, ``Flatten``, ``Dense``,
+``Activation('relu')``, ``BatchNormalization``, ``Dense``, ``Activation('softmax')``, compiled with
+categorical cross-entropy and accuracy. ``model.weights`` has the same order as the raw model's
+``variables``, and the optimizer slots the same order as its ``trainable_variables``, so every
+transfer is by position (shapes are checked). The raw side's BN layers are written like any other
+variable here: state transfer copies whole variables, it does not run either model.
+
+``reference="tf_keras"`` builds the same model with the optional ``tf_keras`` package (Keras 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from bnraw.config import CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, ModelConfig, TrainConfig
+
+REFERENCES = ("keras3", "tf_keras")
+PACKAGE = {"keras3": "keras", "tf_keras": "tf_keras"}
+
+
+def keras_module(reference: str = "keras3"):
+  """The ``keras`` (Keras 3) or ``tf_keras`` (Keras 2) package."""
+  if reference == "keras3":
+    return importlib.import_module("keras")
+  if reference == "tf_keras":
+    return importlib.import_module("tf_keras")
+  raise ValueError(f"unknown reference {reference!r}; expected one of {REFERENCES}")
+
+
+def build_model(config: ModelConfig, reference: str = "keras3"):
+  """The seed's Sequential ``model_toy`` at ``config.width``."""
+  keras = keras_module(reference)
+  layers = keras.layers
+  regularizer = keras.regularizers.l2(config.l2) if config.l2 else None
+  bn = dict(momentum=config.momentum, epsilon=config.epsilon)
+  stack: list[Any] = [keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))]
+  for i, ((k, _), c) in enumerate(zip(CONV_BLOCKS, config.conv_channels()), start=1):
+    stack += [layers.Conv2D(c, k, padding="valid", kernel_regularizer=regularizer,
+                            name=f"conv_{i}"),
+              layers.Activation("relu"), layers.BatchNormalization(name=f"bn_{i}", **bn)]
+  stack += [layers.Flatten(),
+            layers.Dense(config.dense_units(), kernel_regularizer=regularizer, name="dense_8"),
+            layers.Activation("relu"), layers.BatchNormalization(name="bn_8", **bn),
+            layers.Dense(NUM_IMAGES, kernel_regularizer=regularizer, name="dense_9"),
+            layers.Activation("softmax")]
+  return keras.Sequential(stack, name="model_toy")
+
+
+def make_optimizer(train: TrainConfig, reference: str = "keras3"):
+  keras = keras_module(reference)
+  if train.optimizer == "adam":
+    return keras.optimizers.Adam(learning_rate=train.lr)
+  return keras.optimizers.SGD(learning_rate=train.lr, momentum=train.sgd_momentum,
+                              nesterov=train.nesterov)
+
+
+def compile_model(model, train: TrainConfig, *, jit_compile: bool, reference: str = "keras3",
+                  metrics: Sequence = ()) -> None:
+  """``model.compile`` as the seed did, with the optimizer built so its slots exist now."""
+  optimizer = make_optimizer(train, reference)
+  model.compile(optimizer=optimizer, loss="categorical_crossentropy",
+                metrics=["accuracy", *metrics], jit_compile=jit_compile)
+  optimizer.build(model.trainable_variables)
+
+
+def optimizer_slots(optimizer) -> list[list]:
+  """A Keras optimizer's slot lists, in the same layout as ``bnraw.optim``'s ``slots``
+  (Keras 3's and tf_keras's optimizers name them alike; order = trainable variables)."""
+  if hasattr(optimizer, "_momentums") and hasattr(optimizer, "_velocities"):  # Adam
+    return [list(optimizer._momentums), list(optimizer._velocities)]
+  if hasattr(optimizer, "momentums"):  # SGD
+    return [list(optimizer.momentums)] if optimizer.momentums else []
+  raise TypeError(f"no slot layout known for {type(optimizer).__name__}")
+
+
+def weight_key(variable) -> str:
+  """``conv_3/kernel`` from Keras 3's ``model_toy/conv_3/kernel`` or tf_keras's
+  ``conv_3/kernel:0``."""
+  name = getattr(variable, "path", None) or variable.name
+  return "/".join(name.split(":")[0].split("/")[-2:])
+
+
+def model_weights(model) -> list:
+  """The Keras model's weights in the raw seed network's ``variables`` order (tf_keras lists trainable weights
+  first, Keras 3 layer by layer; both are matched by name)."""
+  by_key = {weight_key(v): v for v in model.weights}
+  keys = []
+  for i in range(1, 9):
+    if i <= 7:
+      keys += [f"conv_{i}/kernel", f"conv_{i}/bias"]
+    else:
+      keys += ["dense_8/kernel", "dense_8/bias"]
+    keys += [f"bn_{i}/{w}" for w in ("gamma", "beta", "moving_mean", "moving_variance")]
+  keys += ["dense_9/kernel", "dense_9/bias"]
+  return [by_key[key] for key in keys]
+
+
+def _assign_all(targets: Sequence, values: Sequence[np.ndarray], what: str) -> None:
+  if len(targets) != len(values):
+    raise ValueError(f"{what}: {len(targets)} targets for {len(values)} values")
+  for target, value in zip(targets, values):
+    if tuple(target.shape) != tuple(np.shape(value)):
+      raise ValueError(f"{what}: shape {tuple(target.shape)} != {np.shape(value)}")
+    target.assign(value)
+
+
+def get_state(variables: Sequence, optimizer) -> dict:
+  """Numpy copies of weights (Keras order), optimizer slots and iteration count."""
+  slots = optimizer.slots if hasattr(optimizer, "slots") else optimizer_slots(optimizer)
+  return {"weights": [np.array(v.numpy()) for v in variables],
+          "slots": [[np.array(s.numpy()) for s in group] for group in slots],
+          "iterations": int(np.asarray(optimizer.iterations.numpy()))}
+
+
+def keras_state(model) -> dict:
+  return get_state(model_weights(model), model.optimizer)
+
+
+def raw_state(raw, optimizer) -> dict:
+  return get_state(raw.variables, optimizer)
+
+
+def set_raw_state(raw, optimizer, state: dict) -> None:
+  """Loads a state (from either side) into the raw model and its optimizer."""
+  _assign_all(raw.variables, state["weights"], "weights")
+  for group, values in zip(optimizer.slots, state["slots"]):
+    _assign_all(group, values, "optimizer slots")
+  optimizer.iterations.assign(state["iterations"])
+
+
+def set_keras_state(model, state: dict) -> None:
+  """Loads a state (from either side) into the Keras model and its optimizer."""
+  _assign_all(model_weights(model), state["weights"], "weights")
+  for group, values in zip(optimizer_slots(model.optimizer), state["slots"]):
+    _assign_all(group, values, "optimizer slots")
+  model.optimizer.iterations.assign(state["iterations"])
+
+
+def fit_replaying(model, images: np.ndarray, one_hot: np.ndarray, orders, *, batch_size: int,
+                  epochs: int, callbacks_for=None, after_epoch=None) -> None:
+  """Real ``model.fit``, one call per epoch, on the examples in the given per-epoch ``orders``
+  (``shuffle=False``): Keras sees exactly the batches the raw loop drew, without relying on two
+  random generators agreeing. ``callbacks_for(epoch, order)`` supplies that epoch's callbacks;
+  ``after_epoch(epoch, order, keras_history)`` runs after it."""
+  for epoch in range(epochs):
+    order = next(orders)
+    history = model.fit(images[order], one_hot[order], batch_size=batch_size, epochs=epoch + 1,
+                        initial_epoch=epoch, shuffle=False, verbose=0,
+                        callbacks=callbacks_for(epoch, order) if callbacks_for else None)
+    if after_epoch is not None:
+      after_epoch(epoch, order, history)

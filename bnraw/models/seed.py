@@ -1,0 +1,123 @@
+"""The seed: its network (``model_toy``) as a raw :class:`bnraw.core.graph.Model`, its dataset,
+and :func:`build`, which makes both plus the optimizer from the typed configs.
+
+Network, NHWC: blocks 1-7 ``Conv2D(VALID, +bias) -> ReLU -> BN``; block 8 ``Flatten -> Dense ->
+ReLU -> BN``; block 9 ``Dense`` (the softmax lives in the loss). Note ReLU comes *before* BN.
+Variables: ``conv_{i}/kernel``, ``conv_{i}/bias`` (i = 1..7), ``dense_8/*``, ``dense_9/*`` and
+``bn_{i}/{gamma,beta,moving_mean,moving_variance}`` (i = 1..8), in Keras's ``model.weights``
+order.
+
+Dataset: 256 images of 29x29x3, label i for image i. Case 1: every pixel of image i is i. Case 2:
+a block of image i (rows/cols ``block``, default the seed code's 12:16) is i; the rest is the
+photo. Values are float32 in [0, 1] (uint8 value / 255). The seed used a random ImageNet photo we
+do not have; :func:`default_image` makes a deterministic stand-in, and any Pillow-readable file
+works.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from bnraw.config import (CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, DataConfig, ModelConfig,
+                          TrainConfig)
+from bnraw.errors import UsageError
+
+
+def seed_network(config: ModelConfig, seed: int = 0):
+  """The seed's ``model_toy`` at ``config.width``; kernels glorot-uniform from ``(seed, block)``."""
+  from bnraw.core.graph import Model
+  from bnraw.core.layers import BatchNorm, Conv2D, Dense, Flatten, ReLU
+  config = config.resolved()
+  bn = dict(momentum=config.momentum, epsilon=config.epsilon)
+  layers, channels_in, side = [], 3, IMAGE_SIZE
+  for i, ((k, _), c) in enumerate(zip(CONV_BLOCKS, config.conv_channels()), start=1):
+    layers += [Conv2D(f"conv_{i}", k, channels_in, c, (seed, i), as_matmul=config.fast_conv),
+               ReLU(f"relu_{i}"), BatchNorm(f"bn_{i}", c, bessel=config.bessel, **bn)]
+    channels_in, side = c, side - (k - 1)
+  units = config.dense_units()
+  layers += [Flatten("flatten"), Dense("dense_8", side * side * channels_in, units, (seed, 8)),
+             ReLU("relu_8"),
+             BatchNorm("bn_8", units, bessel=config.bessel and config.bessel_scope == "all", **bn),
+             Dense("dense_9", units, NUM_IMAGES, (seed, 9))]
+  return Model("model_toy", layers, l2=config.l2)
+
+
+class Setup(NamedTuple):
+  data: "Dataset"
+  model: object  # bnraw.core.graph.Model
+  optimizer: object
+
+
+def build(data: DataConfig, model: ModelConfig, train: TrainConfig) -> Setup:
+  """Dataset, raw network (seeded initial weights) and optimizer; checks that they fit together
+  before any work starts."""
+  from bnraw.core.optim import make_optimizer
+  dataset = make_dataset(data)
+  if not 1 <= train.batch_size <= len(dataset.images):
+    raise UsageError("batch_size", f"must be in [1, {len(dataset.images)}] "
+                     f"(the dataset has {len(dataset.images)} images)")
+  if model.bessel and (train.batch_size == 1 or len(dataset.images) % train.batch_size == 1):
+    raise UsageError("bessel", "every batch needs >= 2 images (n/(n-1) is infinite for n = 1)")
+  if train.optimizer not in ("adam", "sgd"):
+    raise UsageError("optimizer", f"must be adam or sgd, got {train.optimizer!r}")
+  net = seed_network(model, seed=train.seed)
+  optimizer = make_optimizer(train.optimizer, net.trainable_variables, train.lr,
+                             train.sgd_momentum, train.nesterov)
+  return Setup(dataset, net, optimizer)
+
+
+class Dataset(NamedTuple):
+  images: np.ndarray  # [256, 29, 29, 3] float32 in [0, 1]
+  labels: np.ndarray  # [256] int32, labels[i] == i
+
+
+def default_image(size: int = 96) -> Image.Image:
+  """A deterministic photo-like RGB image: smooth colour gradients, rings and a few edges."""
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / (size - 1)
+  r = 0.5 + 0.5 * np.sin(6.0 * xx + 2.0 * yy)
+  g = 0.5 + 0.5 * np.cos(9.0 * np.hypot(xx - 0.4, yy - 0.6))
+  b = np.clip(0.3 + 0.7 * yy * (xx > 0.35) + 0.2 * (np.hypot(xx - 0.7, yy - 0.3) < 0.15), 0, 1)
+  rgb = np.stack([r, g, b], axis=-1)
+  return Image.fromarray(np.round(255.0 * rgb).astype(np.uint8), mode="RGB")
+
+
+def load_image(path: str | None) -> np.ndarray:
+  """The photo as uint8 ``[29, 29, 3]``: RGB, resized with Pillow's default filter."""
+  if path is None:
+    image = default_image()
+  else:
+    try:
+      with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    except FileNotFoundError:
+      raise UsageError("image", f"no such file: {path}") from None
+    except UnidentifiedImageError:
+      raise UsageError("image", f"not an image Pillow can read: {path}") from None
+    except OSError as e:
+      raise UsageError("image", f"cannot read {path}: {e.strerror or e}") from None
+  return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.uint8)
+
+
+def check_block(block: tuple[int, int]) -> None:
+  start, stop = block
+  if not 0 <= start < stop <= IMAGE_SIZE:
+    raise UsageError("block", f"need 0 <= start < stop <= {IMAGE_SIZE}, got {start}:{stop}")
+
+
+def make_dataset(config: DataConfig) -> Dataset:
+  """Case 1 or 2 of the seed, as float32 images / 255 and int32 labels 0..255."""
+  if config.case not in (1, 2):
+    raise UsageError("case", f"must be 1 or 2, got {config.case}")
+  check_block(config.block)
+  photo = load_image(config.image)
+  values = np.arange(NUM_IMAGES, dtype=np.float32)[:, None, None, None]
+  if config.case == 1:
+    images = np.broadcast_to(values, (NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+  else:
+    images = np.repeat(photo[None].astype(np.float32), NUM_IMAGES, axis=0)
+    start, stop = config.block
+    images[:, start:stop, start:stop, :] = values
+  return Dataset(images / np.float32(255.0), np.arange(NUM_IMAGES, dtype=np.int32))

@@ -1,0 +1,272 @@
+"""Lockstep comparison of the raw path with real Keras ``model.fit``, step by step.
+
+Both sides start from the same weights and see the same batches in the same order (the raw
+path's per-epoch permutations, replayed to Keras with ``shuffle=False``). A Keras callback runs
+the raw step on the same batch at the start of every Keras step and compares both sides after it:
+
+* synced (default): the raw side is first set to Keras's state (weights, BN statistics, optimizer
+  slots, iteration count), so every difference belongs to that step alone;
+* free-running: the raw side runs on from its own state; the report gives the step at which the
+  loss difference first exceeds 1e-3 relative and the per-step growth factor of the weight
+  difference, a measurement of how sensitive the network is.
+
+Metric definitions (DESIGN.md section 4): ``loss_rel_diff = |a - b| / |b|``; for tensors,
+``max|a - b| / max|b|`` worst over layers; ``update_rel_l2_diff = ||dw_raw - dw_keras|| /
+||dw_keras||`` over all trainable weights together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw import config as configs
+from bnraw import outputs
+from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
+from bnraw.core import loop, step
+from bnraw.errors import UsageError
+from bnraw.models import keras_bridge, seed
+
+TOLERANCE = {"loss_rel_diff": 1e-6, "moving_mean_max_rel_diff": 1e-6,
+             "moving_variance_max_rel_diff": 1e-6, "update_rel_l2_diff": 1e-5}
+FREE_RUNNING_THRESHOLD = 1e-3
+
+
+def max_rel(a: np.ndarray, b: np.ndarray) -> float:
+  """``max|a - b| / max|b|`` (0 when both are all zero)."""
+  scale = float(np.abs(b).max()) if np.size(b) else 0.0
+  diff = float(np.abs(np.asarray(a, np.float64) - b).max()) if np.size(b) else 0.0
+  return diff / scale if scale else diff
+
+
+def _flat(weights: list[np.ndarray], mask: list[bool]) -> np.ndarray:
+  return np.concatenate([w.ravel().astype(np.float64) for w, m in zip(weights, mask) if m])
+
+
+def step_metrics(raw_before: dict, raw_after: dict, keras_before: dict, keras_after: dict,
+                 trainable: list[bool], moving_mean: list[bool],
+                 moving_variance: list[bool]) -> dict:
+  """The per-step comparison of two states after the same step (weights in Keras order)."""
+  raw_w, keras_w = raw_after["weights"], keras_after["weights"]
+  pick = lambda mask: [i for i, m in enumerate(mask) if m]
+  dw_raw = _flat(raw_w, trainable) - _flat(raw_before["weights"], trainable)
+  dw_keras = _flat(keras_w, trainable) - _flat(keras_before["weights"], trainable)
+  return {
+      "moving_mean_max_rel_diff": max(max_rel(raw_w[i], keras_w[i]) for i in pick(moving_mean)),
+      "moving_variance_max_rel_diff": max(max_rel(raw_w[i], keras_w[i])
+                                          for i in pick(moving_variance)),
+      "update_rel_l2_diff": float(np.linalg.norm(dw_raw - dw_keras) / np.linalg.norm(dw_keras)),
+      "weights_max_rel_diff": max(max_rel(raw_w[i], keras_w[i]) for i in pick(trainable)),
+      "weights_max_abs_diff": max(float(np.abs(raw_w[i] - keras_w[i]).max())
+                                  for i in pick(trainable)),
+      "bit_identical": all(np.array_equal(a, b) for a, b in zip(raw_w, keras_w)),
+  }
+
+
+def growth_report(steps: list[dict]) -> dict:
+  """Free-running: when the loss difference passes 1e-3, and its per-step growth factor.
+
+  The factor is ``exp(slope)`` of a straight-line fit to ``log(loss_rel_diff)`` over the first
+  steps, up to the one where it passes 1e-3 (after that it saturates). Weight differences are no
+  use for this: Adam turns any noise-level gradient difference into a full-size step at once.
+  """
+  diffs = np.array([s["loss_rel_diff"] for s in steps])
+  first = next((s["step"] for s in steps if s["loss_rel_diff"] > FREE_RUNNING_THRESHOLD), None)
+  end = next((i for i, d in enumerate(diffs) if d > FREE_RUNNING_THRESHOLD), len(diffs) - 1) + 1
+  window = np.nonzero(diffs[:end] > 0)[0]
+  factor = None
+  if len(window) >= 2:
+    factor = float(np.exp(np.polyfit(window.astype(np.float64), np.log(diffs[window]), 1)[0]))
+  return {"first_step_loss_rel_diff_above_1e-3": first, "loss_diff_growth_per_step": factor,
+          "fit_window_steps": [int(window[0]), int(window[-1])] if len(window) else None}
+
+
+def _batch_loss_metric(keras):
+  """A Keras metric holding the last batch's loss, computed with the compiled loss's own ops."""
+
+  class BatchLoss(keras.metrics.Metric):
+
+    def __init__(self):
+      super().__init__(name="batch_loss")
+      self.value = self.add_weight(name="value", shape=(), initializer="zeros")
+      self.loss_fn = keras.losses.CategoricalCrossentropy()
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+      self.value.assign(self.loss_fn(y_true, y_pred))
+
+    def result(self):
+      return tf.identity(self.value)
+
+    def reset_state(self):
+      self.value.assign(0.0)
+
+  return BatchLoss()
+
+
+def reference_version(reference: str) -> str:
+  return importlib.metadata.version("keras" if reference == "keras3" else "tf_keras")
+
+
+def model_config_for(reference: str, model: ModelConfig) -> ModelConfig:
+  """tf_keras's fused BN (conv layers) feeds var*n/(n-1) into the moving variance; its dense BN
+  does not. The raw side is set to match that reference."""
+  if reference == "tf_keras":
+    return dataclasses.replace(model, bessel=True, bessel_scope="conv")
+  return model
+
+
+def perturb(variables, relative: float, seed: int) -> None:
+  """``w *= 1 + relative * s`` with random signs s: a controlled ulp-sized push (a uniform scale
+  would be undone by ReLU + BN)."""
+  rng = np.random.default_rng(seed)
+  for v in variables:
+    signs = rng.choice(np.array([-1.0, 1.0], np.float32), size=v.shape)
+    v.assign(v.numpy() * (1 + relative * signs).astype(np.float32))
+
+
+def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Optional[str],
+        reference: str = "keras3", synced: bool = True, perturbation: float = 0.0,
+        progress: Optional[callable] = None) -> dict:
+  """Trains both sides in lockstep for ``train.epochs`` epochs; writes ``compare.json`` into
+  ``out_dir`` (None: nothing written) and returns its dict.
+
+  ``perturbation`` (free-running only) multiplies the raw side's initial trainable weights by
+  ``1 +- perturbation`` after the transfer, to measure how fast a tiny difference grows when
+  the two paths are otherwise bit-identical.
+  """
+  if reference not in keras_bridge.REFERENCES:
+    raise UsageError("reference", f"must be one of {keras_bridge.REFERENCES}, got {reference!r}")
+  if importlib.util.find_spec(keras_bridge.PACKAGE[reference]) is None:
+    raise UsageError("reference", f"{keras_bridge.PACKAGE[reference]} is not installed "
+                     f"(pip install {keras_bridge.PACKAGE[reference]})")
+  if not 0 <= perturbation < 1:
+    raise UsageError("perturb", f"must be in [0, 1), got {perturbation}")
+  if perturbation and synced:
+    raise UsageError("perturb", "needs free-running (synced=False): a synced step starts "
+                     "from Keras's state and would undo it")
+  model = model_config_for(reference, model.resolved())
+  parts = seed.build(data, model, train)
+  if out_dir is not None:
+    outputs.prepare_out_dir(out_dir)
+  raw, optimizer = parts.model, parts.optimizer
+  images, labels = parts.data.images, parts.data.labels
+  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
+  mode = step.resolve_mode(train.mode)
+  keras = keras_bridge.keras_module(reference)
+  kmodel = keras_bridge.build_model(model, reference)
+  keras_bridge.compile_model(kmodel, train, jit_compile=(mode == "xla"), reference=reference,
+                             metrics=[_batch_loss_metric(keras)])
+  keras_bridge.set_keras_state(kmodel, keras_bridge.raw_state(raw, optimizer))
+  if perturbation:
+    perturb(raw.trainable_variables, perturbation, train.seed + 1)
+  step_fn = step.make_train_step(raw, optimizer, mode=mode, trace=False)
+  names = [v.name.split(":")[0] for v in raw.variables]
+  trainable = [v.trainable for v in raw.variables]
+  moving_mean = [n.endswith("moving_mean") for n in names]
+  moving_variance = [n.endswith("moving_variance") for n in names]
+  steps: list[dict] = []
+
+  class Lockstep(keras.callbacks.Callback):
+
+    def __init__(self, order):
+      super().__init__()
+      self.order = order
+
+    def on_train_batch_begin(self, batch, logs=None):
+      self.keras_before = keras_bridge.keras_state(kmodel)
+      if synced:
+        keras_bridge.set_raw_state(raw, optimizer, self.keras_before)
+      self.raw_before = keras_bridge.raw_state(raw, optimizer)
+      index = self.order[batch * train.batch_size:(batch + 1) * train.batch_size]
+      self.raw_loss = float(step_fn(tf.constant(images[index]), tf.constant(labels[index]))["loss"])
+
+    def on_train_batch_end(self, batch, logs=None):
+      keras_loss = float(kmodel.get_metrics_result()["batch_loss"])
+      row = {"step": len(steps), "loss_raw": self.raw_loss, "loss_keras": keras_loss,
+             "loss_rel_diff": abs(self.raw_loss - keras_loss) / abs(keras_loss)}
+      row.update(step_metrics(self.raw_before, keras_bridge.raw_state(raw, optimizer),
+                              self.keras_before, keras_bridge.keras_state(kmodel), trainable,
+                              moving_mean, moving_variance))
+      steps.append(row)
+      if progress is not None:
+        progress(row)
+
+  keras_bridge.fit_replaying(kmodel, images, one_hot, loop.epoch_orders(train.seed, len(images)),
+                          batch_size=train.batch_size, epochs=train.epochs,
+                          callbacks_for=lambda epoch, order: [Lockstep(order)])
+
+  raw_eval = loop.evaluate(raw, images, labels, batch_size=train.batch_size, mode=mode)
+  keras_eval = kmodel.evaluate(images, one_hot, batch_size=train.batch_size, verbose=0,
+                               return_dict=True)
+  gated = lambda s: any(s[key] > tol for key, tol in TOLERANCE.items())
+  result = {
+      "reference": reference,
+      "reference_version": reference_version(reference),
+      "synced": synced,
+      "perturbation": perturbation if not synced else 0.0,
+      "mode": mode,
+      "config": configs.record(data, model, train, reference=reference, synced=synced,
+                               perturb=perturbation),
+      "raw_model_config": dataclasses.asdict(model),
+      "steps": steps,
+      "evaluate": {"raw": {"loss": raw_eval[0], "accuracy": raw_eval[1]},
+                   "keras": {"loss": keras_eval["loss"], "accuracy": keras_eval["accuracy"]},
+                   "loss_rel_diff": abs(raw_eval[0] - keras_eval["loss"])
+                                    / abs(keras_eval["loss"])},
+      "first_divergent_step": next((s["step"] for s in steps if gated(s)), None),
+      "tolerance": TOLERANCE,
+      "bit_identical_steps": sum(s["bit_identical"] and s["loss_rel_diff"] == 0 for s in steps),
+  }
+  if not synced:
+    result["free_running"] = growth_report(steps)
+  if out_dir is not None:
+    outputs.write_json(os.path.join(out_dir, "compare.json"), result)
+  return result
+
+
+def report(result: dict) -> str:
+  """The text the command prints: the per-step table, then the verdict."""
+  return format_table(result["steps"]) + "\n" + summary_lines(result)
+
+
+def format_table(steps: list[dict]) -> str:
+  """The per-step table."""
+  head = (f"{'step':>4}  {'loss raw':>11}  {'loss keras':>11}  {'loss rel':>8}  {'mmean':>8}  "
+          f"{'mvar':>8}  {'update':>8}  {'weights':>8}")
+  lines = [head]
+  for s in steps:
+    lines.append(f"{s['step']:>4}  {s['loss_raw']:>11.7g}  {s['loss_keras']:>11.7g}  "
+                 f"{s['loss_rel_diff']:>8.1e}  {s['moving_mean_max_rel_diff']:>8.1e}  "
+                 f"{s['moving_variance_max_rel_diff']:>8.1e}  {s['update_rel_l2_diff']:>8.1e}  "
+                 f"{s['weights_max_rel_diff']:>8.1e}")
+  return "\n".join(lines)
+
+
+def summary_lines(result: dict) -> str:
+  """The verdict under the table."""
+  steps = result["steps"]
+  lines = [f"reference {result['reference']} {result['reference_version']}, "
+           f"{'synced' if result['synced'] else 'free-running'}, raw mode {result['mode']}"]
+  first = result["first_divergent_step"]
+  lines.append("every step within tolerance " + ", ".join(
+      f"{k} <= {v:g}" for k, v in result["tolerance"].items()) if first is None else
+      f"first step beyond tolerance: {first}")
+  lines.append(f"bit-identical steps (loss and every weight): {result['bit_identical_steps']} "
+               f"of {len(steps)}")
+  ev = result["evaluate"]
+  lines.append(f"evaluate: raw {ev['raw']['loss']:.7g}  keras {ev['keras']['loss']:.7g}  "
+               f"rel diff {ev['loss_rel_diff']:.1e}")
+  if "free_running" in result:
+    fr = result["free_running"]
+    growth = fr["loss_diff_growth_per_step"]
+    lines.append(f"free-running: loss rel diff first > 1e-3 at step "
+                 f"{fr['first_step_loss_rel_diff_above_1e-3']}; it grows "
+                 + (f"x{growth:.3g} per step (steps {fr['fit_window_steps']})" if growth else
+                    "not at all: the two paths are bit-identical (--perturb gives them a start)"))
+  return "\n".join(lines)

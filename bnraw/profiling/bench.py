@@ -1,0 +1,274 @@
+"""Analytic FLOPs, the device's matmul ceiling, and step timers for raw and Keras training.
+
+FLOPs count multiply-adds as 2 and only the convolutions and matmuls (BN, ReLU, softmax and the
+optimizer are O(parameters + activations), under 1% here). A training step costs forward x 3
+(forward, gradient w.r.t. inputs, gradient w.r.t. weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw.config import CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, ModelConfig
+
+
+def forward_flops(config: ModelConfig, batch_size: int) -> int:
+  """Multiply-add FLOPs (x2) of one forward pass over ``batch_size`` images."""
+  flops, side, channels_in = 0, IMAGE_SIZE, 3
+  for (k, _), c in zip(CONV_BLOCKS, config.conv_channels()):
+    side -= k - 1
+    flops += 2 * batch_size * side * side * k * k * channels_in * c
+    channels_in = c
+  units = config.dense_units()
+  flops += 2 * batch_size * side * side * channels_in * units
+  flops += 2 * batch_size * units * NUM_IMAGES
+  return flops
+
+
+def train_step_flops(config: ModelConfig, batch_size: int) -> int:
+  return 3 * forward_flops(config, batch_size)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """GFLOP/s of a large float32 ``n x n`` matmul (median of ``repeats``): the practical ceiling."""
+  a = tf.random.stateless_normal((n, n), (1, 2))
+  b = tf.random.stateless_normal((n, n), (3, 4))
+  matmul = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
+  float(matmul(a, b))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    float(matmul(a, b))
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def device_name() -> str:
+  gpus = tf.config.list_physical_devices("GPU")
+  if gpus:
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return f"GPU: {details.get('device_name', gpus[0].name)}"
+  return f"CPU: {os.cpu_count()} cores"
+
+
+class Bench:
+  """One configuration, built and compiled once; :meth:`measure` times steady steps."""
+
+  def __init__(self, row: dict, compile_s: float, measure: Callable[[int, int], list],
+               run: Optional[Callable[[], None]] = None):
+    self.row, self.compile_s, self.measure, self.run = row, compile_s, measure, run
+    self.times: list[float] = []
+
+
+def _timed(run: Callable[[], None], steps: int, warmup: int) -> list:
+  for _ in range(warmup):
+    run()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def raw_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *, mode: str,
+              batch_size: int, trace: bool, hlo_dir: Optional[str] = None) -> Bench:
+  """The raw training step (fresh model and Adam) in ``mode``; its first call is the compile."""
+  from bnraw.core.optim import Adam
+  from bnraw.core.step import make_train_step
+  from bnraw.models.seed import seed_network
+  net = seed_network(model_config)
+  step = make_train_step(net, Adam(net.trainable_variables), mode=mode, trace=trace)
+  x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
+  run = lambda: float(step(x, y)["loss"])  # float() waits for the step to finish
+  start = time.perf_counter()
+  run()
+  compile_s = time.perf_counter() - start
+  if hlo_dir and mode == "xla":
+    write_hlo(step, x, y, hlo_dir, f"raw_w{model_config.width:g}_trace{int(trace)}")
+  return Bench({"impl": "raw", "mode": mode, "traced": trace}, compile_s,
+               lambda steps, warmup: _timed(run, steps, warmup), run)
+
+
+def keras_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *,
+                jit_compile: bool, batch_size: int) -> Bench:
+  """Real Keras ``fit``. Each measurement is one ``fit`` over the data repeated, timed from one
+  batch end to the next (a callback waits for each step's loss), warm-up steps dropped; the
+  first ``fit`` call's first step is the compile."""
+  import keras
+  from bnraw.config import TrainConfig
+  from bnraw.models import keras_bridge
+  model = keras_bridge.build_model(model_config)
+  keras_bridge.compile_model(model, TrainConfig(), jit_compile=jit_compile)
+  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
+
+  def fit_stamps(n_steps):
+    reps = -(-n_steps * batch_size // len(images))
+    stamps = []
+
+    class Stamp(keras.callbacks.Callback):
+      def on_train_batch_end(self, batch, logs=None):
+        float(logs["loss"])
+        stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    model.fit(np.concatenate([images] * reps), np.concatenate([one_hot] * reps),
+              batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+              steps_per_epoch=n_steps, callbacks=[Stamp()])
+    return start, stamps
+
+  start, stamps = fit_stamps(1)
+  measure = lambda steps, warmup: list(np.diff(fit_stamps(1 + warmup + steps)[1])[warmup:])
+  return Bench({"impl": "keras", "mode": "fit_xla" if jit_compile else "fit", "traced": False},
+               stamps[0] - start, measure)
+
+
+def write_hlo(step, x, y, hlo_dir: str, name: str) -> None:
+  """The XLA step's HLO before (``hlo``) and after (``optimized_hlo``) XLA's passes."""
+  os.makedirs(hlo_dir, exist_ok=True)
+  ir = step.experimental_get_compiler_ir(x, y)
+  for stage in ("hlo", "optimized_hlo"):
+    with open(os.path.join(hlo_dir, f"{name}.{stage}.txt"), "w") as f:
+      f.write(ir(stage=stage))
+
+
+def capture_profile(run: Callable[[], None], profile_dir: str, steps: int) -> None:
+  """A TensorFlow profiler trace of ``steps`` steady steps, step-marked for TensorBoard."""
+  tf.profiler.experimental.start(profile_dir)
+  try:
+    for i in range(steps):
+      with tf.profiler.experimental.Trace("train", step_num=i, _r=1):
+        run()
+  finally:
+    tf.profiler.experimental.stop()
+
+
+def result_row(bench: Bench, model_config: ModelConfig, batch_size: int, peak: float) -> dict:
+  median = statistics.median(bench.times)
+  gflops = train_step_flops(model_config, batch_size) / median / 1e9
+  return {**bench.row, "width": model_config.width, "batch_size": batch_size,
+          "fast_conv": model_config.fast_conv, "compile_s": bench.compile_s,
+          "step_s_median": median, "steps_timed": len(bench.times),
+          "images_per_s": batch_size / median, "gflops": gflops, "peak_fraction": gflops / peak}
+
+
+def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds: int,
+        raw_modes: list[str], keras_jit: list[bool], out_dir: Optional[str],
+        profile_dir: Optional[str] = None, hlo_dir: Optional[str] = None,
+        progress: bool = False) -> dict:
+  """Every configuration of a width is built once, then timed round-robin ``rounds`` times
+  (``steps`` steps each after ``warmup``), so drift on a noisy machine hits all alike; the
+  reported step time is the median of all timed steps. Writes ``profile.json`` into ``out_dir``
+  (None: nothing written) and returns its dict."""
+  import sys
+  from bnraw import outputs
+  from bnraw.config import DataConfig
+  from bnraw.core.step import MODES, resolve_mode
+  from bnraw.errors import UsageError
+  from bnraw.models.seed import make_dataset
+  for mode in raw_modes:
+    if mode not in MODES:
+      raise UsageError("raw_modes", f"unknown mode {mode!r}; expected some of {MODES}")
+  if not all(w > 0 for w in widths) or not widths:
+    raise UsageError("widths", f"need one or more widths > 0, got {widths}")
+  if out_dir is not None:
+    outputs.prepare_out_dir(out_dir)
+  data = make_dataset(DataConfig())
+  peak = matmul_peak_gflops()
+  rows = []
+  say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
+  for width in widths:
+    config = ModelConfig(width=width)
+    benches = []
+    for mode in raw_modes:
+      resolved = resolve_mode(mode)
+      variants = [(False, False)]  # (fast_conv, traced)
+      if resolved != "eager":
+        variants.append((True, False))
+      if resolved == "xla":
+        variants.append((False, True))
+      for fast, traced in variants:
+        variant = dataclasses.replace(config, fast_conv=fast)
+        bench = raw_bench(variant, data.images, data.labels, mode=resolved,
+                          batch_size=batch_size, trace=traced,
+                          hlo_dir=hlo_dir if not (traced or fast) else None)
+        benches.append((variant, bench))
+    for jit in keras_jit:
+      benches.append((config, keras_bench(config, data.images, data.labels, jit_compile=jit,
+                                          batch_size=batch_size)))
+    for r in range(rounds):
+      say(f"width {width:g}: round {r + 1}/{rounds}")
+      for _, bench in benches:
+        bench.times += bench.measure(steps, warmup)
+    for variant, bench in benches:
+      rows.append(result_row(bench, variant, batch_size, peak))
+      say(f"  {bench.row['impl']:5} {bench.row['mode']:9} fast={int(variant.fast_conv)} "
+          f"trace={int(bench.row['traced'])}  {rows[-1]['step_s_median'] * 1e3:8.1f} ms/step")
+    if profile_dir:
+      best_variant, best = min(((v, b) for v, b in benches if b.row["impl"] == "raw"
+                                and not b.row["traced"]),
+                               key=lambda vb: statistics.median(vb[1].times))
+      capture_profile(best.run, os.path.join(profile_dir, f"w{width:g}"), steps=5)
+    del benches
+  result = {"device": device_name(), "matmul_peak_gflops": peak, "rounds": rounds,
+            "results": rows, "environment": outputs.environment()}
+  result["ratios"] = ratios(result)
+  if out_dir is not None:
+    outputs.write_json(os.path.join(out_dir, "profile.json"), result)
+  return result
+
+
+def ratios(result: dict) -> list[dict]:
+  """Per width: best raw / best Keras step time, and trace on/off for raw xla."""
+  out = []
+  for width in sorted({r["width"] for r in result["results"]}):
+    rows = [r for r in result["results"] if r["width"] == width]
+    raw = [r for r in rows if r["impl"] == "raw" and not r["traced"]]
+    exact = [r for r in raw if not r["fast_conv"]]
+    keras = [r for r in rows if r["impl"] == "keras"]
+    entry = {"width": width}
+    if raw and keras:
+      best_keras = min(keras, key=lambda r: r["step_s_median"])
+      for label, candidates in (("", raw), ("exact_", exact)):
+        best = min(candidates, key=lambda r: r["step_s_median"])
+        name = best["mode"] + ("+fast_conv" if best["fast_conv"] else "")
+        entry.update({f"best_{label}raw": name,
+                      f"{label}raw_over_keras": best["step_s_median"] / best_keras["step_s_median"],
+                      f"best_{label}raw_peak_fraction": best["peak_fraction"]})
+      entry["best_keras"] = best_keras["mode"]
+    xla = {r["traced"]: r for r in rows if r["impl"] == "raw" and r["mode"] == "xla"
+           and not r["fast_conv"]}
+    if len(xla) == 2:
+      entry["xla_trace_on_over_off"] = xla[True]["step_s_median"] / xla[False]["step_s_median"]
+    out.append(entry)
+  return out
+
+
+def report(result: dict) -> str:
+  """The table the command prints, with the per-width ratios under it."""
+  lines = [f"device {result['device']}; matmul ceiling {result['matmul_peak_gflops']:.0f} GFLOP/s",
+           f"{'impl':5} {'mode':9} {'fast':>4} {'width':>7} {'batch':>5} {'trace':>5} "
+           f"{'compile s':>9} {'step ms':>9} {'img/s':>8} {'GFLOP/s':>8} {'of peak':>7}"]
+  for r in result["results"]:
+    lines.append(f"{r['impl']:5} {r['mode']:9} {'yes' if r['fast_conv'] else 'no':>4} "
+                 f"{r['width']:>7.4g} {r['batch_size']:>5} "
+                 f"{'on' if r['traced'] else 'off':>5} {r['compile_s']:>9.2f} "
+                 f"{r['step_s_median'] * 1e3:>9.1f} {r['images_per_s']:>8.0f} "
+                 f"{r['gflops']:>8.1f} {r['peak_fraction']:>7.1%}")
+  for entry in result["ratios"]:
+    parts = [f"width {entry['width']:g}:"]
+    if "raw_over_keras" in entry:
+      parts.append(f"best raw ({entry['best_raw']}) / best Keras ({entry['best_keras']}) = "
+                   f"{entry['raw_over_keras']:.2f}; Keras-exact raw ({entry['best_exact_raw']}): "
+                   f"{entry['exact_raw_over_keras']:.2f}")
+    if "xla_trace_on_over_off" in entry:
+      parts.append(f"raw xla trace on/off = {entry['xla_trace_on_over_off']:.3f}")
+    lines.append("  ".join(parts))
+  return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Checkpoints that let a run stop anywhere and continue bit for bit.
+
+A checkpoint is a ``tf.train.Checkpoint`` (every model variable by its Keras-style name, the
+optimizer slots and iteration count), written by a ``CheckpointManager`` under
+``{out_dir}/checkpoints``, plus ``run_state.json`` beside it: the loop's
+:class:`bnraw.core.loop.FitState` (epoch, position in the epoch, running means, the shuffling
+generator's state), the run's configuration and the checkpoint it belongs to. Both are written
+complete-or-absent; the JSON last, so it never points at a checkpoint that is not there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tensorflow as tf
+
+from bnraw import outputs
+from bnraw.core.loop import FitState
+from bnraw.errors import UsageError
+
+STATE_FILE = "run_state.json"
+# Settings that may change between a run and its resumption (section, name).
+MAY_DIFFER = {("train", "epochs"), ("train", "mode"), ("options", "checkpoint_every"),
+              ("options", "break_at")}
+
+
+def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
+  named = {v.name.split(":")[0].replace("/", "."): v for v in model.variables}
+  slots = {f"slot{g}.{i}": v for g, group in enumerate(optimizer.slots)
+           for i, v in enumerate(group)}
+  return tf.train.Checkpoint(iterations=optimizer.iterations, **named, **slots)
+
+
+class Checkpointer:
+  """Saves and restores one run's model, optimizer and loop state in ``out_dir``."""
+
+  def __init__(self, out_dir: str, model, optimizer, config: dict, max_to_keep: int = 2):
+    self.out_dir = out_dir
+    self.config = config
+    self.checkpoint = _checkpoint(model, optimizer)
+    self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(out_dir, "checkpoints"),
+                                              max_to_keep=max_to_keep)
+
+  def save(self, state: FitState, status: str) -> str:
+    path = self.manager.save(checkpoint_number=int(self.checkpoint.iterations.numpy()))
+    outputs.write_json(os.path.join(self.out_dir, STATE_FILE),
+                       {"checkpoint": os.path.basename(path), "status": status,
+                        "config": self.config, "state": dataclasses.asdict(state)})
+    return path
+
+  def restore(self) -> FitState:
+    """Loads the latest checkpoint; refuses one made with other settings."""
+    saved = read_state(self.out_dir)
+    check_config(saved["config"], self.config)
+    path = os.path.join(self.out_dir, "checkpoints", saved["checkpoint"])
+    self.checkpoint.restore(path).assert_existing_objects_matched()
+    return FitState(**saved["state"])
+
+
+def read_state(out_dir: str) -> dict:
+  path = os.path.join(out_dir, STATE_FILE)
+  if not os.path.isfile(path):
+    raise UsageError("resume", f"no {STATE_FILE} in {out_dir}: nothing to resume")
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_config(saved: dict, current: dict) -> None:
+  """Raises a UsageError naming every setting (``section.name``) whose value differs from the
+  saved run's; both are :func:`bnraw.config.record` dicts."""
+  current = json.loads(json.dumps(outputs.jsonable(current)))  # as it would be stored
+  differing = []
+  for section in sorted(set(saved) | set(current)):
+    old, new = saved.get(section, {}), current.get(section, {})
+    for name in sorted(set(old) | set(new)):
+      if (section, name) not in MAY_DIFFER and old.get(name) != new.get(name):
+        differing.append(f"{section}.{name} (run: {old.get(name)!r}, now: {new.get(name)!r})")
+  if differing:
+    raise UsageError("resume", "this run was made with other settings: " + ", ".join(differing))

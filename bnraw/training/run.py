@@ -1,0 +1,148 @@
+"""The train tool: trains the raw seed network, evaluates, writes ``summary.json`` (and the
+trace with ``trace=True``). Plain typed values in, the summary dict out."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import Callable, Optional
+
+from bnraw import config as configs
+from bnraw import outputs
+from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.errors import UsageError
+from bnraw.progress import EpochProgress
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+  """SIGINT/SIGTERM set a flag instead of killing the run; yields ``() -> signal or None``."""
+  caught = []
+
+  def handler(signum, frame):
+    if caught:  # a second signal: stop now
+      raise KeyboardInterrupt
+    caught.append(signum)
+
+  previous = {}
+  try:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      previous[sig] = signal.signal(sig, handler)
+  except ValueError:  # not the main thread: no handlers, never stops early
+    pass
+  try:
+    yield lambda: caught[0] if caught else None
+  finally:
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+
+def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
+        trace: bool = False, progress: bool = True, on_step: Optional[Callable] = None,
+        break_at: Optional[tuple[str, int]] = None, break_action: Optional[Callable] = None,
+        checkpoint_every: int = 0, resume: bool = False) -> dict:
+  """Trains the raw path, evaluates, writes ``summary.json`` (and the trace) into ``out_dir``.
+
+  ``break_at=(layer, step)`` runs eagerly and stops in that layer's moving-average update at
+  that step (``break_action`` replaces the debugger; see bnraw.tracing.debugger). A checkpoint is
+  written every ``checkpoint_every`` epochs (0: only at the end), on SIGINT/SIGTERM (after the
+  current step) and at the end; ``resume`` continues the run in ``out_dir``. The summary's
+  ``status`` is "complete" or "interrupted"; a non-finite step writes the summary with status
+  "non_finite" and raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict
+  (DESIGN.md section 4).
+  """
+  from bnraw.core import loop, step
+  from bnraw.models import seed
+  from bnraw.training.checkpoint import Checkpointer
+  model = model.resolved()
+  parts = seed.build(data, model, train)  # bad input fails here, before anything is written
+  record = configs.record(data, model, train, trace=trace, checkpoint_every=checkpoint_every,
+                          break_at=list(break_at) if break_at else None)
+  hook = None
+  if break_at is not None:
+    from bnraw.tracing.debugger import BreakAt
+    names = [layer.name for layer in parts.model.batch_norms]
+    if break_at[0] not in names:
+      raise UsageError("break_at", f"no BN layer {break_at[0]!r}; layers: {', '.join(names)}")
+    hook = BreakAt(*break_at, parts.optimizer.iterations, break_action)
+  checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record)
+  resume_state = checkpointer.restore() if resume else None
+  outputs.prepare_out_dir(out_dir)
+  mode = "eager" if hook is not None else step.resolve_mode(train.mode)
+  names = [layer.name for layer in parts.model.batch_norms]
+  recorders = [on_step] if on_step is not None else []
+  printer = EpochProgress(train.epochs) if progress else None
+  with contextlib.ExitStack() as stack:
+    if trace:
+      from bnraw.tracing.store import TRACE_FILE, Trace, TraceRecorder
+      from bnraw.tracing.tensorboard import TensorBoardWriter
+      recorder = TraceRecorder(names, model.epsilon)
+      if resume_state is not None and os.path.exists(os.path.join(out_dir, TRACE_FILE)):
+        recorder.extend_from(Trace.load(out_dir), int(parts.optimizer.iterations.numpy()))
+      board = stack.enter_context(TensorBoardWriter(out_dir, names, model.epsilon))
+      recorders += [recorder, board.step]
+
+    def save_trace():
+      if trace:
+        recorder.save(os.path.join(out_dir, TRACE_FILE))
+
+    def on_epoch(epoch, history):
+      if printer:
+        printer(epoch, history)
+      if checkpoint_every and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < train.epochs:
+        save_trace()
+        checkpointer.save(history.state, "running")
+
+    start = time.perf_counter()
+    stopped = stack.enter_context(stop_on_signals())
+    history = loop.fit(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
+                       batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
+                       mode=mode, trace=trace,
+                       on_step=(lambda r: [f(r) for f in recorders]) if recorders else None,
+                       on_epoch=on_epoch, hook=hook, resume=resume_state,
+                       should_stop=lambda: stopped() is not None)
+    summary = {
+        "config": record,
+        "status": history.status,
+        "complete": history.status == "complete",
+        "resolved": {"width": model.width, "mode": mode},
+        "environment": outputs.environment(),
+        "parameters": parts.model.count_parameters(),
+        "history": {"loss": history.loss, "accuracy": history.accuracy},
+        "evaluate": {"loss": None, "accuracy": None},
+        "steps_done": int(parts.optimizer.iterations.numpy()),
+        "train_seconds": time.perf_counter() - start,
+    }
+    if history.status == "complete":
+      eval_loss, eval_accuracy = loop.evaluate(parts.model, parts.data.images, parts.data.labels,
+                                               batch_size=train.batch_size, mode=mode)
+      summary["evaluate"] = {"loss": eval_loss, "accuracy": eval_accuracy}
+      if trace:
+        board.scalars(summary["steps_done"], {"evaluate/loss": eval_loss,
+                                              "evaluate/accuracy": eval_accuracy})
+    if history.status == "non_finite":
+      summary["non_finite"] = {"step": history.error.step, "where": history.error.where}
+      summary["steps_done"] = history.error.step  # the failing step's update is not kept
+    else:  # never checkpoint non-finite weights: the last good checkpoint stays the latest
+      checkpointer.save(history.state, history.status)
+    if history.status == "interrupted":
+      summary["signal"] = stopped()
+    save_trace()
+  outputs.write_json(os.path.join(out_dir, "summary.json"), summary)
+  if history.status == "non_finite":
+    raise history.error
+  return summary
+
+
+def resume(out_dir: str, *, epochs: Optional[int] = None, **kwargs) -> dict:
+  """Continues the run in ``out_dir`` with the settings it was made with (by the command line or
+  by :func:`run`), optionally for more ``epochs``; other keywords go to :func:`run`."""
+  import dataclasses
+  from bnraw.training.checkpoint import read_state
+  data, model, train, options = configs.from_record(read_state(out_dir)["config"])
+  if epochs is not None:
+    train = dataclasses.replace(train, epochs=epochs)
+  options = {k: v for k, v in options.items() if k in ("trace", "checkpoint_every")}
+  return run(data, model, train, out_dir=out_dir, resume=True, **{**options, **kwargs})

@@ -1,0 +1,127 @@
+"""The scripts end to end, and every bad input: one line, exit status 2, nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--width=1/64", "--mode=function"]
+
+
+def run_script(name, *args):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_train_writes_summary(self):
+    with tempfile.TemporaryDirectory() as out:
+      result = run_script("train.py", *TINY, "--epochs=2", "--batch_size=128", f"--out_dir={out}")
+      self.assertEqual(result.returncode, 0, result.stderr)
+      with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+      self.assertEqual(summary["config"]["epochs"], 2)
+      self.assertEqual(summary["config"]["width"], "1/64")
+      self.assertLen(summary["history"]["loss"], 2)
+      self.assertLen(summary["history"]["accuracy"], 2)
+      self.assertTrue(np.isfinite(summary["evaluate"]["loss"]))
+      self.assertGreater(summary["parameters"], 0)
+      self.assertIn("epoch 2/2", result.stderr)
+      self.assertEqual(sorted(os.listdir(out)), ["checkpoints", "run_state.json", "summary.json"])
+      self.assertTrue(summary["complete"])
+
+  def test_diagnose_prints_report_and_writes_contract(self):
+    with tempfile.TemporaryDirectory() as out:
+      result = run_script("diagnose.py", *TINY, "--epochs=3", "--momentum=0",
+                          "--fix=precise_bn", f"--out_dir={out}")
+      self.assertEqual(result.returncode, 0, result.stderr)
+      for needle in ("fit printed", "evaluate gives", "stale_statistics", "dominant cause:",
+                     "fix:", "fixed model: evaluate loss"):
+        self.assertIn(needle, result.stdout)
+      with open(os.path.join(out, "diagnosis.json")) as f:
+        d = json.load(f)
+      for key in ("losses", "attribution", "per_layer", "accuracy"):
+        self.assertIn(key, d)
+      self.assertEqual(set(d["accuracy"]), {"fit", "train_mode_final", "precise_bn",
+                                            "last_batch_stats", "no_bessel", "evaluate"})
+
+  def test_compare_writes_contract(self):
+    with tempfile.TemporaryDirectory() as out:
+      result = run_script("compare.py", *TINY, "--epochs=2", f"--out_dir={out}")
+      self.assertEqual(result.returncode, 0, result.stderr)
+      self.assertIn("loss rel", result.stdout)
+      with open(os.path.join(out, "compare.json")) as f:
+        c = json.load(f)
+      self.assertEqual(c["reference"], "keras3")
+      self.assertTrue(c["synced"])
+      self.assertIsNone(c["first_divergent_step"])
+      self.assertLen(c["steps"], 2)
+      self.assertEqual(set(c["steps"][0]) >= {
+          "step", "loss_raw", "loss_keras", "loss_rel_diff", "moving_mean_max_rel_diff",
+          "moving_variance_max_rel_diff", "update_rel_l2_diff", "weights_max_rel_diff"}, True)
+      self.assertEqual(set(c["evaluate"]) >= {"raw", "keras"}, True)
+
+  def test_diagnose_flag_pairs(self):
+    result = run_script("diagnose.py", "--keras_model=m.keras")
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("--keras_model and --data go together", result.stderr)
+
+  @parameterized.named_parameters(
+      ("negative_width", ["--width=-1"], "--width"),
+      ("zero_width", ["--width=0"], "--width"),
+      ("bad_width", ["--width=wide"], "--width"),
+      ("momentum_high", ["--momentum=1.5"], "--momentum"),
+      ("momentum_low", ["--momentum=-0.1"], "--momentum"),
+      ("epsilon", ["--epsilon=0"], "--epsilon"),
+      ("batch_zero", ["--batch_size=0"], "--batch_size"),
+      ("batch_too_big", ["--batch_size=257"], "--batch_size"),
+      ("epochs", ["--epochs=0"], "--epochs"),
+      ("mode", ["--mode=fast"], "--mode"),
+      ("case", ["--case=3"], "--case"),
+      ("optimizer", ["--optimizer=rmsprop"], "--optimizer"),
+      ("block", ["--block=20:40"], "--block"),
+      ("bessel_batch_of_one", ["--bessel", "--batch_size=5"], "--bessel"),
+      ("stray_argument", ["extra"], "unexpected arguments"),
+  )
+  def test_bad_flag(self, args, needle):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "out")
+      result = run_script("train.py", *args, f"--out_dir={out}")
+      self.assertEqual(result.returncode, 2, result.stderr)
+      lines = result.stderr.strip().splitlines()
+      self.assertLen(lines, 1, result.stderr)
+      self.assertIn(needle, lines[0])
+      self.assertNotIn("Traceback", result.stderr)
+      self.assertFalse(os.path.exists(out))
+
+  def test_bad_inputs_found_after_start(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      not_image = os.path.join(tmp, "x.png")
+      with open(not_image, "w") as f:
+        f.write("text")
+      blocker = os.path.join(tmp, "file")
+      open(blocker, "w").close()
+      cases = [([f"--image={tmp}/missing.jpg"], "--image: no such file"),
+               ([f"--image={not_image}"], "--image: not an image"),
+               ([f"--out_dir={blocker}/sub"], "--out_dir"),
+               ([f"--out_dir={blocker}"], "--out_dir")]
+      for args, needle in cases:
+        out = os.path.join(tmp, "out")
+        result = run_script("train.py", *TINY, "--epochs=1", f"--out_dir={out}", *args)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(result.stderr.strip().splitlines()[-1].split("error: ")[-1][:len(needle)],
+                         needle, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertFalse(os.path.exists(out))
+
+
+if __name__ == "__main__":
+  tf.test.main()

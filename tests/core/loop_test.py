@@ -1,0 +1,103 @@
+"""The explicit loop: the trace is the state, runs are deterministic, fit's bookkeeping is
+Keras's, the optimizers in closed form."""
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw.core import loop, ops
+from bnraw.core.step import make_train_step, resolve_mode
+from bnraw.config import ModelConfig
+from bnraw.models.seed import seed_network
+from bnraw.core.optim import Adam, SGD
+
+CONFIG = ModelConfig(width=1 / 32)
+
+
+def data(n=32, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.uniform(0, 1, (n, 29, 29, 3)).astype(np.float32),
+          rng.permutation(256)[:n].astype(np.int32))
+
+
+class LoopTest(tf.test.TestCase):
+
+  def test_trace_equals_model_variables_after_step(self):
+    for mode in ("eager", "function", "xla"):
+      net = seed_network(CONFIG, seed=1)
+      opt = Adam(net.trainable_variables)
+      x, y = data()
+      step = make_train_step(net, opt, mode=mode, trace=True)
+      for _ in range(2):
+        before = [layer.moving_mean.numpy().copy() for layer in net.batch_norms]
+        out = step(tf.constant(x), tf.constant(y))
+        for i, layer in enumerate(net.batch_norms):
+          self.assertAllEqual(out["trace"]["moving_mean_before"][i], before[i])
+          self.assertAllEqual(out["trace"]["moving_mean_after"][i], layer.moving_mean)
+          self.assertAllEqual(out["trace"]["moving_variance_after"][i], layer.moving_variance)
+
+  def test_adam_first_step_closed_form(self):
+    w = tf.Variable([1.0, -2.0])
+    opt = Adam([w], lr=0.1)
+    g = np.array([0.5, -3.0], np.float32)
+    opt.apply([tf.constant(g)])
+    # t = 1: m = 0.1 g, v = 0.001 g^2, alpha = lr sqrt(0.001) / 0.1 -> step = lr * g/|g| (eps aside)
+    self.assertAllClose(w, [1.0 - 0.1, -2.0 + 0.1], atol=1e-5)
+    self.assertEqual(int(opt.iterations), 1)
+
+  def test_sgd_nesterov_closed_form(self):
+    w = tf.Variable([1.0])
+    opt = SGD([w], lr=0.1, momentum=0.9, nesterov=True)
+    opt.apply([tf.constant([1.0])])  # m = -0.1; w += 0.9 m - 0.1 = -0.19
+    self.assertAllClose(w, [0.81])
+    opt.apply([tf.constant([1.0])])  # m = -0.19; w += -0.171 - 0.1
+    self.assertAllClose(w, [0.81 - 0.271])
+
+  def test_deterministic_history(self):
+    x, y = data(64)
+
+    def run():
+      net = seed_network(CONFIG, seed=2)
+      opt = Adam(net.trainable_variables)
+      return loop.fit(net, opt, x, y, batch_size=24, epochs=2, seed=5, mode="function")
+
+    a, b = run(), run()
+    self.assertEqual(a.loss, b.loss)
+    self.assertEqual(a.accuracy, b.accuracy)
+    for p, q in zip(a.permutations, b.permutations):
+      self.assertAllEqual(p, q)
+
+  def test_partial_last_batch_and_epoch_mean(self):
+    x, y = data(40)
+    net = seed_network(CONFIG, seed=2)
+    opt = Adam(net.trainable_variables)
+    records = []
+    history = loop.fit(net, opt, x, y, batch_size=16, epochs=1, seed=0, mode="function",
+                       on_step=records.append)
+    self.assertEqual([len(r.batch) for r in records], [16, 16, 8])
+    self.assertEqual(sorted(np.concatenate([r.batch for r in records])), list(range(40)))
+    weighted = sum(r.loss * len(r.batch) for r in records) / 40
+    self.assertAllClose(history.loss[0], weighted, rtol=1e-6)
+    self.assertEqual(int(opt.iterations), 3)
+
+  def test_evaluate_is_inference_and_stateless(self):
+    x, y = data(16)
+    net = seed_network(CONFIG, seed=2)
+    before = [v.numpy().copy() for v in net.variables]
+    loss, accuracy = loop.evaluate(net, x, y, batch_size=16, mode="function")
+    expected = net(tf.constant(x), training=False).logits
+    self.assertAllClose(loss, ops.softmax_cross_entropy(expected, y), rtol=1e-6)
+    for value, var in zip(before, net.variables):
+      self.assertAllEqual(value, var)
+
+  def test_auto_mode_on_cpu(self):
+    # conftest hides any GPU, so this is a CPU-only process: Keras's jit_compile="auto" is off
+    self.assertEqual(tf.config.list_physical_devices("GPU"), [])
+    self.assertEqual(resolve_mode("auto"), "function")
+    for mode in ("eager", "function", "xla"):
+      self.assertEqual(resolve_mode(mode), mode)
+    with self.assertRaisesRegex(ValueError, "unknown mode 'jit'"):
+      resolve_mode("jit")
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,74 @@
+"""FLOP counts against a hand calculation, and a tiny profile run's profile.json."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import tensorflow as tf
+
+from bnraw.config import ModelConfig
+from bnraw.profiling.bench import forward_flops, train_step_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class FlopsTest(tf.test.TestCase):
+
+  def test_width_1_16_by_hand(self):
+    # (output side, kernel, in, out) of each conv at width 1/16, then the two dense layers.
+    convs = [(23, 7, 3, 4), (17, 7, 4, 8), (13, 5, 8, 16), (9, 5, 16, 32), (5, 5, 32, 64),
+             (3, 3, 64, 128), (1, 3, 128, 256)]
+    per_image = sum(2 * s * s * k * k * i * o for s, k, i, o in convs)
+    per_image += 2 * 256 * 64 + 2 * 64 * 256
+    self.assertEqual(forward_flops(ModelConfig(width=1 / 16), 1), per_image)
+    self.assertEqual(train_step_flops(ModelConfig(width=1 / 16), 256), 3 * 256 * per_image)
+    self.assertAllClose(train_step_flops(ModelConfig(width=1 / 16), 256) / 1e9, 7.1, rtol=0.01)
+
+  def test_full_width_by_hand(self):
+    convs = [(23, 7, 3, 64), (17, 7, 64, 128), (13, 5, 128, 256), (9, 5, 256, 512),
+             (5, 5, 512, 1024), (3, 3, 1024, 2048), (1, 3, 2048, 4096)]
+    per_image = sum(2 * s * s * k * k * i * o for s, k, i, o in convs)
+    per_image += 2 * 4096 * 1024 + 2 * 1024 * 256
+    self.assertEqual(forward_flops(ModelConfig(width=1.0), 1), per_image)
+    # DESIGN.md: about 1.69 TFLOP per training step of 256 images.
+    self.assertAllClose(train_step_flops(ModelConfig(width=1.0), 256) / 1e12, 1.69, rtol=0.01)
+
+
+class ProfileScriptTest(tf.test.TestCase):
+
+  def test_tiny_profile_run(self):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with tempfile.TemporaryDirectory() as out:
+      result = subprocess.run(
+          [sys.executable, os.path.join(ROOT, "scripts", "profile_xla.py"), "--widths=1/64",
+           "--batch_size=32", "--steps=2", "--warmup=0", "--rounds=1",
+           "--raw_modes=function,xla", "--keras_jit=false", f"--out_dir={out}",
+           f"--hlo_dir={out}/hlo"], capture_output=True, text=True, env=env, timeout=600)
+      self.assertEqual(result.returncode, 0, result.stderr)
+      with open(os.path.join(out, "profile.json")) as f:
+        profile = json.load(f)
+      self.assertGreater(profile["matmul_peak_gflops"], 0)
+      self.assertIn("device", profile)
+      rows = profile["results"]
+      self.assertEqual([(r["impl"], r["mode"], r["fast_conv"], r["traced"]) for r in rows],
+                       [("raw", "function", False, False), ("raw", "function", True, False),
+                        ("raw", "xla", False, False), ("raw", "xla", True, False),
+                        ("raw", "xla", False, True), ("keras", "fit", False, False)])
+      for row in rows:
+        for key in ("width", "batch_size", "compile_s", "step_s_median", "images_per_s",
+                    "gflops", "peak_fraction"):
+          self.assertGreater(row[key], 0, msg=key)
+        self.assertAllClose(row["gflops"], train_step_flops(ModelConfig(width=1 / 64), 32)
+                            / row["step_s_median"] / 1e9, rtol=1e-6)
+      self.assertIn("xla_trace_on_over_off", profile["ratios"][0])
+      self.assertIn("raw_over_keras", profile["ratios"][0])
+      self.assertIn("best raw", result.stdout)
+      hlo = sorted(os.listdir(os.path.join(out, "hlo")))
+      self.assertEqual(hlo, ["raw_w0.015625_trace0.hlo.txt",
+                             "raw_w0.015625_trace0.optimized_hlo.txt"])
+
+
+if __name__ == "__main__":
+  tf.test.main()

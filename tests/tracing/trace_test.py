@@ -1,0 +1,139 @@
+"""The step trace: contents, npz round trip, summaries, the inspect script and the debug hook."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw import training
+from bnraw.core.loop import fit
+from bnraw.core.step import make_train_step
+from bnraw.models import seed
+from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.tracing.debugger import BreakAt, parse_break_at
+from bnraw.errors import UsageError
+from bnraw.tracing.store import Trace, TraceRecorder, summarize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL = ModelConfig(width=1 / 32)
+TRAIN = TrainConfig(batch_size=128, epochs=1, mode="function")
+
+
+class TraceTest(tf.test.TestCase):
+
+  def test_recorded_trace_matches_variables_and_round_trips(self):
+    parts = seed.build(DataConfig(), MODEL, TRAIN)
+    recorder = TraceRecorder([layer.name for layer in parts.model.batch_norms], MODEL.epsilon)
+    snapshots = []
+
+    def on_step(record):
+      recorder(record)
+      snapshots.append([(l.moving_mean.numpy(), l.moving_variance.numpy())
+                        for l in parts.model.batch_norms])
+
+    fit(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
+             batch_size=128, epochs=1, seed=0, mode="function", trace=True, on_step=on_step)
+    with tempfile.TemporaryDirectory() as tmp:
+      recorder.save(os.path.join(tmp, "trace.npz"))
+      trace = Trace.load(tmp)
+    self.assertAllEqual(trace.steps, [0, 1])
+    for step in (0, 1):
+      for i, name in enumerate(trace.layers):
+        at = trace.at(name, step)
+        self.assertEqual(at.branch, "training")
+        self.assertAllEqual(at.values["moving_mean_after"], snapshots[step][i][0])
+        self.assertAllEqual(at.values["moving_variance_after"], snapshots[step][i][1])
+        if step == 1:  # the update chains: after(0) == before(1)
+          self.assertAllEqual(at.values["moving_mean_before"], snapshots[0][i][0])
+        # Keras's update, in closed form, from the traced values
+        expected = (0.9 * at.values["moving_mean_before"].astype(np.float64)
+                    + 0.1 * at.values["batch_mean"])
+        self.assertAllClose(at.values["moving_mean_after"], expected, rtol=1e-5, atol=1e-7)
+    self.assertEqual(trace.series("bn_1", "batch_mean").shape, (2, 2))
+    with self.assertRaisesRegex(KeyError, "not in trace"):
+      trace.at("bn_1", 5)
+
+  def test_summaries_closed_form(self):
+    values = {"batch_mean": np.array([[1.0, 2.0]]), "moving_mean_before": np.array([[0.0, 2.5]]),
+              "batch_variance": np.array([[0.01, 4.0]]),
+              "moving_variance_before": np.array([[1.0, 1.0]])}
+    s = summarize(values, epsilon=0.0)
+    self.assertAllClose(s["mean_gap"], [1.0])
+    self.assertAllClose(s["variance_gap"], [3.0])
+    self.assertAllClose(s["min_batch_variance"], [0.01])
+    self.assertAllClose(s["max_amplification"], [10.0])
+    trace = Trace({"layers": np.array(["bn_1"]), "step": np.array([3, 4, 5]),
+                   "bn_1/max_amplification": np.array([1.0, 20.0, 30.0])})
+    self.assertEqual(trace.first_step_where("bn_1", "max_amplification", 10), 4)
+    self.assertIsNone(trace.first_step_where("bn_1", "max_amplification", 50))
+
+
+class DebugHookTest(tf.test.TestCase):
+
+  def test_break_at_runs_once_at_layer_and_step_with_values(self):
+    seen = []
+
+    def action(layer, moving, batch):
+      seen.append((layer.name, layer.moving_mean.numpy().copy(), moving.mean.numpy(),
+                   batch.mean.numpy()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+      training.run(DataConfig(), MODEL, TRAIN, out_dir=tmp, progress=False,
+                       break_at=("bn_3", 1), break_action=action)
+    self.assertLen(seen, 1)
+    name, variable_now, moving_before, batch_mean = seen[0]
+    self.assertEqual(name, "bn_3")
+    self.assertAllEqual(variable_now, moving_before)  # stopped *before* the assignment
+    self.assertEqual(batch_mean.shape, (8,))
+
+  def test_parse_and_bad_layer(self):
+    self.assertEqual(parse_break_at("bn_2:7"), ("bn_2", 7))
+    with self.assertRaisesRegex(UsageError, "break_at"):
+      parse_break_at("bn_2")
+    with tempfile.TemporaryDirectory() as tmp:
+      with self.assertRaisesRegex(UsageError, "no BN layer 'bn_9'"):
+        training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(tmp, "o"),
+                         progress=False, break_at=("bn_9", 0))
+      self.assertFalse(os.path.exists(os.path.join(tmp, "o")))
+
+  def test_hook_needs_eager(self):
+    parts = seed.build(DataConfig(), MODEL, TRAIN)
+    hook = BreakAt("bn_1", 0, parts.optimizer.iterations, lambda *a: None)
+    with self.assertRaisesRegex(ValueError, "eager"):
+      make_train_step(parts.model, parts.optimizer, mode="function", trace=False, hook=hook)
+
+
+class InspectScriptTest(tf.test.TestCase):
+
+  def test_inspect_a_traced_run(self):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    script = lambda name: os.path.join(ROOT, "scripts", name)
+    with tempfile.TemporaryDirectory() as out:
+      train = subprocess.run([sys.executable, script("train.py"), "--width=1/32", "--epochs=2",
+                              "--batch_size=128", "--mode=function", "--trace",
+                              f"--out_dir={out}"], capture_output=True, text=True, env=env)
+      self.assertEqual(train.returncode, 0, train.stderr)
+      self.assertTrue(os.listdir(os.path.join(out, "tensorboard")))
+      shown = subprocess.run([sys.executable, script("inspect_trace.py"), f"--run_dir={out}",
+                              "--layer=bn_2", "--step=3"], capture_output=True, text=True,
+                             env=env)
+      self.assertEqual(shown.returncode, 0, shown.stderr)
+      self.assertIn("bn_2 at step 3 (epoch 2), branch: training", shown.stdout)
+      self.assertIn("implied momentum 0.9", shown.stdout)
+      trace = Trace.load(out)
+      self.assertIn(f"{trace.at('bn_2', 3).values['batch_mean'][0]:+.6g}", shown.stdout)
+      where = subprocess.run([sys.executable, script("inspect_trace.py"), f"--run_dir={out}",
+                              "--where=max_amplification", "--above=0"],
+                             capture_output=True, text=True, env=env)
+      self.assertIn("bn_8: max_amplification > 0 first at step 0", where.stdout)
+      bad = subprocess.run([sys.executable, script("inspect_trace.py"), f"--run_dir={out}",
+                            "--layer=bn_2", "--step=99"], capture_output=True, text=True, env=env)
+      self.assertEqual(bad.returncode, 2)
+      self.assertIn("--step: 99 is not in the trace", bad.stderr)
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,133 @@
+"""Long runs that lose nothing: resume equivalence, SIGINT, the NaN guard, mismatched resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw import training
+from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.errors import UsageError
+from bnraw.tracing.store import Trace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL = ModelConfig(width=1 / 32)
+TRAIN = TrainConfig(batch_size=96, epochs=3, mode="function")  # 3 steps per epoch
+
+
+def interrupt_at(step):
+  """An on_step callback that delivers SIGINT to this process after ``step``."""
+  def on_step(record):
+    if record.step == step:
+      os.kill(os.getpid(), signal.SIGINT)
+  return on_step
+
+
+class ResumeTest(tf.test.TestCase):
+
+  def test_interrupted_and_resumed_equals_uninterrupted(self):
+    with tempfile.TemporaryDirectory() as whole, tempfile.TemporaryDirectory() as parts:
+      reference = training.run(DataConfig(), MODEL, TRAIN, out_dir=whole, trace=True,
+                                   progress=False)
+      for stop_step in (4, 6):  # mid-epoch, then end of an epoch
+        first = training.run(DataConfig(), MODEL, TRAIN, out_dir=parts, trace=True,
+                                 progress=False, on_step=interrupt_at(stop_step),
+                                 resume=stop_step == 6)
+        self.assertEqual(first["status"], "interrupted")
+        self.assertFalse(first["complete"])
+        self.assertEqual(first["steps_done"], stop_step + 1)
+        self.assertEqual(first["signal"], signal.SIGINT)
+      resumed = training.run(DataConfig(), MODEL, TRAIN, out_dir=parts, trace=True,
+                                 progress=False, resume=True)
+      self.assertEqual(resumed["status"], "complete")
+      self.assertEqual(resumed["history"], reference["history"])  # bit-identical, float32 means
+      self.assertEqual(resumed["evaluate"], reference["evaluate"])
+      a, b = Trace.load(whole), Trace.load(parts)
+      self.assertAllEqual(b.steps, np.arange(9))  # no gaps, no duplicates
+      for key, value in a.arrays.items():
+        self.assertAllEqual(b.arrays[key], value, msg=key)
+
+  def test_checkpoint_every_and_longer_resume(self):
+    with tempfile.TemporaryDirectory() as out:
+      training.run(DataConfig(), MODEL, TRAIN, out_dir=out, progress=False,
+                       checkpoint_every=1)
+      with open(os.path.join(out, "run_state.json")) as f:
+        state = json.load(f)
+      self.assertEqual(state["status"], "complete")
+      self.assertEqual(state["state"]["epoch"], 3)
+      longer = TrainConfig(batch_size=96, epochs=5, mode="function")
+      more = training.run(DataConfig(), MODEL, longer, out_dir=out, progress=False,
+                              resume=True)
+      self.assertLen(more["history"]["loss"], 5)
+      self.assertEqual(more["steps_done"], 15)
+
+  def test_mismatched_resume_is_refused(self):
+    with tempfile.TemporaryDirectory() as out:
+      training.run(DataConfig(), MODEL, TRAIN, out_dir=out, progress=False)
+      other = TrainConfig(batch_size=96, epochs=3, mode="function", lr=0.01)
+      with self.assertRaisesRegex(UsageError, r"--resume: .*--lr \(run: 0.001, now: 0.01\)"):
+        training.run(DataConfig(), MODEL, other, out_dir=out, progress=False, resume=True)
+      with self.assertRaisesRegex(UsageError, "nothing to resume"):
+        training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(out, "new"),
+                         progress=False, resume=True)
+
+  def test_non_finite_is_caught_with_step_and_layer(self):
+    with tempfile.TemporaryDirectory() as out:
+      wild = TrainConfig(batch_size=96, epochs=3, mode="xla", optimizer="sgd", lr=1e12)
+      summary = training.run(DataConfig(), MODEL, wild, out_dir=out, trace=True,
+                                 progress=False)
+      self.assertEqual(summary["status"], "non_finite")
+      bad = summary["non_finite"]
+      self.assertGreater(bad["step"], 0)
+      self.assertRegex(bad["where"], r"^(bn_[1-8]|the loss)$")
+      trace = Trace.load(out)
+      self.assertAllEqual(trace.steps, np.arange(bad["step"]))  # everything before it, kept
+      self.assertTrue(np.isfinite(trace.arrays["loss"]).all())
+      self.assertFalse(os.path.exists(os.path.join(out, "run_state.json")))  # no NaN checkpoint
+
+
+class SignalScriptTest(tf.test.TestCase):
+
+  def test_sigint_to_child_then_resume(self):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with tempfile.TemporaryDirectory() as out:
+      args = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--width=1/32",
+              "--mode=function", "--epochs=400", "--batch_size=128", f"--out_dir={out}"]
+      child = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+      lines = []
+      for line in child.stderr:  # non-tty progress: a line at epoch 1, then every 20
+        lines.append(line)
+        if line.startswith("epoch 1/400"):
+          child.send_signal(signal.SIGINT)
+          break
+      rest = child.communicate(timeout=120)[1]
+      self.assertEqual(child.returncode, 128 + signal.SIGINT, "".join(lines) + rest)
+      self.assertIn("--resume", rest)
+      with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+      self.assertEqual(summary["status"], "interrupted")
+      self.assertNotIn("Traceback", rest)
+      done = subprocess.run(args[:-3] + ["--epochs=3", "--batch_size=128", f"--out_dir={out}",
+                                         "--resume"], capture_output=True, text=True, env=env)
+      self.assertEqual(done.returncode, 0, done.stderr)
+      with open(os.path.join(out, "summary.json")) as f:
+        self.assertEqual(json.load(f)["status"], "complete")
+
+  def test_non_finite_exit_status(self):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with tempfile.TemporaryDirectory() as out:
+      result = subprocess.run(
+          [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--width=1/32",
+           "--mode=function", "--epochs=3", "--optimizer=sgd", "--lr=1e12", f"--out_dir={out}"],
+          capture_output=True, text=True, env=env)
+      self.assertEqual(result.returncode, 3, result.stderr)
+      self.assertRegex(result.stderr, r"non-finite value at step \d+, first in (bn_\d|the loss)")
+
+
+if __name__ == "__main__":
+  tf.test.main()
