@@ -5,6 +5,7 @@ not tell the core's imports from TensorFlow's)."""
 
 import ast
 import os
+import subprocess
 import sys
 import unittest
 
@@ -60,6 +61,18 @@ class LayeringTest(unittest.TestCase):
       for name in imports(path):
         with self.subTest(module=os.path.relpath(path, ROOT)):
           self.assertFalse(name.startswith("absl"), name)
+
+
+class FastRefusalTest(unittest.TestCase):
+
+  def test_command_modules_import_no_tensorflow(self):
+    # flags are parsed and checked before TensorFlow loads: a bad flag costs no start-up
+    for command in ("train", "compare", "diagnose", "inspect_trace", "profile_xla"):
+      code = f"import sys, bnraw.cli.{command}; print('tensorflow' in sys.modules)"
+      out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=ROOT)
+      self.assertEqual(out.returncode, 0, out.stderr)
+      self.assertEqual(out.stdout.strip(), "False", command)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@
 128+s  stopped by signal s (130: Ctrl-C); a train run leaves a checkpoint to ``--resume``
 =====  ====================================================================================
 
-Each command module (``bnraw/cli/*.py``) defines its flags at the top and a short ``main`` that
-maps them onto typed configs and calls one library function; ``console()`` is ``run(main)``.
+Each command module (``bnraw/cli/*.py``) defines its flags at the top, a ``check`` that refuses
+bad or meaningless flag combinations before TensorFlow is imported, and a short ``main`` that
+maps the flags onto typed configs and calls one library function; ``console()`` is
+``run(main, check)``.
 ``scripts/*.py`` run the same modules; setup.cfg installs them as ``bnraw-*`` commands.
 """
 
@@ -74,8 +76,10 @@ def _usage_message(error) -> str:
   return str(error)
 
 
-def run(main: Callable[[list[str]], Optional[int]]) -> None:
-  """``app.run(main)`` with the exit-status policy above; bad flags never import TensorFlow."""
+def run(main: Callable[[list[str]], Optional[int]],
+        check: Optional[Callable[[list[str]], None]] = None) -> None:
+  """``app.run(main)`` with the exit-status policy above; ``check(argv)`` runs first, before
+  TensorFlow is imported, so bad flags cost no start-up."""
   from absl import app, flags, logging
   from bnraw.errors import UsageError
 
@@ -88,15 +92,18 @@ def run(main: Callable[[list[str]], Optional[int]]) -> None:
   def guarded(argv):
     if not flags.FLAGS["verbosity"].present:  # TF's INFO lines (checkpoint sharding...) are noise
       logging.set_verbosity(logging.WARNING)
-    import_tensorflow_quietly()
-    from bnraw.core.loop import NonFiniteError
     try:
-      return main(argv)
+      if check is not None:
+        check(argv)
+      import_tensorflow_quietly()
+      from bnraw.core.loop import NonFiniteError
+      try:
+        return main(argv)
+      except NonFiniteError as e:
+        print(f"{_name()}: {e}; stopped.", file=sys.stderr)
+        return EXIT_NON_FINITE
     except UsageError as e:
       _fail(_usage_message(e))
-    except NonFiniteError as e:
-      print(f"{_name()}: {e}; stopped.", file=sys.stderr)
-      return EXIT_NON_FINITE
     except KeyboardInterrupt:
       print(f"{_name()}: interrupted.", file=sys.stderr)
       return exit_status_for_signal(2)

@@ -26,8 +26,12 @@ flags.register_multi_flags_validator(
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def check(argv):
   common.reject_extra_args(argv)
+  common.refuse_ignored_seed_flags()
+
+
+def main(argv):
   from bnraw import parity
   data, model, train = common.configs()
   result = parity.run(data, model, train, out_dir=FLAGS.out_dir, reference=FLAGS.reference,
@@ -37,7 +41,7 @@ def main(argv):
 
 
 def console():
-  app.run(main)
+  app.run(main, check)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,18 @@ flags.register_multi_flags_validator(
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def check(argv):
   common.reject_extra_args(argv)
-  from bnraw import diagnosis
   if FLAGS.keras_model:
     common.refuse_present((*common.SEED_FLAGS, "impl", "trace", "every"),
                           "describes the seed setup; it has no meaning with --keras_model")
+  else:
+    common.refuse_ignored_seed_flags()
+
+
+def main(argv):
+  from bnraw import diagnosis
+  if FLAGS.keras_model:
     result = diagnosis.run_keras_model(FLAGS.keras_model, FLAGS.data,
                                        batch_size=FLAGS.batch_size, out_dir=FLAGS.out_dir,
                                        fix=FLAGS.fix)
@@ -61,7 +67,7 @@ def main(argv):
 
 
 def console():
-  app.run(main)
+  app.run(main, check)
 
 
 if __name__ == "__main__":

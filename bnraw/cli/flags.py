@@ -45,6 +45,18 @@ def parse_block(text: str) -> tuple[int, int]:
   return start, stop
 
 
+def parse_break_at(text: str) -> tuple[str, int]:
+  """``"bn_3:41"`` -> ("bn_3", 41)."""
+  try:
+    layer, step = text.split(":")
+    step = int(step)
+  except ValueError:
+    raise UsageError("break_at", f"expected LAYER:STEP such as bn_3:41, got {text!r}") from None
+  if step < 0:
+    raise UsageError("break_at", f"step must be >= 0, got {step}")
+  return layer, step
+
+
 def _check(name: str, parse: Callable) -> None:
   """Registers ``parse`` as the validator of flag ``name``, its ValueError text as the message."""
   def validator(value):
@@ -126,6 +138,17 @@ def resolve_width() -> float:
   why = "a GPU is present" if width == 1.0 else "no GPU found; --width=1 is the full network"
   print(f"width: {fractions.Fraction(width)} ({why})", file=sys.stderr)
   return width
+
+
+def refuse_ignored_seed_flags() -> None:
+  """Flags given on the command line that the other flags make meaningless: exit 2, not a
+  silently ignored value."""
+  if FLAGS.case == "1":
+    refuse_present(("image", "block"), "case 1 has no photo or block (every pixel is i)")
+  if not FLAGS.bessel:
+    refuse_present(("bessel_scope",), "only applies with --bessel")
+  if FLAGS.optimizer != "sgd":
+    refuse_present(("sgd_momentum", "nesterov"), "only applies with --optimizer=sgd")
 
 
 def configs() -> tuple[DataConfig, ModelConfig, TrainConfig]:

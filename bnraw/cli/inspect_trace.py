@@ -54,8 +54,19 @@ def describe(trace, layer: str, step: int, limit: int) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
+def check(argv):
   common.reject_extra_args(argv)
+  if FLAGS.where:
+    if FLAGS.above is None:
+      raise UsageError("above", "--where needs --above")
+    common.refuse_present(("step", "channels"), "prints one update; --where finds steps")
+  else:
+    common.refuse_present(("above",), "needs --where")
+    if FLAGS.layer is None or FLAGS.step is None:
+      raise UsageError("layer", "give --layer and --step, or --where and --above")
+
+
+def main(argv):
   import os
   from bnraw.tracing.store import TRACE_FILE, Trace
   path = os.path.join(FLAGS.run_dir, TRACE_FILE)
@@ -65,23 +76,19 @@ def main(argv):
   if FLAGS.layer is not None and FLAGS.layer not in trace.layers:
     raise UsageError("layer", f"no layer {FLAGS.layer!r}; layers: {', '.join(trace.layers)}")
   if FLAGS.where:
-    if FLAGS.above is None:
-      raise UsageError("above", "--where needs --above")
     for layer in [FLAGS.layer] if FLAGS.layer else trace.layers:
       step = trace.first_step_where(layer, FLAGS.where, FLAGS.above)
       print(f"{layer}: {FLAGS.where} > {FLAGS.above:g} first at step "
             f"{'never' if step is None else step}")
     return
-  if FLAGS.layer is None or FLAGS.step is None:
-    raise UsageError("layer", "give --layer and --step, or --where and --above")
   if FLAGS.step not in set(trace.steps.tolist()):
     raise UsageError("step", f"{FLAGS.step} is not in the trace (steps "
-                         f"{trace.steps.min()}..{trace.steps.max()})")
+                     f"{trace.steps.min()}..{trace.steps.max()})")
   print(describe(trace, FLAGS.layer, FLAGS.step, FLAGS.channels))
 
 
 def console():
-  app.run(main)
+  app.run(main, check)
 
 
 if __name__ == "__main__":

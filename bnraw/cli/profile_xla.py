@@ -28,7 +28,8 @@ flags.DEFINE_string("out_dir", "runs/profile", "Directory for profile.json.")
 FLAGS = flags.FLAGS
 
 
-def _validate():
+def check(argv):
+  common.reject_extra_args(argv)
   for text in FLAGS.widths:
     try:
       common.parse_width(text)
@@ -37,14 +38,14 @@ def _validate():
   for mode in FLAGS.raw_modes:
     if mode not in ("eager", "function", "xla", "auto"):
       raise UsageError("raw_modes", f"unknown mode {mode!r}")
+  if FLAGS.hlo_dir and "xla" not in FLAGS.raw_modes:
+    raise UsageError("hlo_dir", "needs xla in --raw_modes (HLO is the xla step's)")
   for value in FLAGS.keras_jit:
     if value not in ("false", "true"):
       raise UsageError("keras_jit", f"expected false or true, got {value!r}")
 
 
 def main(argv):
-  common.reject_extra_args(argv)
-  _validate()
   from bnraw import profiling
   result = profiling.run(
       widths=[common.parse_width(w) for w in FLAGS.widths], batch_size=FLAGS.batch_size,
@@ -56,7 +57,7 @@ def main(argv):
 
 
 def console():
-  app.run(main)
+  app.run(main, check)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from absl import flags
 
 from bnraw.cli import app
 from bnraw.cli import flags as common
-from bnraw.errors import UsageError
 
 common.define_common_flags(out_dir="runs/train", trace=True)
 flags.DEFINE_string("break_at", None, "LAYER:STEP, e.g. bn_3:41: run eagerly and stop in the "
@@ -23,11 +22,17 @@ flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last 
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def check(argv):
   common.reject_extra_args(argv)
+  common.refuse_ignored_seed_flags()
+  if FLAGS.break_at:
+    common.parse_break_at(FLAGS.break_at)
+    common.refuse_present(("mode",), "--break_at runs every step eagerly")
+
+
+def main(argv):
   from bnraw import training
-  from bnraw.tracing.debugger import parse_break_at
-  break_at = parse_break_at(FLAGS.break_at) if FLAGS.break_at else None
+  break_at = common.parse_break_at(FLAGS.break_at) if FLAGS.break_at else None
   data, model, train = common.configs()
   summary = training.run(data, model, train, out_dir=FLAGS.out_dir, trace=FLAGS.trace,
                          break_at=break_at, checkpoint_every=FLAGS.checkpoint_every,
@@ -46,7 +51,7 @@ def main(argv):
 
 
 def console():
-  app.run(main)
+  app.run(main, check)
 
 
 if __name__ == "__main__":

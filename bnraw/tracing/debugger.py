@@ -15,20 +15,6 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
-from bnraw.errors import UsageError
-
-
-def parse_break_at(text: str) -> tuple[str, int]:
-  """``"bn_3:41"`` -> ("bn_3", 41)."""
-  try:
-    layer, step = text.split(":")
-    step = int(step)
-  except ValueError:
-    raise UsageError("break_at", f"expected LAYER:STEP such as bn_3:41, got {text!r}") from None
-  if step < 0:
-    raise UsageError("break_at", f"step must be >= 0, got {step}")
-  return layer, step
-
 
 class BreakAt:
   """A BN update hook that runs ``action(layer, moving, batch)`` once, at ``layer`` and ``step``

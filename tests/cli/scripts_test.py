@@ -28,8 +28,8 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       self.assertEqual(result.returncode, 0, result.stderr)
       with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
-      self.assertEqual(summary["config"]["epochs"], 2)
-      self.assertEqual(summary["config"]["width"], "1/64")
+      self.assertEqual(summary["config"]["train"]["epochs"], 2)
+      self.assertEqual(summary["config"]["model"]["width"], 1 / 64)  # typed, as the library's
       self.assertLen(summary["history"]["loss"], 2)
       self.assertLen(summary["history"]["accuracy"], 2)
       self.assertTrue(np.isfinite(summary["evaluate"]["loss"]))
@@ -100,6 +100,35 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       self.assertLen(lines, 1, result.stderr)
       self.assertIn(needle, lines[0])
       self.assertNotIn("Traceback", result.stderr)
+      self.assertFalse(os.path.exists(out))
+
+  @parameterized.named_parameters(
+      ("diagnose_keras_trace", "diagnose.py", ["--impl=keras", "--trace"], "--impl=raw"),
+      ("compare_has_no_trace", "compare.py", ["--trace"], "Unknown command line flag 'trace'"),
+      ("perturb_synced", "compare.py", ["--perturb=1e-6"], "--perturb needs --nosynced"),
+      ("seed_flag_with_keras_model", "diagnose.py",
+       ["--keras_model=m.keras", "--data=d.npz", "--momentum=0"], "--momentum: describes"),
+      ("every_with_keras_model", "diagnose.py",
+       ["--keras_model=m.keras", "--data=d.npz", "--every=2"], "--every: describes"),
+      ("block_with_case_1", "train.py", ["--case=1", "--block=3:9"], "--block: case 1"),
+      ("scope_without_bessel", "train.py", ["--bessel_scope=conv"], "--bessel_scope: only"),
+      ("nesterov_with_adam", "diagnose.py", ["--nonesterov"], "--nesterov: only applies"),
+      ("mode_with_break_at", "train.py", ["--break_at=bn_1:0", "--mode=xla"], "--mode: "),
+      ("above_without_where", "inspect_trace.py", ["--run_dir=x", "--above=3"], "--above: "),
+      ("step_with_where", "inspect_trace.py",
+       ["--run_dir=x", "--where=mean_gap", "--above=1", "--step=2"], "--step: "),
+      ("hlo_without_xla", "profile_xla.py", ["--raw_modes=function", "--hlo_dir=h"],
+       "--hlo_dir: needs xla"),
+  )
+  def test_meaningless_flags_are_refused_before_any_work(self, script, args, needle):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "out")
+      has_out_dir = script != "inspect_trace.py"
+      result = run_script(script, *args, *([f"--out_dir={out}"] if has_out_dir else []))
+      self.assertEqual(result.returncode, 2, result.stderr)
+      lines = result.stderr.strip().splitlines()
+      self.assertLen(lines, 1, result.stderr)
+      self.assertIn(needle, lines[0])
       self.assertFalse(os.path.exists(out))
 
   def test_bad_inputs_found_after_start(self):

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bnraw import diagnosis
+from bnraw import diagnosis, training
 from bnraw.core import ops
 from bnraw.models import seed
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
@@ -30,14 +30,17 @@ def run(tmp, impl="raw", momentum=0.9, batch_size=256, epochs=3, bessel=False, f
 
 class DecompositionTest(tf.test.TestCase):
 
-  def test_parts_sum_to_gap_several_batches(self):
-    with tempfile.TemporaryDirectory() as tmp:
+  def test_fit_and_evaluate_match_a_separate_training_run(self):
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as other:
       d = run(tmp, batch_size=96, epochs=2)  # batches of 96, 96, 64
       losses = d["losses"]
-      gap = losses["evaluate"] - losses["fit"]
-      self.assertAllClose(sum(d["attribution"].values()), gap, rtol=1e-6)
-      self.assertAllClose(sum(p["contribution"] for p in d["per_layer"]),
-                          losses["evaluate"] - losses["precise_bn"], rtol=1e-6, atol=1e-7)
+      # the same setup trained by the train tool: fit's history and model.evaluate's loop
+      summary = training.run(DataConfig(), ModelConfig(momentum=0.9, **TINY),
+                             TrainConfig(batch_size=96, epochs=2, mode="function"),
+                             out_dir=other, progress=False)
+      self.assertEqual(losses["fit"], summary["history"]["loss"][-1])
+      self.assertAllClose(losses["evaluate"], summary["evaluate"]["loss"], rtol=1e-6)
+      self.assertAllClose(d["accuracy"]["evaluate"], summary["evaluate"]["accuracy"])
       self.assertNotEqual(d["attribution"]["batch_vs_population"], 0.0)
       with open(os.path.join(tmp, "diagnosis.json")) as f:
         saved = json.load(f)
@@ -72,6 +75,11 @@ class DecompositionTest(tf.test.TestCase):
       for key, _, _ in ATTRIBUTION:
         self.assertAllClose(ker["attribution"][key], raw["attribution"][key],
                             atol=1e-6 * raw["losses"]["evaluate"], msg=key)
+      # the per-layer split, computed by swapping statistics inside real Keras BN layers
+      for a, b in zip(ker["per_layer"], raw["per_layer"]):
+        self.assertEqual(a["layer"], b["layer"])
+        self.assertAllClose(a["contribution"], b["contribution"],
+                            atol=1e-5 * raw["losses"]["evaluate"], msg=a["layer"])
 
   def test_over_time_and_trace(self):
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +104,8 @@ class PreciseBNTest(tf.test.TestCase):
     net, images = parts.model, parts.data.images
     whole = raw_population_statistics(net, images, 256)  # one tf.nn.moments pass, as Keras
     batched = raw_population_statistics(net, images, 100)  # float64 aggregation of 3 batches
-    first = ops.relu(ops.conv2d(tf.constant(images), net.convs[0].kernel, net.convs[0].bias))
+    first = ops.relu(ops.conv2d(tf.constant(images), net.layer("conv_1").kernel,
+                                   net.layer("conv_1").bias))
     flat = first.numpy().reshape(-1, first.shape[-1]).astype(np.float64)
     # Layer 1: the batched aggregate is accurate; a single float32 reduction over 135k values
     # per channel (tf.nn.moments, what Keras uses) is measurably off (3e-3 seen).
@@ -166,13 +175,21 @@ class UserKerasModelTest(tf.test.TestCase):
     no_bn.save(no_bn_path)
     wrong = os.path.join(self.tmp, "wrong.npz")
     np.savez(wrong, x=np.zeros((4, 9, 9, 3), np.float32), y=np.zeros(4))
+    inner = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.BatchNormalization()],
+                             name="inner")
+    outer = keras.Sequential([keras.Input((8, 8, 3)), inner, keras.layers.Flatten(),
+                              keras.layers.Dense(5, activation="softmax")])
+    outer.compile("adam", "sparse_categorical_crossentropy")
+    nested_path = os.path.join(self.tmp, "nested.keras")
+    outer.save(nested_path)
     unnamed = os.path.join(self.tmp, "unnamed.npz")
     np.savez(unnamed, np.zeros(3))
-    cases = [((no_bn_path, self.data_path), "--keras_model: .* no BatchNormalization"),
-             ((self.model_path, wrong), r"--data: x examples have shape \(9, 9, 3\)"),
-             ((self.model_path, unnamed), "--data: .* arrays named x and y"),
-             ((os.path.join(self.tmp, "nope.keras"), self.data_path), "--keras_model: no such"),
-             ((self.data_path, self.data_path), "--keras_model: cannot load")]
+    cases = [((no_bn_path, self.data_path), "keras_model: .* no BatchNormalization"),
+             ((nested_path, self.data_path), "keras_model: .*nested model 'inner'"),
+             ((self.model_path, wrong), r"data: x examples have shape \(9, 9, 3\)"),
+             ((self.model_path, unnamed), "data: .* arrays named x and y"),
+             ((os.path.join(self.tmp, "nope.keras"), self.data_path), "keras_model: no such"),
+             ((self.data_path, self.data_path), "keras_model: cannot load")]
     for (model_path, data_path), pattern in cases:
       with self.assertRaisesRegex(UsageError, pattern):
         diagnosis.run_keras_model(model_path, data_path, batch_size=8,
@@ -180,21 +197,17 @@ class UserKerasModelTest(tf.test.TestCase):
       self.assertFalse(os.path.exists(os.path.join(self.tmp, "never")))
 
 
-if __name__ == "__main__":
-  tf.test.main()
-
-
 class ReportTest(tf.test.TestCase):
 
   def diagnosis(self, losses, accuracy=0.5):
-    from bnraw.diagnose import attribution
+    from bnraw.diagnosis.decompose import attribution
     return {"losses": losses, "attribution": attribution(losses),
             "accuracy": {k: accuracy for k in LOSS_KEYS},
             "per_layer": [{"layer": "bn_1", "contribution": losses["evaluate"] -
                            losses["precise_bn"]}]}
 
   def test_dominant_cause_and_fix(self):
-    from bnraw.report import report
+    from bnraw.diagnosis.report import report
     text = report(self.diagnosis({"fit": 1.0, "train_mode_final": 0.9, "precise_bn": 0.9,
                                   "last_batch_stats": 3.0, "no_bessel": 3.2, "evaluate": 3.2}))
     self.assertIn("gap            loss +2.2000", text)
@@ -203,9 +216,13 @@ class ReportTest(tf.test.TestCase):
     self.assertIn("--fix precise_bn", text)
 
   def test_no_gap(self):
-    from bnraw.report import report
+    from bnraw.diagnosis.report import report
     same = dict.fromkeys(LOSS_KEYS, 5.5452)
     text = report(self.diagnosis(same, accuracy=1 / 256))
     self.assertIn("no gap to explain", text)
     self.assertIn("chance level", text)
     self.assertNotIn("dominant cause", text)
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,5 +1,6 @@
 """The step trace: contents, npz round trip, summaries, the inspect script and the debug hook."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from bnraw.core.loop import fit
 from bnraw.core.step import make_train_step
 from bnraw.models import seed
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
-from bnraw.tracing.debugger import BreakAt, parse_break_at
+from bnraw.cli.flags import parse_break_at
+from bnraw.tracing.debugger import BreakAt
 from bnraw.errors import UsageError
 from bnraw.tracing.store import Trace, TraceRecorder, summarize
 
@@ -106,6 +108,18 @@ class DebugHookTest(tf.test.TestCase):
       make_train_step(parts.model, parts.optimizer, mode="function", trace=False, hook=hook)
 
 
+def read_events(log_dir):
+  """``{tag: {step: value}}`` from the TensorBoard event files in ``log_dir`` (histograms: their
+  bucket tensor)."""
+  found = {}
+  for name in os.listdir(log_dir):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(log_dir, name)):
+      for value in event.summary.value:
+        array = tf.make_ndarray(value.tensor)
+        found.setdefault(value.tag, {})[event.step] = array if array.ndim else float(array)
+  return found
+
+
 class InspectScriptTest(tf.test.TestCase):
 
   def test_inspect_a_traced_run(self):
@@ -116,7 +130,19 @@ class InspectScriptTest(tf.test.TestCase):
                               "--batch_size=128", "--mode=function", "--trace",
                               f"--out_dir={out}"], capture_output=True, text=True, env=env)
       self.assertEqual(train.returncode, 0, train.stderr)
-      self.assertTrue(os.listdir(os.path.join(out, "tensorboard")))
+      events = read_events(os.path.join(out, "tensorboard"))
+      trace = Trace.load(out)
+      with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+      steps = list(range(4))  # 2 epochs of 2 batches
+      for layer in trace.layers:
+        for key in ("mean_gap", "variance_gap", "min_batch_variance", "max_amplification"):
+          self.assertAllClose([events[f"{layer}/{key}"][k] for k in steps],
+                              trace.series(layer, key), rtol=1e-6, msg=f"{layer}/{key}")
+        for key in ("batch_mean", "batch_variance", "moving_mean_after", "moving_variance_after"):
+          self.assertEqual(sorted(events[f"{layer}/{key}"]), steps)  # a histogram per step
+      self.assertAllClose([events["train/loss"][k] for k in steps], trace.arrays["loss"])
+      self.assertAllClose(events["evaluate/loss"][4], summary["evaluate"]["loss"])
       shown = subprocess.run([sys.executable, script("inspect_trace.py"), f"--run_dir={out}",
                               "--layer=bn_2", "--step=3"], capture_output=True, text=True,
                              env=env)

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from bnraw import training
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.core.loop import NonFiniteError
 from bnraw.errors import UsageError
 from bnraw.tracing.store import Trace
 
@@ -70,7 +71,7 @@ class ResumeTest(tf.test.TestCase):
     with tempfile.TemporaryDirectory() as out:
       training.run(DataConfig(), MODEL, TRAIN, out_dir=out, progress=False)
       other = TrainConfig(batch_size=96, epochs=3, mode="function", lr=0.01)
-      with self.assertRaisesRegex(UsageError, r"--resume: .*--lr \(run: 0.001, now: 0.01\)"):
+      with self.assertRaisesRegex(UsageError, r"^resume: .*train\.lr \(run: 0.001, now: 0.01\)"):
         training.run(DataConfig(), MODEL, other, out_dir=out, progress=False, resume=True)
       with self.assertRaisesRegex(UsageError, "nothing to resume"):
         training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(out, "new"),
@@ -79,9 +80,12 @@ class ResumeTest(tf.test.TestCase):
   def test_non_finite_is_caught_with_step_and_layer(self):
     with tempfile.TemporaryDirectory() as out:
       wild = TrainConfig(batch_size=96, epochs=3, mode="xla", optimizer="sgd", lr=1e12)
-      summary = training.run(DataConfig(), MODEL, wild, out_dir=out, trace=True,
-                                 progress=False)
+      with self.assertRaises(NonFiniteError) as caught:
+        training.run(DataConfig(), MODEL, wild, out_dir=out, trace=True, progress=False)
+      with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
       self.assertEqual(summary["status"], "non_finite")
+      self.assertEqual(caught.exception.step, summary["non_finite"]["step"])
       bad = summary["non_finite"]
       self.assertGreater(bad["step"], 0)
       self.assertRegex(bad["where"], r"^(bn_[1-8]|the loss)$")
@@ -92,12 +96,19 @@ class ResumeTest(tf.test.TestCase):
 
 
 class SignalScriptTest(tf.test.TestCase):
+  """The command line and the library record the same typed settings, so a run started by one
+  resumes through the other and repeats the uninterrupted run bit for bit."""
 
-  def test_sigint_to_child_then_resume(self):
+  ARGS = ["--width=1/32", "--mode=function", "--batch_size=128"]
+  TRAIN = TrainConfig(batch_size=128, epochs=3, mode="function")
+
+  def script(self, *args, **kwargs):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    with tempfile.TemporaryDirectory() as out:
-      args = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--width=1/32",
-              "--mode=function", "--epochs=400", "--batch_size=128", f"--out_dir={out}"]
+    return [sys.executable, os.path.join(ROOT, "scripts", "train.py"), *self.ARGS, *args], env
+
+  def test_sigint_to_cli_run_then_resume_through_the_library(self):
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as whole:
+      args, env = self.script("--epochs=400", f"--out_dir={out}")
       child = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
       lines = []
       for line in child.stderr:  # non-tty progress: a line at epoch 1, then every 20
@@ -108,15 +119,29 @@ class SignalScriptTest(tf.test.TestCase):
       rest = child.communicate(timeout=120)[1]
       self.assertEqual(child.returncode, 128 + signal.SIGINT, "".join(lines) + rest)
       self.assertIn("--resume", rest)
-      with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
-      self.assertEqual(summary["status"], "interrupted")
       self.assertNotIn("Traceback", rest)
-      done = subprocess.run(args[:-3] + ["--epochs=3", "--batch_size=128", f"--out_dir={out}",
-                                         "--resume"], capture_output=True, text=True, env=env)
+      with open(os.path.join(out, "summary.json")) as f:
+        self.assertEqual(json.load(f)["status"], "interrupted")
+      resumed = training.resume(out, epochs=3, progress=False)
+      reference = training.run(DataConfig(), MODEL, self.TRAIN, out_dir=whole, progress=False)
+      self.assertEqual(resumed["status"], "complete")
+      self.assertEqual(resumed["config"], reference["config"])
+      self.assertEqual(resumed["history"], reference["history"])
+      self.assertEqual(resumed["evaluate"], reference["evaluate"])
+
+  def test_library_run_resumes_through_the_cli(self):
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as whole:
+      first = training.run(DataConfig(), MODEL, self.TRAIN, out_dir=out, progress=False,
+                           on_step=interrupt_at(2))
+      self.assertEqual(first["status"], "interrupted")
+      args, env = self.script("--epochs=3", f"--out_dir={out}", "--resume")
+      done = subprocess.run(args, capture_output=True, text=True, env=env)
       self.assertEqual(done.returncode, 0, done.stderr)
       with open(os.path.join(out, "summary.json")) as f:
-        self.assertEqual(json.load(f)["status"], "complete")
+        resumed = json.load(f)
+      reference = training.run(DataConfig(), MODEL, self.TRAIN, out_dir=whole, progress=False)
+      self.assertEqual(resumed["history"], reference["history"])
+      self.assertEqual(resumed["evaluate"], reference["evaluate"])
 
   def test_non_finite_exit_status(self):
     env = dict(os.environ, PYTHONPATH=ROOT)
