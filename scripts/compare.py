@@ -2,7 +2,7 @@
 
   python scripts/compare.py --width=1/16 --epochs=20 --out_dir=runs/compare
 
-Same as the installed command; flags and behaviour live in ``bnraw/cli/compare.py``.
+The installed command, as a script; see bnraw/cli/compare.py.
 """
 
 from bnraw.cli import compare

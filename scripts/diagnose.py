@@ -2,7 +2,7 @@
 
   python scripts/diagnose.py --case=2 --momentum=0.9 --out_dir=runs/diagnose
 
-Same as the installed command; flags and behaviour live in ``bnraw/cli/diagnose.py``.
+The installed command, as a script; see bnraw/cli/diagnose.py.
 """
 
 from bnraw.cli import diagnose

@@ -2,7 +2,7 @@
 
   python scripts/inspect_trace.py --run_dir=runs/t --layer=bn_3 --step=41
 
-Same as the installed command; flags and behaviour live in ``bnraw/cli/inspect_trace.py``.
+The installed command, as a script; see bnraw/cli/inspect_trace.py.
 """
 
 from bnraw.cli import inspect_trace

@@ -2,7 +2,7 @@
 
   python scripts/profile_xla.py --widths=1/16,1/4 --out_dir=runs/profile
 
-Same as the installed command; flags and behaviour live in ``bnraw/cli/profile_xla.py``.
+The installed command, as a script; see bnraw/cli/profile_xla.py.
 """
 
 from bnraw.cli import profile_xla

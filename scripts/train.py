@@ -2,7 +2,7 @@
 
   python scripts/train.py --case=2 --epochs=500 --out_dir=runs/train
 
-Same as the installed command; flags and behaviour live in ``bnraw/cli/train.py``.
+The installed command, as a script; see bnraw/cli/train.py.
 """
 
 from bnraw.cli import train

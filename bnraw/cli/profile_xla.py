@@ -35,9 +35,6 @@ def check(argv):
       common.parse_width(text)
     except ValueError as e:
       raise UsageError("widths", str(e)) from None
-  for mode in FLAGS.raw_modes:
-    if mode not in ("eager", "function", "xla", "auto"):
-      raise UsageError("raw_modes", f"unknown mode {mode!r}")
   if FLAGS.hlo_dir and "xla" not in FLAGS.raw_modes:
     raise UsageError("hlo_dir", "needs xla in --raw_modes (HLO is the xla step's)")
   for value in FLAGS.keras_jit:
