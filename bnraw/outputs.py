@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
 from typing import Any, Callable
 
@@ -53,10 +54,26 @@ def write_json(path: str, obj: Any) -> None:
   write_atomic(path, lambda f: json.dump(jsonable(obj), f, indent=2, sort_keys=False))
 
 
-def prepare_out_dir(out_dir: str) -> str:
-  """Creates ``out_dir`` if needed and checks it is writable, before any work starts."""
+# What bnraw writes into an output directory: the marks of an earlier run there.
+RUN_OUTPUTS = ("summary.json", "diagnosis.json", "compare.json", "profile.json", "sweep.json",
+               "run_state.json", "trace.npz", "checkpoints", "tensorboard", "fixed",
+               "fixed.keras")
+
+
+def prepare_out_dir(out_dir: str, *, overwrite: bool = False, resume: bool = False) -> str:
+  """Creates ``out_dir`` if needed and checks it is writable, before any work starts.
+
+  A folder that holds an earlier run's outputs is refused, so runs never mix (an old ``ckpt-30``
+  beside a new ``ckpt-5``), unless ``resume`` (continue it: nothing is touched) or ``overwrite``
+  (bnraw's own earlier outputs are removed first; other files stay).
+  """
   if not out_dir:
     raise UsageError("out_dir", "must not be empty")
+  earlier = ([name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
+             if os.path.isdir(out_dir) else [])
+  if earlier and not (overwrite or resume):
+    raise UsageError("out_dir", f"{out_dir} holds an earlier run ({', '.join(earlier)}); "
+                     "choose another folder, or overwrite (--overwrite) or resume it")
   try:
     os.makedirs(out_dir, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".probe-", dir=out_dir)
@@ -66,6 +83,13 @@ def prepare_out_dir(out_dir: str) -> str:
     raise UsageError("out_dir", f"exists and is not a directory: {out_dir}") from None
   except OSError as e:
     raise UsageError("out_dir", f"cannot write to {out_dir}: {e.strerror or e}") from None
+  if overwrite and not resume:
+    for name in earlier:
+      path = os.path.join(out_dir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
   return out_dir
 
 

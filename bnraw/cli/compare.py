@@ -35,7 +35,8 @@ def main(argv):
   from bnraw import parity
   data, model, train = common.configs()
   result = parity.run(data, model, train, out_dir=FLAGS.out_dir, reference=FLAGS.reference,
-                      synced=FLAGS.synced, perturbation=FLAGS.perturb)
+                      synced=FLAGS.synced, perturbation=FLAGS.perturb,
+                      overwrite=FLAGS.overwrite)
   print(parity.report(result))
   print(f"wrote {FLAGS.out_dir}/compare.json")
 

@@ -48,12 +48,13 @@ def main(argv):
   if FLAGS.keras_model:
     result = diagnosis.run_keras_model(FLAGS.keras_model, FLAGS.data,
                                        batch_size=FLAGS.batch_size, out_dir=FLAGS.out_dir,
-                                       fix=FLAGS.fix)
+                                       fix=FLAGS.fix, overwrite=FLAGS.overwrite)
     title = f"bnraw diagnosis of {FLAGS.keras_model} on {FLAGS.data}"
   else:
     data, model, train = common.configs()
     result = diagnosis.run(data, model, train, out_dir=FLAGS.out_dir, impl=FLAGS.impl,
-                           trace=FLAGS.trace, fix=FLAGS.fix, every=FLAGS.every)
+                           trace=FLAGS.trace, fix=FLAGS.fix, every=FLAGS.every,
+                           overwrite=FLAGS.overwrite)
     title = (f"bnraw diagnosis: case {data.case}, width {fractions.Fraction(model.width)}, "
              f"momentum {model.momentum:g}, batch {train.batch_size}, {train.epochs} epochs, "
              f"{FLAGS.impl} ({result['resolved']['mode']})")

@@ -112,7 +112,7 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   if trace:
     flags.DEFINE_bool("trace", False, "Record every BN layer's batch and moving statistics at "
                       "every step (trace.npz + TensorBoard in --out_dir).")
-  flags.DEFINE_string("out_dir", out_dir, "Directory for the outputs.")
+  define_output_flags(out_dir)
 
   _check("width", parse_width)
   _check("block", parse_block)
@@ -128,6 +128,12 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
       ["bessel", "batch_size"],
       lambda f: not (f["bessel"] and (f["batch_size"] == 1 or NUM_IMAGES % f["batch_size"] == 1)),
       message="with --bessel every batch needs >= 2 images (n/(n-1) is infinite for n = 1)")
+
+
+def define_output_flags(out_dir: str) -> None:
+  flags.DEFINE_string("out_dir", out_dir, "Directory for the outputs.")
+  flags.DEFINE_bool("overwrite", False, "Replace an earlier run's outputs in --out_dir (without "
+                    "it, a folder holding a run is refused).")
 
 
 def resolve_width() -> float:

@@ -24,7 +24,7 @@ flags.DEFINE_list("keras_jit", ["false", "true"], "Keras fit jit_compile values 
 flags.DEFINE_string("profile_dir", None, "Write a TensorFlow profiler trace of a few steady raw "
                     "steps of the best mode here (TensorBoard's Profile tab).")
 flags.DEFINE_string("hlo_dir", None, "Write the raw xla step's HLO before/after optimisation.")
-flags.DEFINE_string("out_dir", "runs/profile", "Directory for profile.json.")
+common.define_output_flags("runs/profile")
 FLAGS = flags.FLAGS
 
 
@@ -48,7 +48,8 @@ def main(argv):
       widths=[common.parse_width(w) for w in FLAGS.widths], batch_size=FLAGS.batch_size,
       steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, raw_modes=FLAGS.raw_modes,
       keras_jit=[v == "true" for v in FLAGS.keras_jit], out_dir=FLAGS.out_dir,
-      profile_dir=FLAGS.profile_dir, hlo_dir=FLAGS.hlo_dir, progress=True)
+      profile_dir=FLAGS.profile_dir, hlo_dir=FLAGS.hlo_dir, progress=True,
+      overwrite=FLAGS.overwrite)
   print(profiling.report(result))
   print(f"wrote {FLAGS.out_dir}/profile.json")
 

@@ -13,8 +13,9 @@ from bnraw.cli import app
 from bnraw.cli import flags as common
 
 common.define_common_flags(out_dir="runs/train", trace=True)
-flags.DEFINE_string("break_at", None, "LAYER:STEP, e.g. bn_3:41: run eagerly and stop in the "
-                    "Python debugger inside that layer's moving-average update at that step.")
+flags.DEFINE_string("break_at", None, "LAYER:STEP, e.g. bn_3:41: stop in the Python debugger "
+                    "inside that layer's moving-average update at that step (that step runs "
+                    "eagerly, the others in --mode).")
 flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint every K epochs (0: only at the end "
                      "and on interruption).", lower_bound=0)
 flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint (the "
@@ -27,7 +28,6 @@ def check(argv):
   common.refuse_ignored_seed_flags()
   if FLAGS.break_at:
     common.parse_break_at(FLAGS.break_at)
-    common.refuse_present(("mode",), "--break_at runs every step eagerly")
 
 
 def main(argv):
@@ -36,7 +36,7 @@ def main(argv):
   data, model, train = common.configs()
   summary = training.run(data, model, train, out_dir=FLAGS.out_dir, trace=FLAGS.trace,
                          break_at=break_at, checkpoint_every=FLAGS.checkpoint_every,
-                         resume=FLAGS.resume)
+                         resume=FLAGS.resume, overwrite=FLAGS.overwrite)
   if summary["status"] == "interrupted":
     print(f"interrupted after step {summary['steps_done'] - 1}; checkpoint and summary.json "
           f"(marked incomplete) are in {FLAGS.out_dir}. Resume with the same flags plus "

@@ -170,12 +170,14 @@ class BatchNorm:
     """The training writer: the moving-average update from this batch's biased moments
     (``variance * n / (n - 1)`` into the moving variance in the legacy variant)."""
     with tf.name_scope(f"{self.name}_moving_update"):  # findable in graphs and XLA's HLO
-      variance = ops.bessel_variance(batch.variance, n) if self.bessel else batch.variance
-      if hook is not None:
-        hook(self, self.moving, ops.Moments(batch.mean, variance))
+      if self.bessel:
+        batch = ops.Moments(batch.mean, ops.bessel_variance(batch.variance, n))
+      if hook is not None:  # the step debugger stops in this frame, with these names in scope
+        layer, moving = self, self.moving
+        hook(layer, moving, batch)
       self.moving_mean.assign(ops.moving_average(self.moving_mean, batch.mean, self.momentum))
       self.moving_variance.assign(
-          ops.moving_average(self.moving_variance, variance, self.momentum))
+          ops.moving_average(self.moving_variance, batch.variance, self.momentum))
 
   def set_moving_statistics(self, statistics: ops.Moments) -> None:
     """The named setter: replaces the moving statistics (PreciseBN and its fix). Whole-state

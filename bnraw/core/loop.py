@@ -5,6 +5,7 @@ needs to stop anywhere and continue bit for bit."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -91,28 +92,37 @@ class History:
   status: str = "complete"
   state: FitState = dataclasses.field(default_factory=FitState)
   error: Optional[NonFiniteError] = None
+  seconds: float = 0.0  # wall time of this call's training loop
 
 
 def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
         epochs: int, seed: int, mode: str, trace: bool = False,
         on_step: Optional[Callable[[StepRecord], None]] = None,
         on_epoch: Optional[Callable[[int, History], None]] = None,
-        hook: Optional[UpdateHook] = None, resume: Optional[FitState] = None,
-        should_stop: Optional[Callable[[], bool]] = None) -> History:
+        hook: Optional[UpdateHook] = None, hook_step: Optional[int] = None,
+        resume: Optional[FitState] = None, should_stop: Optional[Callable[[], bool]] = None,
+        step_fn: Optional[Callable] = None) -> History:
   """Trains until ``epochs`` epochs are done, reshuffling every epoch from
   ``np.random.default_rng(seed)``; or continues from ``resume``.
 
   The permutations are recorded in the returned history so another trainer (Keras ``fit``) can
   replay exactly the same batches. After every step ``should_stop()`` may end the run early
   (status "interrupted"); a non-finite loss or BN statistic ends it with status "non_finite".
+  Step ``hook_step`` alone runs eagerly with ``hook`` in every BN layer (the step debugger);
+  every other step runs in ``mode``, so the run is the one it would be without the hook.
+  ``step_fn``: a train step already compiled for this model, optimizer, mode and trace (a sweep
+  reuses it across runs that re-initialise the same variables).
   """
-  step_fn = make_train_step(model, optimizer, mode=mode, trace=trace, hook=hook)
+  step_fn = step_fn or make_train_step(model, optimizer, mode=mode, trace=trace)
+  debug_fn = (make_train_step(model, optimizer, mode="eager", trace=trace, hook=hook)
+              if hook is not None else None)
   x, y = tf.constant(images), tf.constant(labels)
   rng = np.random.default_rng(seed)
   state = resume or FitState(rng_state=rng.bit_generator.state)
   rng.bit_generator.state = state.rng_state
   history = History(loss=list(state.loss), accuracy=list(state.accuracy), state=state)
   global_step = int(optimizer.iterations.numpy())
+  started = time.perf_counter()
   for epoch in range(state.epoch, epochs):
     resuming = state.order is not None and epoch == state.epoch
     order = np.asarray(state.order) if resuming else rng.permutation(len(images))
@@ -124,12 +134,14 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
       if number < first:
         continue
       index = tf.constant(batch)
-      out = step_fn(tf.gather(x, index), tf.gather(y, index))
+      run_step = debug_fn if debug_fn is not None and global_step == hook_step else step_fn
+      out = run_step(tf.gather(x, index), tf.gather(y, index))
       loss, correct = float(out["loss"]), float(out["correct"])
       finite = out["finite"].numpy()
       if not finite.all() or not np.isfinite(loss):
         where = (model.batch_norms[int(np.argmin(finite))].name if not finite.all() else "the loss")
         history.status, history.error = "non_finite", NonFiniteError(global_step, where)
+        history.seconds = time.perf_counter() - started
         return history
       loss_mean.update(loss, len(batch))
       accuracy_mean.update(correct / len(batch), len(batch))
@@ -144,6 +156,7 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
             (float(accuracy_mean.total), float(accuracy_mean.count)), rng.bit_generator.state,
             list(history.loss), list(history.accuracy))
         history.status = "interrupted"
+        history.seconds = time.perf_counter() - started
         return history
     history.loss.append(loss_mean.result())
     history.accuracy.append(accuracy_mean.result())
@@ -151,6 +164,7 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
                                      loss=list(history.loss), accuracy=list(history.accuracy))
     if on_epoch is not None:
       on_epoch(epoch, history)
+  history.seconds = time.perf_counter() - started
   return history
 def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks) -> tuple[float, float]:
   """Keras's epoch averaging: ``one_batch(indices) -> (loss, correct count)`` per batch,

@@ -71,7 +71,9 @@ def batch_chunks(n: int, batch_size: int, order: Optional[np.ndarray]) -> list[n
   return [np.sort(chunk) for chunk in batches(order, batch_size)]
 
 
-def _forward_loss(model):
+def forward_loss_fn(model):
+  """``(x, y, statistics) -> (loss, correct)`` compiled for ``model``, inference branch with
+  ``statistics`` overriding BN (reusable across runs that re-initialise the model)."""
   @tf.function
   def forward_loss(x, y, statistics):
     logits = model(x, training=False, statistics=statistics).logits
@@ -84,7 +86,7 @@ def raw_loss(model, images, labels, statistics, batch_size: int,
   """Loss and accuracy over the dataset, BN layers normalising with ``statistics`` (a
   ``bnraw.core.graph.StatisticsChoice``: BATCH, or per layer name), batches taken in ``order``;
   Keras's epoch averaging."""
-  forward_loss = forward_loss or _forward_loss(model)
+  forward_loss = forward_loss or forward_loss_fn(model)
   return mean_over_batches(
       lambda chunk: forward_loss(tf.constant(images[chunk]), tf.constant(labels[chunk]),
                                  statistics),
@@ -106,16 +108,18 @@ def per_layer_split(loss_with: callable, names: Sequence[str], moving: Sequence,
 
 def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                  fit_loss: float, fit_accuracy: float, last_order: np.ndarray,
-                 watcher: StatisticsWatcher) -> dict:
-  """The full decomposition for a trained :class:`SeedNet` (state left untouched)."""
+                 watcher: StatisticsWatcher, forward_loss=None, population_forward=None) -> dict:
+  """The full decomposition for a trained raw model (state left untouched); ``forward_loss``
+  and ``population_forward``: compiled functions to reuse (:func:`forward_loss_fn`,
+  ``precise_bn.population_forward_fn``)."""
   from bnraw.diagnosis.precise_bn import raw_population_statistics
-  forward_loss = _forward_loss(model)
+  forward_loss = forward_loss or forward_loss_fn(model)
   names = [layer.name for layer in model.batch_norms]
   loss = lambda stats, order=None: raw_loss(model, images, labels, stats, batch_size, order,
                                             forward_loss)
   per_layer = lambda stats: dict(zip(names, stats))
   moving = [layer.moving for layer in model.batch_norms]
-  precise = raw_population_statistics(model, images, batch_size)
+  precise = raw_population_statistics(model, images, batch_size, population_forward)
   no_bessel = [ops.Moments(m.mean, tf.constant(v)) for m, v in
                zip(moving, watcher.no_bessel_variance)]
   results = {

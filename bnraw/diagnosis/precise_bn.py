@@ -36,10 +36,17 @@ def aggregate(parts: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ops.Mome
   return ops.Moments(tf.constant(mean, tf.float32), tf.constant(variance, tf.float32))
 
 
-def raw_population_statistics(model, images: np.ndarray, batch_size: int) -> list[ops.Moments]:
-  """PreciseBN statistics of every BN layer of a raw model at its current weights."""
+def population_forward_fn(model):
+  """``(x, statistics) -> Forward`` compiled for ``model`` (inference branch, overrides)."""
+  return tf.function(lambda x, stats: model(x, training=False, statistics=stats))
+
+
+def raw_population_statistics(model, images: np.ndarray, batch_size: int,
+                              forward=None) -> list[ops.Moments]:
+  """PreciseBN statistics of every BN layer of a raw model at its current weights
+  (``forward``: a :func:`population_forward_fn` to reuse)."""
   chunks = batches(np.arange(len(images)), batch_size)
-  forward = tf.function(lambda x, stats: model(x, training=False, statistics=stats))
+  forward = forward or population_forward_fn(model)
   if len(chunks) == 1:  # one batch = the dataset: the training branch computes exactly this
     return list(forward(tf.constant(images), BATCH).statistics)
   names = [layer.name for layer in model.batch_norms]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -80,7 +80,7 @@ def _keras_train(parts: seed.Setup, model: ModelConfig, train: TrainConfig, mode
 
 def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
         impl: str = "raw", trace: bool = False, fix: Optional[str] = None, every: int = 0,
-        progress: bool = True) -> dict:
+        progress: bool = True, overwrite: bool = False) -> dict:
   """Trains the seed setup (raw, or real Keras ``fit``), then splits ``evaluate - fit``.
 
   ``every`` > 0 also computes the decomposition every that many epochs ("over time").
@@ -94,7 +94,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
   model = model.resolved()
   parts = seed.build(data, model, train)
-  outputs.prepare_out_dir(out_dir)
+  outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   mode = step.resolve_mode(train.mode)
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[parts.data.labels]
   printer = EpochProgress(train.epochs, label=impl) if progress else None
@@ -115,8 +115,22 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                                   if v is not None})
 
     if impl == "raw":
-      result, history = _diagnose_raw_training(parts, train, mode, trace, board, printer,
-                                               wants, record_over_time, out_dir)
+      recorders = []
+      if trace:
+        from bnraw.tracing.store import TRACE_FILE, TraceRecorder
+        recorder = TraceRecorder(names, model.epsilon)
+        recorders += [recorder, board.step]
+
+      def on_epoch(epoch, history, diagnose_now):
+        if printer:
+          printer(epoch, history)
+        if wants(epoch):
+          record_over_time(epoch, diagnose_now())
+
+      result, history = diagnose_raw_training(parts, train, mode, recorders=recorders,
+                                              on_epoch=on_epoch)
+      if trace:
+        recorder.save(os.path.join(out_dir, TRACE_FILE))
     else:
       def keras_diagnosis(kmodel, history, last_batch):
         return dg.diagnose_keras(kmodel, parts.data.images, one_hot,
@@ -152,38 +166,47 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   return out
 
 
-def _diagnose_raw_training(parts: seed.Setup, train: TrainConfig, mode: str, trace: bool, board,
-                           printer, wants, record_over_time, out_dir: str):
-  """Raw training with the statistics the decomposition needs watched; (result, history)."""
-  watcher = dg.StatisticsWatcher(parts.model)
-  recorders = [watcher]
-  if trace:
-    from bnraw.tracing.store import TRACE_FILE, TraceRecorder
-    recorder = TraceRecorder([layer.name for layer in parts.model.batch_norms],
-                             parts.model.batch_norms[0].epsilon)
-    recorders += [recorder, board.step]
+class Compiled(NamedTuple):
+  """The compiled functions a raw diagnosis runs: reusable across runs that re-initialise the
+  same model and optimizer (a sweep), so each shape is traced once."""
 
-  def raw_diagnosis(history):
+  train_step: Callable
+  forward_loss: Callable
+  population_forward: Callable
+
+
+def compile_raw(parts: seed.Setup, mode: str) -> Compiled:
+  from bnraw.diagnosis.precise_bn import population_forward_fn
+  return Compiled(step.make_train_step(parts.model, parts.optimizer, mode=mode, trace=True),
+                  dg.forward_loss_fn(parts.model), population_forward_fn(parts.model))
+
+
+def diagnose_raw_training(parts: seed.Setup, train: TrainConfig, mode: str, *,
+                          recorders=(), on_epoch: Optional[Callable] = None,
+                          compiled: Optional[Compiled] = None):
+  """Raw training with what the decomposition needs watched, then the decomposition at the
+  end; returns ``(result, history)``. ``on_epoch(epoch, history, diagnose_now)`` may call
+  ``diagnose_now()`` for the decomposition at that epoch. A non-finite step raises."""
+  watcher = dg.StatisticsWatcher(parts.model)
+  compiled = compiled or compile_raw(parts, mode)
+
+  def diagnose_now(history):
     return dg.diagnose_raw(parts.model, parts.data.images, parts.data.labels,
                            batch_size=train.batch_size, fit_loss=history.loss[-1],
                            fit_accuracy=history.accuracy[-1],
-                           last_order=history.permutations[-1], watcher=watcher)
+                           last_order=history.permutations[-1], watcher=watcher,
+                           forward_loss=compiled.forward_loss,
+                           population_forward=compiled.population_forward)
 
-  def on_epoch(epoch, history):
-    if printer:
-      printer(epoch, history)
-    if wants(epoch):
-      record_over_time(epoch, raw_diagnosis(history))
-
-  history = loop.fit(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
-                     batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
-                     mode=mode, trace=True, on_step=lambda r: [f(r) for f in recorders],
-                     on_epoch=on_epoch)
+  history = loop.fit(
+      parts.model, parts.optimizer, parts.data.images, parts.data.labels,
+      batch_size=train.batch_size, epochs=train.epochs, seed=train.seed, mode=mode, trace=True,
+      on_step=lambda r: [f(r) for f in (watcher, *recorders)],
+      on_epoch=(lambda e, h: on_epoch(e, h, lambda: diagnose_now(h))) if on_epoch else None,
+      step_fn=compiled.train_step)
   if history.status == "non_finite":
     raise history.error
-  if trace:
-    recorder.save(os.path.join(out_dir, TRACE_FILE))
-  return raw_diagnosis(history), history
+  return diagnose_now(history), history
 
 
 def _fix_keras(kmodel, precise, x, y, batch_size: int, out_dir: str) -> dict:
@@ -199,49 +222,14 @@ def _fix_keras(kmodel, precise, x, y, batch_size: int, out_dir: str) -> dict:
           "saved": path}
 
 
-def load_keras_inputs(model_path: str, data_path: str):
-  """A user's trained ``.keras`` model and its ``.npz`` data (arrays ``x``, ``y``), checked."""
-  import keras
-  if not os.path.isfile(model_path):
-    raise UsageError("keras_model", f"no such file: {model_path}")
-  try:
-    kmodel = keras.models.load_model(model_path)
-  except Exception as e:  # Keras raises many types for a bad file
-    raise UsageError("keras_model", f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
-  try:
-    has_bn = bool(keras_bn_layers(kmodel))
-  except ValueError as e:
-    raise UsageError("keras_model", f"{model_path}: {e}") from None
-  if not has_bn:
-    raise UsageError("keras_model", f"{model_path} has no BatchNormalization layer")
-  if getattr(kmodel, "loss", None) is None:
-    raise UsageError("keras_model", f"{model_path} was saved without a compiled loss "
-                     "(compile it before model.save)")
-  if not os.path.isfile(data_path):
-    raise UsageError("data", f"no such file: {data_path}")
-  try:
-    with np.load(data_path) as arrays:
-      x, y = arrays["x"], arrays["y"]
-  except KeyError:
-    raise UsageError("data", f"{data_path} needs arrays named x and y") from None
-  except Exception as e:
-    raise UsageError("data", f"cannot read {data_path}: {str(e).splitlines()[0]}") from None
-  expected = tuple(kmodel.inputs[0].shape[1:])
-  if len(x) != len(y) or len(x) == 0:
-    raise UsageError("data", f"x has {len(x)} examples and y {len(y)}; need the same, > 0")
-  if len(expected) != x.ndim - 1 or any(e is not None and e != a for e, a in
-                                        zip(expected, x.shape[1:])):
-    raise UsageError("data", f"x examples have shape {x.shape[1:]}, the model takes "
-                     f"{expected}")
-  return kmodel, x.astype(np.float32), y
-
-
 def run_keras_model(model_path: str, data_path: str, *, batch_size: int, out_dir: str,
-                    fix: Optional[str] = None) -> dict:
+                    fix: Optional[str] = None, overwrite: bool = False) -> dict:
   """The decomposition for a user's own trained Keras model: ``evaluate``, ``train_mode_final``,
   ``precise_bn`` and the per-layer split (the rest needs the training history)."""
-  kmodel, x, y = load_keras_inputs(model_path, data_path)
-  outputs.prepare_out_dir(out_dir)
+  from bnraw.models import user
+  kmodel = user.load_keras_model(model_path)
+  x, y = user.load_data(data_path, kmodel)
+  outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   batch_size = min(batch_size, len(x))
   # train_mode_final on shuffled batches, as fit would draw them (sorted data would put similar
   # examples together and give batch statistics no training step ever saw)

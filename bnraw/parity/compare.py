@@ -132,7 +132,7 @@ def perturb(variables, relative: float, seed: int) -> None:
 
 def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Optional[str],
         reference: str = "keras3", synced: bool = True, perturbation: float = 0.0,
-        progress: Optional[callable] = None) -> dict:
+        progress: Optional[callable] = None, overwrite: bool = False) -> dict:
   """Trains both sides in lockstep for ``train.epochs`` epochs; writes ``compare.json`` into
   ``out_dir`` (None: nothing written) and returns its dict.
 
@@ -153,7 +153,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   model = model_config_for(reference, model.resolved())
   parts = seed.build(data, model, train)
   if out_dir is not None:
-    outputs.prepare_out_dir(out_dir)
+    outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   raw, optimizer = parts.model, parts.optimizer
   images, labels = parts.data.images, parts.data.labels
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]

@@ -162,7 +162,7 @@ def result_row(bench: Bench, model_config: ModelConfig, batch_size: int, peak: f
 def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds: int,
         raw_modes: list[str], keras_jit: list[bool], out_dir: Optional[str],
         profile_dir: Optional[str] = None, hlo_dir: Optional[str] = None,
-        progress: bool = False) -> dict:
+        progress: bool = False, overwrite: bool = False) -> dict:
   """Every configuration of a width is built once, then timed round-robin ``rounds`` times
   (``steps`` steps each after ``warmup``), so drift on a noisy machine hits all alike; the
   reported step time is the median of all timed steps. Writes ``profile.json`` into ``out_dir``
@@ -179,7 +179,7 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
   if not all(w > 0 for w in widths) or not widths:
     raise UsageError("widths", f"need one or more widths > 0, got {widths}")
   if out_dir is not None:
-    outputs.prepare_out_dir(out_dir)
+    outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   data = make_dataset(DataConfig())
   peak = matmul_peak_gflops()
   rows = []

@@ -3,17 +3,30 @@
 ``Model.__call__(training=True, hook=...)`` hands the hook to every BN layer, which calls it
 eagerly just before its training writer assigns the moving statistics
 (``BatchNorm._update_moving_statistics`` in bnraw/core/layers.py). :class:`BreakAt`
-is such a hook: at the chosen layer and step it runs ``action`` -- by default ``pdb.set_trace``,
-which stops with ``layer``, ``moving`` and ``batch`` in scope; step with ``n`` twice to return
-into ``_update_moving_statistics`` and watch the two assignments happen.
+is such a hook: at the chosen layer and step it runs ``action`` -- by default pdb, opened in the
+frame of ``_update_moving_statistics`` with ``layer``, ``moving`` (before) and ``batch`` in scope;
+``n`` steps through the two assignments. Only that step runs eagerly (``loop.fit``'s
+``hook_step``); the others run in the run's own mode.
 """
 
 from __future__ import annotations
 
 import pdb
+import sys
 from typing import Callable, Optional
 
 import tensorflow as tf
+
+
+def writer_frame():
+  """The innermost frame of ``BatchNorm._update_moving_statistics`` on the current stack."""
+  from bnraw.core.layers import BatchNorm
+  frame = sys._getframe(1)
+  while frame is not None and frame.f_code is not BatchNorm._update_moving_statistics.__code__:
+    frame = frame.f_back
+  if frame is None:
+    raise RuntimeError("writer_frame() called outside a BN moving-statistics update")
+  return frame
 
 
 class BreakAt:
@@ -28,10 +41,12 @@ class BreakAt:
 
   @staticmethod
   def debugger(layer, moving, batch):
+    """pdb, opened in the frame of the training writer itself (not in this hook)."""
     print(f"bnraw: stopped before {layer.name}'s moving-average update "
           f"(momentum {layer.momentum:g}). In scope: layer, moving (before), batch "
-          f"(this batch's mean/variance). 'n' twice steps into the assignments, 'c' continues.")
-    pdb.Pdb().set_trace(__import__("sys")._getframe(1))
+          f"(this batch's mean/variance, Bessel factor applied if any). 'n' steps through the "
+          f"assignments, 'c' continues.")
+    pdb.Pdb().set_trace(writer_frame())
 
   def __call__(self, layer, moving, batch) -> None:
     if layer.name == self.layer and int(self.iterations.numpy()) == self.step:

@@ -42,36 +42,42 @@ def stop_on_signals():
 def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
         trace: bool = False, progress: bool = True, on_step: Optional[Callable] = None,
         break_at: Optional[tuple[str, int]] = None, break_action: Optional[Callable] = None,
-        checkpoint_every: int = 0, resume: bool = False) -> dict:
+        checkpoint_every: int = 0, resume: bool = False, overwrite: bool = False) -> dict:
   """Trains the raw path, evaluates, writes ``summary.json`` (and the trace) into ``out_dir``.
 
-  ``break_at=(layer, step)`` runs eagerly and stops in that layer's moving-average update at
-  that step (``break_action`` replaces the debugger; see bnraw.tracing.debugger). A checkpoint is
+  ``break_at=(layer, step)`` stops in that layer's moving-average update at that step, which
+  alone runs eagerly; the steps before it run in the run's own mode, so the values at the break
+  are the traced run's (``break_action`` replaces the debugger; see bnraw.tracing.debugger). A checkpoint is
   written every ``checkpoint_every`` epochs (0: only at the end), on SIGINT/SIGTERM (after the
-  current step) and at the end; ``resume`` continues the run in ``out_dir``. The summary's
+  current step) and at the end; ``resume`` continues the run in ``out_dir``; an earlier run
+  there is refused unless ``overwrite`` (bnraw.outputs.prepare_out_dir). The summary's
   ``status`` is "complete" or "interrupted"; a non-finite step writes the summary with status
   "non_finite" and raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict
   (DESIGN.md section 4).
   """
   from bnraw.core import loop, step
   from bnraw.models import seed
-  from bnraw.training.checkpoint import Checkpointer
+  from bnraw.training.checkpoint import Checkpointer, read_state
   model = model.resolved()
   parts = seed.build(data, model, train)  # bad input fails here, before anything is written
   record = configs.record(data, model, train, trace=trace, checkpoint_every=checkpoint_every,
                           break_at=list(break_at) if break_at else None)
+  names = [layer.name for layer in parts.model.batch_norms]
   hook = None
   if break_at is not None:
     from bnraw.tracing.debugger import BreakAt
-    names = [layer.name for layer in parts.model.batch_norms]
     if break_at[0] not in names:
       raise UsageError("break_at", f"no BN layer {break_at[0]!r}; layers: {', '.join(names)}")
+    steps = train.epochs * -(-len(parts.data.images) // train.batch_size)
+    if not 0 <= break_at[1] < steps:
+      raise UsageError("break_at", f"step {break_at[1]} is not in this run (steps 0..{steps - 1})")
     hook = BreakAt(*break_at, parts.optimizer.iterations, break_action)
+  if resume:
+    read_state(out_dir)  # nothing to resume: refused before anything is written
+  outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
   checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record)
   resume_state = checkpointer.restore() if resume else None
-  outputs.prepare_out_dir(out_dir)
-  mode = "eager" if hook is not None else step.resolve_mode(train.mode)
-  names = [layer.name for layer in parts.model.batch_norms]
+  mode = step.resolve_mode(train.mode)
   recorders = [on_step] if on_step is not None else []
   printer = EpochProgress(train.epochs) if progress else None
   with contextlib.ExitStack() as stack:
@@ -101,7 +107,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                        batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
                        mode=mode, trace=trace,
                        on_step=(lambda r: [f(r) for f in recorders]) if recorders else None,
-                       on_epoch=on_epoch, hook=hook, resume=resume_state,
+                       on_epoch=on_epoch, hook=hook, hook_step=break_at and break_at[1],
+                       resume=resume_state,
                        should_stop=lambda: stopped() is not None)
     summary = {
         "config": record,

@@ -113,7 +113,6 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       ("block_with_case_1", "train.py", ["--case=1", "--block=3:9"], "--block: case 1"),
       ("scope_without_bessel", "train.py", ["--bessel_scope=conv"], "--bessel_scope: only"),
       ("nesterov_with_adam", "diagnose.py", ["--nonesterov"], "--nesterov: only applies"),
-      ("mode_with_break_at", "train.py", ["--break_at=bn_1:0", "--mode=xla"], "--mode: "),
       ("above_without_where", "inspect_trace.py", ["--run_dir=x", "--above=3"], "--above: "),
       ("step_with_where", "inspect_trace.py",
        ["--run_dir=x", "--where=mean_gap", "--above=1", "--step=2"], "--step: "),
@@ -138,10 +137,15 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         f.write("text")
       blocker = os.path.join(tmp, "file")
       open(blocker, "w").close()
+      earlier = os.path.join(tmp, "earlier")
+      os.makedirs(os.path.join(earlier, "checkpoints"))
+      open(os.path.join(earlier, "summary.json"), "w").close()
       cases = [([f"--image={tmp}/missing.jpg"], "--image: no such file"),
                ([f"--image={not_image}"], "--image: not an image"),
                ([f"--out_dir={blocker}/sub"], "--out_dir"),
-               ([f"--out_dir={blocker}"], "--out_dir")]
+               ([f"--out_dir={blocker}"], "--out_dir"),
+               ([f"--out_dir={earlier}"], f"--out_dir: {earlier} holds an earlier run "
+                "(summary.json, checkpoints)")]
       for args, needle in cases:
         out = os.path.join(tmp, "out")
         result = run_script("train.py", *TINY, "--epochs=1", f"--out_dir={out}", *args)

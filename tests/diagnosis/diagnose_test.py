@@ -167,34 +167,81 @@ class UserKerasModelTest(tf.test.TestCase):
     self.assertAllClose(bn.moving_mean, conv_out.mean(0), rtol=1e-4, atol=1e-6)
     self.assertAllClose(bn.moving_variance, conv_out.var(0), rtol=1e-4, atol=1e-6)
 
+  def save(self, model, name):
+    path = os.path.join(self.tmp, name)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.save(path)
+    return path
+
+  def npz(self, name, *unnamed, **arrays):
+    path = os.path.join(self.tmp, name)
+    np.savez(path, *unnamed, **arrays)
+    return path
+
   def test_bad_inputs(self):
-    no_bn = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
-                              keras.layers.Dense(5, activation="softmax")])
-    no_bn.compile("adam", "sparse_categorical_crossentropy")
-    no_bn_path = os.path.join(self.tmp, "nobn.keras")
-    no_bn.save(no_bn_path)
-    wrong = os.path.join(self.tmp, "wrong.npz")
-    np.savez(wrong, x=np.zeros((4, 9, 9, 3), np.float32), y=np.zeros(4))
-    inner = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.BatchNormalization()],
+    layers = keras.layers
+    no_bn = self.save(keras.Sequential([keras.Input((8, 8, 3)), layers.Flatten(),
+                                        layers.Dense(5, activation="softmax")]), "nobn.keras")
+    inner = keras.Sequential([keras.Input((8, 8, 3)), layers.BatchNormalization()],
                              name="inner")
-    outer = keras.Sequential([keras.Input((8, 8, 3)), inner, keras.layers.Flatten(),
-                              keras.layers.Dense(5, activation="softmax")])
-    outer.compile("adam", "sparse_categorical_crossentropy")
-    nested_path = os.path.join(self.tmp, "nested.keras")
-    outer.save(nested_path)
-    unnamed = os.path.join(self.tmp, "unnamed.npz")
-    np.savez(unnamed, np.zeros(3))
-    cases = [((no_bn_path, self.data_path), "keras_model: .* no BatchNormalization"),
-             ((nested_path, self.data_path), "keras_model: .*nested model 'inner'"),
-             ((self.model_path, wrong), r"data: x examples have shape \(9, 9, 3\)"),
-             ((self.model_path, unnamed), "data: .* arrays named x and y"),
-             ((os.path.join(self.tmp, "nope.keras"), self.data_path), "keras_model: no such"),
-             ((self.data_path, self.data_path), "keras_model: cannot load")]
+    nested = self.save(keras.Sequential([keras.Input((8, 8, 3)), inner, layers.Flatten(),
+                                         layers.Dense(5, activation="softmax")]),
+                       "nested.keras")
+    a, b = keras.Input((8, 8, 3), name="left"), keras.Input((8, 8, 3), name="right")
+    h = layers.BatchNormalization()(layers.Add()([a, b]))
+    two_inputs = self.save(keras.Model([a, b], layers.Dense(5, activation="softmax")(
+        layers.Flatten()(h))), "two.keras")
+    channels_first = self.save(keras.Sequential([
+        keras.Input((3, 8, 8)), layers.Conv2D(4, 3, data_format="channels_first", name="cf"),
+        layers.BatchNormalization(axis=1), layers.Flatten(),
+        layers.Dense(5, activation="softmax")]), "cf.keras")
+    corrupt = os.path.join(self.tmp, "corrupt.keras")
+    with open(corrupt, "wb") as f:
+      f.write(b"PK\x03\x04 not really a zip")
+    x = np.zeros((4, 8, 8, 3), np.float32)
+    nan_x = x.copy()
+    nan_x[0, 0, 0, :2] = np.nan
+    cases = [
+        ((no_bn, self.data_path), "keras_model: .* no BatchNormalization"),
+        ((nested, self.data_path), "keras_model: .*nested model 'inner'"),
+        ((two_inputs, self.data_path), r"keras_model: .* takes 2 inputs \(left, right\)"),
+        ((channels_first, self.data_path),
+         "keras_model: layer 'cf' \\(Conv2D\\) uses data_format='channels_first'"),
+        ((corrupt, self.data_path), "keras_model: .* not a valid .keras file"),
+        ((self.tmp, self.data_path), "keras_model: .* is a directory"),
+        ((os.path.join(self.tmp, "nope.keras"), self.data_path), "keras_model: no such"),
+        ((self.data_path, self.data_path), "keras_model: .* is not a .keras"),
+        ((self.model_path, self.npz("wrong.npz", x=np.zeros((4, 9, 9, 3)), y=np.zeros(4))),
+         r"data: x examples have shape \(9, 9, 3\)"),
+        ((self.model_path, self.npz("unnamed.npz", np.zeros(3))), "data: .* arrays named x"),
+        ((self.model_path, self.npz("shape.npz", x=x, y=np.zeros((4, 7)))),
+         r"data: y \(shape \(4, 7\)\) does not fit the model's output"),
+        ((self.model_path, self.npz("strings.npz", x=x, y=np.array(["a", "b", "c", "d"]))),
+         "data: y holds <U1 values; bnraw needs numbers"),
+        ((self.model_path, self.npz("nan.npz", x=nan_x, y=np.zeros(4))),
+         r"data: x holds 2 non-finite values"),
+        ((self.model_path, self.npz("short.npz", x=x, y=np.zeros(3))),
+         "data: x has 4 examples and y 3"),
+    ]
     for (model_path, data_path), pattern in cases:
-      with self.assertRaisesRegex(UsageError, pattern):
-        diagnosis.run_keras_model(model_path, data_path, batch_size=8,
-                                        out_dir=os.path.join(self.tmp, "never"))
-      self.assertFalse(os.path.exists(os.path.join(self.tmp, "never")))
+      with self.subTest(pattern=pattern):
+        with self.assertRaisesRegex(UsageError, pattern):
+          diagnosis.run_keras_model(model_path, data_path, batch_size=8,
+                                    out_dir=os.path.join(self.tmp, "never"))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "never")))
+
+  def test_an_earlier_run_is_refused_unless_overwritten(self):
+    out = os.path.join(self.tmp, "run")
+    run = lambda **kw: diagnosis.run_keras_model(self.model_path, self.data_path, batch_size=16,
+                                                 out_dir=out, **kw)
+    run(fix="precise_bn")
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+      f.write("mine")
+    with self.assertRaisesRegex(UsageError, "out_dir: .* holds an earlier run "
+                                r"\(diagnosis.json, fixed.keras\)"):
+      run()
+    run(overwrite=True)
+    self.assertEqual(sorted(os.listdir(out)), ["diagnosis.json", "notes.txt"])
 
 
 class ReportTest(tf.test.TestCase):

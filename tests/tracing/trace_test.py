@@ -1,10 +1,12 @@
 """The step trace: contents, npz round trip, summaries, the inspect script and the debug hook."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -75,21 +77,43 @@ class TraceTest(tf.test.TestCase):
 
 class DebugHookTest(tf.test.TestCase):
 
-  def test_break_at_runs_once_at_layer_and_step_with_values(self):
+  def test_break_at_sees_the_traced_runs_values(self):
+    # the steps before the break run in the run's own mode (function), so at the break the
+    # batch and moving statistics are the ones a traced run recorded for that step
     seen = []
 
     def action(layer, moving, batch):
-      seen.append((layer.name, layer.moving_mean.numpy().copy(), moving.mean.numpy(),
-                   batch.mean.numpy()))
+      seen.append((layer.name, layer.moving_mean.numpy().copy(), moving, batch))
 
-    with tempfile.TemporaryDirectory() as tmp:
-      training.run(DataConfig(), MODEL, TRAIN, out_dir=tmp, progress=False,
-                       break_at=("bn_3", 1), break_action=action)
+    with tempfile.TemporaryDirectory() as traced, tempfile.TemporaryDirectory() as stopped:
+      training.run(DataConfig(), MODEL, TRAIN, out_dir=traced, trace=True, progress=False)
+      training.run(DataConfig(), MODEL, TRAIN, out_dir=stopped, progress=False,
+                   break_at=("bn_3", 4), break_action=action)
+      at = Trace.load(traced).at("bn_3", 4).values
     self.assertLen(seen, 1)
-    name, variable_now, moving_before, batch_mean = seen[0]
+    name, variable_now, moving, batch = seen[0]
     self.assertEqual(name, "bn_3")
-    self.assertAllEqual(variable_now, moving_before)  # stopped *before* the assignment
-    self.assertEqual(batch_mean.shape, (8,))
+    self.assertAllEqual(variable_now, moving.mean)  # stopped *before* the assignment
+    self.assertAllClose(moving.mean, at["moving_mean_before"], rtol=1e-6, atol=1e-7)
+    self.assertAllClose(moving.variance, at["moving_variance_before"], rtol=1e-6)
+    self.assertAllClose(batch.mean, at["batch_mean"], rtol=1e-6, atol=1e-7)
+    self.assertAllClose(batch.variance, at["batch_variance"], rtol=1e-6)
+
+  def test_pdb_opens_in_the_writers_frame(self):
+    frames = []
+
+    class FakePdb:
+      def set_trace(self, frame):
+        frames.append(frame)
+
+    with tempfile.TemporaryDirectory() as tmp, mock.patch("pdb.Pdb", FakePdb), \
+        mock.patch("sys.stdout", io.StringIO()):
+      training.run(DataConfig(), MODEL, TRAIN, out_dir=tmp, progress=False,
+                   break_at=("bn_2", 1))
+    frame, = frames
+    self.assertEqual(frame.f_code.co_name, "_update_moving_statistics")
+    self.assertLessEqual({"layer", "moving", "batch"}, set(frame.f_locals))
+    self.assertEqual(frame.f_locals["layer"].name, "bn_2")
 
   def test_parse_and_bad_layer(self):
     self.assertEqual(parse_break_at("bn_2:7"), ("bn_2", 7))
@@ -99,6 +123,10 @@ class DebugHookTest(tf.test.TestCase):
       with self.assertRaisesRegex(UsageError, "no BN layer 'bn_9'"):
         training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(tmp, "o"),
                          progress=False, break_at=("bn_9", 0))
+      self.assertFalse(os.path.exists(os.path.join(tmp, "o")))
+      with self.assertRaisesRegex(UsageError, r"step 9 is not in this run \(steps 0..8\)"):
+        training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(tmp, "o"),
+                     progress=False, break_at=("bn_1", 9))
       self.assertFalse(os.path.exists(os.path.join(tmp, "o")))
 
   def test_hook_needs_eager(self):

@@ -1,0 +1,194 @@
+"""The sweep tool: the seed's diagnosis over many seeds (and cases, momenta, widths) in one
+process. Training trajectories are chaotic and differ across CPUs, so "what usually happens" is
+a distribution, not one run: per setting, the median and interquartile range of every loss and
+part, how often each cause dominates, how often evaluate > fit.
+
+Runs of one (width, momentum) share one raw model, optimizer and set of compiled functions: each
+run re-initialises the variables in place (the same values a fresh run would create), so every
+shape is traced once. ``sweep.json`` is rewritten after every run, which makes the sweep
+resumable: ``resume=True`` keeps the finished runs of a sweep made with the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from bnraw import config as configs
+from bnraw import outputs
+from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.diagnosis.decompose import ATTRIBUTION
+from bnraw.errors import UsageError
+
+SWEEP_FILE = "sweep.json"
+PARTS = tuple(key for key, _, _ in ATTRIBUTION)
+SUMMARY_LOSSES = ("fit", "train_mode_final", "precise_bn", "evaluate")
+
+
+def _reinitialise(parts, model: ModelConfig, seed: int) -> None:
+  """The weights a fresh ``seed_network(model, seed)`` would have; optimizer state zeroed."""
+  from bnraw.models.seed import seed_network
+  for variable, value in zip(parts.model.variables, seed_network(model, seed).variables):
+    variable.assign(value)
+  for group in parts.optimizer.slots:
+    for slot in group:
+      slot.assign(np.zeros(slot.shape, np.float32))
+  parts.optimizer.iterations.assign(0)
+
+
+def dominant(attribution: dict) -> str:
+  """The part with the largest magnitude."""
+  return max(PARTS, key=lambda key: abs(attribution[key]))
+
+
+def summarize(runs: Sequence[dict]) -> list[dict]:
+  """Per setting (case, momentum, width): median and quartiles of each loss and part, the
+  dominant-cause counts, and how often evaluate exceeds fit."""
+  out = []
+  for setting in sorted({(r["case"], r["momentum"], r["width"]) for r in runs}):
+    rows = [r for r in runs if (r["case"], r["momentum"], r["width"]) == setting]
+    values = {key: [r["losses"][key] for r in rows] for key in SUMMARY_LOSSES}
+    values.update({key: [r["attribution"][key] for r in rows] for key in PARTS})
+    stats = {key: dict(zip(("q25", "median", "q75"), np.percentile(v, [25, 50, 75]).tolist()))
+             for key, v in values.items()}
+    counts = {key: sum(r["dominant"] == key for r in rows) for key in PARTS}
+    out.append({"case": setting[0], "momentum": setting[1], "width": setting[2],
+                "runs": len(rows), "seeds": [r["seed"] for r in rows], "statistics": stats,
+                "dominant_counts": counts,
+                "evaluate_above_fit": sum(r["losses"]["evaluate"] > r["losses"]["fit"]
+                                          for r in rows)})
+  return out
+
+
+def report(result: dict) -> str:
+  """The summary table: one block per setting."""
+  import fractions
+  lines = []
+  for s in result["summary"]:
+    lines += [f"case {s['case']}, momentum {s['momentum']:g}, width "
+              f"{fractions.Fraction(s['width']).limit_denominator(1024)}: {s['runs']} seeds, "
+              f"evaluate > fit in {s['evaluate_above_fit']}/{s['runs']}",
+              f"  {'':20} {'median':>9} {'q25':>9} {'q75':>9}"]
+    for key in (*SUMMARY_LOSSES, *PARTS):
+      q, sign = s["statistics"][key], "+" if key in PARTS else ""
+      lines.append(f"  {key:20} " + " ".join(f"{q[k]:>{sign}9.4f}"
+                                              for k in ("median", "q25", "q75")))
+    counts = ", ".join(f"{k} {n}" for k, n in sorted(s["dominant_counts"].items(),
+                                                     key=lambda kv: -kv[1]) if n)
+    lines += [f"  dominant cause: {counts}", ""]
+  timing = result["timing"]
+  lines.append(f"{len(result['runs'])} runs in {timing['wall_seconds']:.0f} s; training alone "
+               f"{timing['train_seconds']:.0f} s (wall / training = "
+               f"{timing['wall_over_train']:.2f})")
+  return "\n".join(lines)
+
+
+def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequence[int],
+        out_dir: str, cases: Optional[Sequence[int]] = None,
+        momenta: Optional[Sequence[float]] = None, widths: Optional[Sequence[float]] = None,
+        resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+  """Diagnoses every (width, momentum, case, seed) combination; writes ``sweep.json``.
+
+  ``cases``, ``momenta``, ``widths`` default to the single values in the configs.
+  """
+  from bnraw.core import step
+  from bnraw.diagnosis.run import compile_raw, diagnose_raw_training
+  from bnraw.models import seed as seed_setup
+  model = model.resolved()
+  cases, momenta = list(cases or [data.case]), list(momenta or [model.momentum])
+  widths, seeds = list(widths or [model.width]), list(seeds)
+  if not seeds:
+    raise UsageError("seeds", "need at least one seed")
+  for name, values in (("seeds", seeds), ("cases", cases), ("momenta", momenta),
+                       ("widths", widths)):
+    if len(set(values)) != len(values):
+      raise UsageError(name, f"repeats a value: {values}")
+  for case, momentum, width in ((c, m, w) for c in cases for m in momenta for w in widths):
+    # every configuration checked before any work
+    seed_setup.make_dataset(dataclasses.replace(data, case=case))
+    seed_setup.build(dataclasses.replace(data, case=case),
+                     dataclasses.replace(model, momentum=momentum, width=width), train)
+    if not 0 <= momentum <= 1 or not width > 0:
+      raise UsageError("momenta", f"momentum {momentum} or width {width} out of range")
+  record = configs.record(data, model, train, seeds=seeds, cases=cases, momenta=momenta,
+                          widths=widths)
+  done = _previous_runs(out_dir, record) if resume else []
+  outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
+  mode = step.resolve_mode(train.mode)
+  plan = [(w, m, c, s) for w in widths for m in momenta for c in cases for s in seeds]
+  key = lambda r: (r["width"], r["momentum"], r["case"], r["seed"])
+  finished = {key(r): r for r in done}
+  runs = [finished[k] for k in plan if k in finished]
+  start = time.perf_counter()
+  wall_before = sum(r["seconds"] for r in runs)
+  result = {}
+  for width in widths:
+    for momentum in momenta:
+      todo = [(c, s) for c in cases for s in seeds if (width, momentum, c, s) not in finished]
+      if not todo:
+        continue
+      config = dataclasses.replace(model, width=width, momentum=momentum)
+      parts = seed_setup.build(dataclasses.replace(data, case=todo[0][0]), config,
+                               dataclasses.replace(train, seed=todo[0][1]))
+      compiled = compile_raw(parts, mode)
+      for case in cases:
+        dataset = seed_setup.make_dataset(dataclasses.replace(data, case=case))
+        for seed in seeds:
+          if (width, momentum, case, seed) in finished:
+            continue
+          began = time.perf_counter()
+          _reinitialise(parts, config, seed)
+          one = parts._replace(data=dataset)
+          out, history = diagnose_raw_training(one, dataclasses.replace(train, seed=seed),
+                                               mode, compiled=compiled)
+          out.pop("precise_statistics")
+          runs.append({"width": width, "momentum": momentum, "case": case, "seed": seed,
+                       "losses": out["losses"], "attribution": out["attribution"],
+                       "accuracy": out["accuracy"], "dominant": dominant(out["attribution"]),
+                       "train_seconds": history.seconds,
+                       "seconds": time.perf_counter() - began})
+          result = _result(record, runs, wall_before + time.perf_counter() - start, mode)
+          outputs.write_json(os.path.join(out_dir, SWEEP_FILE), result)
+          if progress:
+            r = runs[-1]
+            print(f"run {len(runs)}/{len(plan)}  case {case} momentum {momentum:g} width "
+                  f"{width:g} seed {seed}: fit {r['losses']['fit']:.4f} evaluate "
+                  f"{r['losses']['evaluate']:.4f} dominant {r['dominant']} "
+                  f"({r['seconds']:.1f} s)", file=sys.stderr, flush=True)
+  if not result:  # everything was already done
+    result = _result(record, runs, wall_before, mode)
+    outputs.write_json(os.path.join(out_dir, SWEEP_FILE), result)
+  return result
+
+
+def _result(record: dict, runs: list, wall_seconds: float, mode: str) -> dict:
+  train_seconds = sum(r["train_seconds"] for r in runs)
+  return {"config": record, "mode": mode, "environment": outputs.environment(), "runs": runs,
+          "summary": summarize(runs),
+          "timing": {"wall_seconds": wall_seconds, "train_seconds": train_seconds,
+                     "wall_over_train": wall_seconds / train_seconds if train_seconds else None}}
+
+
+def _previous_runs(out_dir: str, record: dict) -> list:
+  """The finished runs of the sweep in ``out_dir``; refuses one made with other settings
+  (the lists of seeds, cases, momenta and widths may differ)."""
+  path = os.path.join(out_dir, SWEEP_FILE)
+  if not os.path.isfile(path):
+    raise UsageError("resume", f"no {SWEEP_FILE} in {out_dir}: nothing to resume")
+  with open(path) as f:
+    saved = json.load(f)
+  current = json.loads(json.dumps(outputs.jsonable(record)))
+  for section in ("data", "model", "train"):
+    fixed = {k: v for k, v in current[section].items() if k not in ("case", "momentum",
+                                                                     "width", "seed")}
+    old = {k: v for k, v in saved["config"][section].items() if k in fixed}
+    if old != fixed:
+      raise UsageError("resume", f"the sweep in {out_dir} was made with other {section} "
+                       f"settings: {old} vs now {fixed}")
+  return saved["runs"]

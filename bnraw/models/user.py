@@ -1,0 +1,99 @@
+"""A user's own trained Keras model and its data, checked before any work: every problem is one
+:class:`UsageError` naming the file (or layer) and what is wrong, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+from bnraw.errors import UsageError
+
+
+def load_keras_model(path: str):
+  """The compiled ``.keras`` (or ``.h5``) model at ``path``, with at least one top-level BN
+  layer, one input, and no layer the CPU cannot run."""
+  import keras
+  from bnraw.diagnosis.precise_bn import keras_bn_layers
+  if os.path.isdir(path):
+    raise UsageError("keras_model", f"{path} is a directory; give the model's .keras file")
+  if not os.path.isfile(path):
+    raise UsageError("keras_model", f"no such file: {path}")
+  if not path.endswith((".keras", ".h5")):
+    raise UsageError("keras_model", f"{path} is not a .keras (or .h5) file")
+  if path.endswith(".keras") and not zipfile.is_zipfile(path):
+    raise UsageError("keras_model", f"{path} is not a valid .keras file (not a zip archive: "
+                     "corrupt or truncated?)")
+  try:
+    model = keras.models.load_model(path)
+  except Exception as e:  # Keras raises many types for a bad file
+    raise UsageError("keras_model", f"cannot load {path}: {str(e).splitlines()[0]}") from None
+  try:
+    has_bn = bool(keras_bn_layers(model))
+  except ValueError as e:
+    raise UsageError("keras_model", f"{path}: {e}") from None
+  if not has_bn:
+    raise UsageError("keras_model", f"{path} has no BatchNormalization layer")
+  if getattr(model, "loss", None) is None:
+    raise UsageError("keras_model", f"{path} was saved without a compiled loss "
+                     "(compile it before model.save)")
+  if len(model.inputs) != 1:
+    names = ", ".join(t.name for t in model.inputs)
+    raise UsageError("keras_model", f"{path} takes {len(model.inputs)} inputs ({names}); "
+                     "bnraw diagnoses single-input models (array x in --data)")
+  import tensorflow as tf
+  if not tf.config.list_physical_devices("GPU"):
+    for layer in _all_layers(model):
+      if getattr(layer, "data_format", None) == "channels_first":
+        raise UsageError("keras_model", f"layer {layer.name!r} ({type(layer).__name__}) uses "
+                         "data_format='channels_first', which TensorFlow cannot run on a CPU; "
+                         "rebuild it channels_last or run on a GPU")
+  return model
+
+
+def _all_layers(model):
+  for layer in model.layers:
+    yield layer
+    if hasattr(layer, "layers"):
+      yield from _all_layers(layer)
+
+
+def load_data(path: str, model) -> tuple[np.ndarray, np.ndarray]:
+  """Arrays ``x`` (float32) and ``y`` from the ``.npz`` at ``path``, checked against ``model``:
+  same length, x fits the input, y numeric, finite, and accepted by the model's loss."""
+  if not os.path.isfile(path):
+    raise UsageError("data", f"no such file: {path}")
+  try:
+    with np.load(path, allow_pickle=False) as arrays:
+      x, y = arrays["x"], arrays["y"]
+  except KeyError:
+    raise UsageError("data", f"{path} needs arrays named x and y") from None
+  except Exception as e:
+    raise UsageError("data", f"cannot read {path}: {str(e).splitlines()[0]}") from None
+  if len(x) != len(y) or len(x) == 0:
+    raise UsageError("data", f"x has {len(x)} examples and y {len(y)}; need the same, > 0")
+  for name, array in (("x", x), ("y", y)):
+    if array.dtype.kind not in "biuf":
+      raise UsageError("data", f"{name} holds {array.dtype} values; bnraw needs numbers "
+                       "(encode labels as integers)")
+    bad = int(np.size(array) - np.isfinite(array).sum())
+    if bad:
+      raise UsageError("data", f"{name} holds {bad} non-finite values (NaN or Inf)")
+  expected = tuple(model.inputs[0].shape[1:])
+  if len(expected) != x.ndim - 1 or any(e is not None and e != a for e, a in
+                                        zip(expected, x.shape[1:])):
+    raise UsageError("data", f"x examples have shape {x.shape[1:]}, the model takes "
+                     f"{expected}")
+  x = x.astype(np.float32)
+  y_pred = model(x[:2], training=False)  # the model's own loss on two examples
+  try:
+    loss = model.compute_loss(x=x[:2], y=y[:2], y_pred=y_pred, training=False)
+  except Exception as e:
+    raise UsageError("data", f"y (shape {y.shape}) does not fit the model's output (shape "
+                     f"{tuple(y_pred.shape)[1:]}) under its loss: "
+                     f"{str(e).splitlines()[0]}") from None
+  if not np.isfinite(np.asarray(loss)).all():
+    raise UsageError("data", f"y (shape {y.shape}) gives a non-finite loss with the model's "
+                     "output: labels out of range for the loss?")
+  return x, y

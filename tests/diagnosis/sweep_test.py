@@ -1,0 +1,68 @@
+"""The sweep: each run is the standalone diagnosis, resumable, summarised in closed form."""
+
+import json
+import os
+import tempfile
+
+import tensorflow as tf
+
+from bnraw import diagnosis
+from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.diagnosis import sweep
+from bnraw.errors import UsageError
+
+MODEL = ModelConfig(width=1 / 64, momentum=0.9)
+TRAIN = TrainConfig(batch_size=256, epochs=2, mode="function")
+
+
+class SweepTest(tf.test.TestCase):
+
+  def test_runs_equal_standalone_diagnoses_and_resume_keeps_them(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "sweep")
+      first = sweep.run(DataConfig(), MODEL, TRAIN, seeds=[3], cases=[1, 2], out_dir=out,
+                        progress=False)
+      self.assertLen(first["runs"], 2)
+      with self.assertRaisesRegex(UsageError, "out_dir: .* holds an earlier run"):
+        sweep.run(DataConfig(), MODEL, TRAIN, seeds=[3, 4], out_dir=out, progress=False)
+      with self.assertRaisesRegex(UsageError, "resume: .* other train settings"):
+        sweep.run(DataConfig(), MODEL, TrainConfig(batch_size=64, epochs=2, mode="function"),
+                  seeds=[3, 4], cases=[1, 2], out_dir=out, resume=True, progress=False)
+      # the second seed reuses the compiled step of the first, on re-initialised variables
+      both = sweep.run(DataConfig(), MODEL, TRAIN, seeds=[3, 4], cases=[1, 2], out_dir=out,
+                       resume=True, progress=False)
+      self.assertEqual(both["runs"][:2], first["runs"])  # kept, not re-run (same timings)
+      self.assertEqual([(r["case"], r["seed"]) for r in both["runs"]],
+                       [(1, 3), (2, 3), (1, 4), (2, 4)])
+      for case, seed in ((2, 4), (1, 3)):
+        alone = diagnosis.run(DataConfig(case=case), MODEL,
+                              TrainConfig(batch_size=256, epochs=2, mode="function", seed=seed),
+                              out_dir=os.path.join(tmp, f"alone{case}{seed}"), progress=False)
+        run, = [r for r in both["runs"] if (r["case"], r["seed"]) == (case, seed)]
+        self.assertEqual(run["losses"], alone["losses"])
+        self.assertEqual(run["attribution"], alone["attribution"])
+      with open(os.path.join(out, sweep.SWEEP_FILE)) as f:
+        saved = json.load(f)
+      self.assertEqual(saved["runs"], json.loads(json.dumps(both["runs"])))
+      self.assertGreater(saved["timing"]["wall_over_train"], 1.0)
+
+  def test_summary_closed_form(self):
+    def fake(seed, evaluate, stale, ema):
+      attribution = dict.fromkeys(sweep.PARTS, 0.0)
+      attribution.update(stale_statistics=stale, ema_lag=ema, weight_update=-0.1)
+      losses = {"fit": 1.0, "train_mode_final": 0.9, "precise_bn": 0.9, "evaluate": evaluate}
+      return {"case": 2, "momentum": 0.9, "width": 0.0625, "seed": seed, "losses": losses,
+              "attribution": attribution, "dominant": sweep.dominant(attribution)}
+    runs = [fake(0, 1.2, 0.3, 0.0), fake(1, 0.95, 0.05, 0.5), fake(2, 2.0, 1.0, 0.1),
+            fake(3, 0.5, 0.2, -0.6)]
+    summary, = sweep.summarize(runs)
+    self.assertEqual(summary["runs"], 4)
+    self.assertEqual(summary["evaluate_above_fit"], 2)
+    self.assertEqual(summary["dominant_counts"]["stale_statistics"], 2)
+    self.assertEqual(summary["dominant_counts"]["ema_lag"], 2)
+    stale = summary["statistics"]["stale_statistics"]  # 0.05, 0.2, 0.3, 1.0
+    self.assertAllClose([stale["q25"], stale["median"], stale["q75"]], [0.1625, 0.25, 0.475])
+
+
+if __name__ == "__main__":
+  tf.test.main()
