@@ -60,27 +60,42 @@ RUN_OUTPUTS = ("summary.json", "diagnosis.json", "compare.json", "profile.json",
                "fixed.keras")
 
 
-def prepare_out_dir(out_dir: str, *, overwrite: bool = False, resume: bool = False) -> str:
-  """Creates ``out_dir`` if needed and checks it is writable, before any work starts.
+def check_out_dir(out_dir: str, *, overwrite: bool = False, resume: bool = False) -> list[str]:
+  """Refuses an ``out_dir`` that cannot be an output folder, writing nothing; returns the
+  earlier run's outputs found there.
 
   A folder that holds an earlier run's outputs is refused, so runs never mix (an old ``ckpt-30``
-  beside a new ``ckpt-5``), unless ``resume`` (continue it: nothing is touched) or ``overwrite``
-  (bnraw's own earlier outputs are removed first; other files stay).
+  beside a new ``ckpt-5``), unless ``resume`` (continue it) or ``overwrite`` (replace it).
   """
   if not out_dir:
     raise UsageError("out_dir", "must not be empty")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UsageError("out_dir", f"exists and is not a directory: {out_dir}")
   earlier = ([name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
              if os.path.isdir(out_dir) else [])
   if earlier and not (overwrite or resume):
     raise UsageError("out_dir", f"{out_dir} holds an earlier run ({', '.join(earlier)}); "
-                     "choose another folder, or overwrite (--overwrite) or resume it")
+                     "choose another folder, or overwrite or resume it")
+  parent = out_dir
+  while not os.path.exists(parent):  # the nearest folder that exists must take new entries
+    parent = os.path.dirname(os.path.abspath(parent))
+  if not os.path.isdir(parent):
+    raise UsageError("out_dir", f"cannot write to {out_dir}: {parent} is not a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UsageError("out_dir", f"cannot write to {out_dir}: {parent} is read-only")
+  return earlier
+
+
+def prepare_out_dir(out_dir: str, *, overwrite: bool = False, resume: bool = False) -> str:
+  """:func:`check_out_dir`, then creates ``out_dir`` and checks it is writable, before any work
+  starts; with ``overwrite`` (and not ``resume``) bnraw's own earlier outputs are removed first
+  (other files stay)."""
+  earlier = check_out_dir(out_dir, overwrite=overwrite, resume=resume)
   try:
     os.makedirs(out_dir, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix=".probe-", dir=out_dir)
     os.close(fd)
     os.remove(probe)
-  except FileExistsError:
-    raise UsageError("out_dir", f"exists and is not a directory: {out_dir}") from None
   except OSError as e:
     raise UsageError("out_dir", f"cannot write to {out_dir}: {e.strerror or e}") from None
   if overwrite and not resume:

@@ -67,7 +67,7 @@ class FastRefusalTest(unittest.TestCase):
 
   def test_command_modules_import_no_tensorflow(self):
     # flags are parsed and checked before TensorFlow loads: a bad flag costs no start-up
-    for command in ("train", "compare", "diagnose", "inspect_trace", "profile_xla"):
+    for command in ("train", "compare", "diagnose", "inspect_trace", "profile_xla", "sweep"):
       code = f"import sys, bnraw.cli.{command}; print('tensorflow' in sys.modules)"
       out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            cwd=ROOT)

@@ -28,7 +28,10 @@ FLAGS = flags.FLAGS
 
 def check(argv):
   common.reject_extra_args(argv)
-  common.refuse_ignored_seed_flags()
+  common.check_seed_setup()
+  if FLAGS.reference == "tf_keras":
+    common.refuse_present(("bessel", "bessel_scope"), "--reference=tf_keras sets it (its fused "
+                          "conv BN is Bessel-corrected, its dense BN is not)")
 
 
 def main(argv):

@@ -39,8 +39,9 @@ def check(argv):
   if FLAGS.keras_model:
     common.refuse_present((*common.SEED_FLAGS, "impl", "trace", "every"),
                           "describes the seed setup; it has no meaning with --keras_model")
+    common.check_outputs()
   else:
-    common.refuse_ignored_seed_flags()
+    common.check_seed_setup()
 
 
 def main(argv):

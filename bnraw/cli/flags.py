@@ -96,8 +96,8 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   flags.DEFINE_float("l2", model.l2, "L2 factor on every kernel (seed: 0).")
   flags.DEFINE_bool("fast_conv", model.fast_conv, "Compute block 7's conv (kernel covers the "
                     "input) as one matmul: same maths, faster on CPU, not bit-identical to Keras.")
-  flags.DEFINE_integer("batch_size", train.batch_size, f"Batch size, 1..{NUM_IMAGES} (the "
-                       f"dataset has {NUM_IMAGES} images).")
+  flags.DEFINE_integer("batch_size", train.batch_size, f"Batch size (the seed's dataset has "
+                       f"{NUM_IMAGES} images).")
   flags.DEFINE_integer("epochs", train.epochs, "Epochs.")
   flags.DEFINE_enum("optimizer", train.optimizer, ["adam", "sgd"],
                     "Keras 3 Adam, or SGD with momentum.")
@@ -119,15 +119,10 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   _bound("momentum", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
   _bound("epsilon", lambda v: v > 0, "must be > 0")
   _bound("l2", lambda v: v >= 0, "must be >= 0")
-  _bound("batch_size", lambda v: 1 <= v <= NUM_IMAGES,
-         f"must be in [1, {NUM_IMAGES}] (the dataset has {NUM_IMAGES} images)")
+  _bound("batch_size", lambda v: v >= 1, "must be >= 1")
   _bound("epochs", lambda v: v >= 1, "must be >= 1")
   _bound("lr", lambda v: v > 0, "must be > 0")
   _bound("sgd_momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
-  flags.register_multi_flags_validator(
-      ["bessel", "batch_size"],
-      lambda f: not (f["bessel"] and (f["batch_size"] == 1 or NUM_IMAGES % f["batch_size"] == 1)),
-      message="with --bessel every batch needs >= 2 images (n/(n-1) is infinite for n = 1)")
 
 
 def define_output_flags(out_dir: str) -> None:
@@ -136,14 +131,34 @@ def define_output_flags(out_dir: str) -> None:
                     "it, a folder holding a run is refused).")
 
 
-def resolve_width() -> float:
+def resolve_width(announce: bool = True) -> float:
   """--width, or the library's default (1 with a GPU, 1/16 on CPU), said on stderr when picked."""
   if FLAGS.width is not None:
     return parse_width(FLAGS.width)
   width = ModelConfig().resolved().width  # imports TensorFlow
+  if not announce:
+    return width
   why = "a GPU is present" if width == 1.0 else "no GPU found; --width=1 is the full network"
   print(f"width: {fractions.Fraction(width)} ({why})", file=sys.stderr)
   return width
+
+
+def check_seed_setup(*, resume: bool = False) -> None:
+  """Meaningless flags, the seed settings, the output folder and the photo, all checked before
+  TensorFlow loads (the library checks them again before it works)."""
+  from bnraw.models import seed
+  refuse_ignored_seed_flags()
+  seed.check(*configs(resolve=False))
+  check_outputs(resume=resume)
+
+
+def check_outputs(*, resume: bool = False) -> None:
+  """The output folder, checked before TensorFlow loads."""
+  from bnraw import outputs
+  if resume and FLAGS.overwrite:
+    raise UsageError("overwrite", "--resume continues the run in --out_dir; --overwrite would "
+                     "replace it: give one")
+  outputs.check_out_dir(FLAGS.out_dir, overwrite=FLAGS.overwrite, resume=resume)
 
 
 def refuse_ignored_seed_flags() -> None:
@@ -157,10 +172,14 @@ def refuse_ignored_seed_flags() -> None:
     refuse_present(("sgd_momentum", "nesterov"), "only applies with --optimizer=sgd")
 
 
-def configs() -> tuple[DataConfig, ModelConfig, TrainConfig]:
-  """The flag values as the library's frozen configurations."""
+def configs(announce_width: bool = True, resolve: bool = True
+            ) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+  """The flag values as the library's frozen configurations; ``resolve=False`` leaves an unset
+  width undecided (no TensorFlow import)."""
   data = DataConfig(case=int(FLAGS.case), image=FLAGS.image, block=parse_block(FLAGS.block))
-  model = ModelConfig(width=resolve_width(), momentum=FLAGS.momentum, epsilon=FLAGS.epsilon,
+  width = (resolve_width(announce_width) if resolve else
+           parse_width(FLAGS.width) if FLAGS.width is not None else None)
+  model = ModelConfig(width=width, momentum=FLAGS.momentum, epsilon=FLAGS.epsilon,
                       bessel=FLAGS.bessel, bessel_scope=FLAGS.bessel_scope, l2=FLAGS.l2,
                       fast_conv=FLAGS.fast_conv)
   train = TrainConfig(batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, optimizer=FLAGS.optimizer,

@@ -26,34 +26,6 @@ flags.mark_flag_as_required("run_dir")
 FLAGS = flags.FLAGS
 
 
-def _fmt(values, limit):
-  import numpy as np
-  values = np.asarray(values)
-  shown = " ".join(f"{v:+.6g}" for v in values[:limit])
-  return shown + (f" ... ({len(values)} channels)" if len(values) > limit else "")
-
-
-def describe(trace, layer: str, step: int, limit: int) -> str:
-  """The update of ``layer`` at ``step``, with the moving-average identity checked."""
-  import numpy as np
-  at = trace.at(layer, step)
-  v = at.values
-  momentum_hint = ""
-  delta = v["moving_mean_before"] - v["batch_mean"]
-  if np.abs(delta).max() > 0:
-    # recover m from moving_after = m * before + (1 - m) * batch, as a readable check
-    m = (v["moving_mean_after"] - v["batch_mean"]) / delta
-    momentum_hint = f"  (implied momentum {np.median(m):.6g})"
-  lines = [f"{layer} at step {step} (epoch {at.epoch + 1}), branch: {at.branch}{momentum_hint}"]
-  for key in ("batch_mean", "moving_mean_before", "moving_mean_after", "batch_variance",
-              "moving_variance_before", "moving_variance_after"):
-    lines.append(f"  {key:24} {_fmt(v[key], limit)}")
-  lines.append("  " + "   ".join(f"{key} {float(v[key]):.6g}" for key in
-                                  ("mean_gap", "variance_gap", "min_batch_variance",
-                                   "max_amplification")))
-  return "\n".join(lines)
-
-
 def check(argv):
   common.reject_extra_args(argv)
   if FLAGS.where:
@@ -68,7 +40,7 @@ def check(argv):
 
 def main(argv):
   import os
-  from bnraw.tracing.store import TRACE_FILE, Trace
+  from bnraw.tracing.store import TRACE_FILE, Trace, describe
   path = os.path.join(FLAGS.run_dir, TRACE_FILE)
   if not os.path.isfile(path):
     raise UsageError("run_dir", f"no {TRACE_FILE} in {FLAGS.run_dir} (train with --trace)")

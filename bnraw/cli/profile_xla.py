@@ -30,6 +30,7 @@ FLAGS = flags.FLAGS
 
 def check(argv):
   common.reject_extra_args(argv)
+  common.check_outputs()
   for text in FLAGS.widths:
     try:
       common.parse_width(text)

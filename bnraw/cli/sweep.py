@@ -14,8 +14,8 @@ from bnraw.cli import flags as common
 from bnraw.errors import UsageError
 
 common.define_common_flags(out_dir="runs/sweep", trace=False)
-flags.DEFINE_string("seeds", "0-9", "Seeds: a range START-END (inclusive) and/or a comma list, "
-                    "e.g. 0-9 or 0,3,7.")
+flags.DEFINE_string("seeds", None, "Seeds: a range START-END (inclusive) and/or a comma list, "
+                    "e.g. 0-9 or 0,3,7 (default: --seed).")
 flags.DEFINE_list("cases", None, "Cases to sweep (default: --case).")
 flags.DEFINE_list("momenta", None, "BN momenta to sweep (default: --momentum).")
 flags.DEFINE_list("widths", None, "Widths to sweep, e.g. 1/32,1/16 (default: --width).")
@@ -50,22 +50,25 @@ def parse_lists() -> dict:
   momenta = parse("momenta", float)
   if momenta and not all(0 <= m <= 1 for m in momenta):
     raise UsageError("momenta", f"must be in [0, 1], got {momenta}")
-  return {"seeds": parse_seeds(FLAGS.seeds), "cases": cases, "momenta": momenta,
+  seeds = parse_seeds(FLAGS.seeds) if FLAGS.seeds is not None else [FLAGS.seed]
+  return {"seeds": seeds, "cases": cases, "momenta": momenta,
           "widths": parse("widths", common.parse_width)}
 
 
 def check(argv):
   common.reject_extra_args(argv)
-  common.refuse_ignored_seed_flags()
+  common.check_seed_setup(resume=FLAGS.resume)
   for plural, single in LISTS.items():
     if FLAGS[plural].present:
       common.refuse_present((single,), f"--{plural} is given; it sets this")
+  if FLAGS.cases == ["1"]:
+    common.refuse_present(("image", "block"), "case 1 has no photo or block (every pixel is i)")
   parse_lists()
 
 
 def main(argv):
   from bnraw.diagnosis import sweep
-  data, model, train = common.configs()
+  data, model, train = common.configs(announce_width=FLAGS.widths is None)
   result = sweep.run(data, model, train, out_dir=FLAGS.out_dir, resume=FLAGS.resume,
                      overwrite=FLAGS.overwrite, **parse_lists())
   print(sweep.report(result))

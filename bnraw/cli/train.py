@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 
 def check(argv):
   common.reject_extra_args(argv)
-  common.refuse_ignored_seed_flags()
+  common.check_seed_setup(resume=FLAGS.resume)
   if FLAGS.break_at:
     common.parse_break_at(FLAGS.break_at)
 
@@ -43,11 +43,8 @@ def main(argv):
           f"--resume: {' '.join(a for a in sys.argv if a != '--resume')} --resume",
           file=sys.stderr)
     return app.exit_status_for_signal(summary["signal"])
-  print(f"fit loss (last epoch) {summary['history']['loss'][-1]:.6g}  accuracy "
-        f"{summary['history']['accuracy'][-1]:.4f}\n"
-        f"evaluate loss         {summary['evaluate']['loss']:.6g}  accuracy "
-        f"{summary['evaluate']['accuracy']:.4f}\n"
-        f"wrote {FLAGS.out_dir}/summary.json")
+  print(training.report(summary))
+  print(f"wrote {FLAGS.out_dir}/summary.json")
 
 
 def console():

@@ -17,7 +17,7 @@ normalisation with the moving statistics, no state change.
 
 The moving statistics change in exactly two places: the training writer
 (:meth:`BatchNorm._update_moving_statistics`) and the named setter
-(:meth:`BatchNorm.set_moving_statistics`, used by PreciseBN's fix and state transfer).
+(:meth:`BatchNorm.set_moving_statistics`, used by PreciseBN's fix).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from bnraw.core.graph import Model
 from bnraw.core.layers import UpdateHook
 from bnraw.core.step import make_eval_step, make_train_step
 
+
 class MeanTracker:
   """Keras's ``Mean`` metric in float32: ``total += value * weight; count += weight``."""
 
@@ -109,10 +110,13 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   replay exactly the same batches. After every step ``should_stop()`` may end the run early
   (status "interrupted"); a non-finite loss or BN statistic ends it with status "non_finite".
   Step ``hook_step`` alone runs eagerly with ``hook`` in every BN layer (the step debugger);
-  every other step runs in ``mode``, so the run is the one it would be without the hook.
+  every other step runs in ``mode``, so up to that step the run is the one it would be without
+  the hook (after it, eager rounding may let it drift: ~1e-7 from function, ~1e-4 from xla).
   ``step_fn``: a train step already compiled for this model, optimizer, mode and trace (a sweep
   reuses it across runs that re-initialise the same variables).
   """
+  if (hook is None) != (hook_step is None):
+    raise ValueError("hook and hook_step go together: the hook runs at that one step")
   step_fn = step_fn or make_train_step(model, optimizer, mode=mode, trace=trace)
   debug_fn = (make_train_step(model, optimizer, mode="eager", trace=trace, hook=hook)
               if hook is not None else None)
@@ -166,6 +170,8 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
       on_epoch(epoch, history)
   history.seconds = time.perf_counter() - started
   return history
+
+
 def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks) -> tuple[float, float]:
   """Keras's epoch averaging: ``one_batch(indices) -> (loss, correct count)`` per batch,
   combined as fit/evaluate's float32 ``Mean`` metrics weighted by batch size."""

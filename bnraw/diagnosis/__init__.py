@@ -3,7 +3,7 @@
 (:mod:`~bnraw.diagnosis.decompose`, with :mod:`~bnraw.diagnosis.precise_bn`) and write
 ``diagnosis.json``; :func:`report` is the text."""
 
-from bnraw.diagnosis.report import report
-from bnraw.diagnosis.run import run, run_keras_model
+from bnraw.diagnosis.explain import report
+from bnraw.diagnosis.tool import run, run_keras_model
 
 __all__ = ["report", "run", "run_keras_model"]

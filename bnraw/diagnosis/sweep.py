@@ -23,6 +23,7 @@ import numpy as np
 from bnraw import config as configs
 from bnraw import outputs
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.core.loop import NonFiniteError
 from bnraw.diagnosis.decompose import ATTRIBUTION
 from bnraw.errors import UsageError
 
@@ -49,17 +50,24 @@ def dominant(attribution: dict) -> str:
 
 def summarize(runs: Sequence[dict]) -> list[dict]:
   """Per setting (case, momentum, width): median and quartiles of each loss and part, the
-  dominant-cause counts, and how often evaluate exceeds fit."""
+  dominant-cause counts, and how often evaluate exceeds fit, over the complete runs; runs that
+  went non-finite are counted apart."""
   out = []
   for setting in sorted({(r["case"], r["momentum"], r["width"]) for r in runs}):
-    rows = [r for r in runs if (r["case"], r["momentum"], r["width"]) == setting]
+    same = [r for r in runs if (r["case"], r["momentum"], r["width"]) == setting]
+    rows = [r for r in same if r.get("status", "complete") == "complete"]
+    if not rows:
+      out.append({"case": setting[0], "momentum": setting[1], "width": setting[2], "runs": 0,
+                  "non_finite": len(same)})
+      continue
     values = {key: [r["losses"][key] for r in rows] for key in SUMMARY_LOSSES}
     values.update({key: [r["attribution"][key] for r in rows] for key in PARTS})
     stats = {key: dict(zip(("q25", "median", "q75"), np.percentile(v, [25, 50, 75]).tolist()))
              for key, v in values.items()}
     counts = {key: sum(r["dominant"] == key for r in rows) for key in PARTS}
     out.append({"case": setting[0], "momentum": setting[1], "width": setting[2],
-                "runs": len(rows), "seeds": [r["seed"] for r in rows], "statistics": stats,
+                "runs": len(rows), "non_finite": len(same) - len(rows),
+                "seeds": [r["seed"] for r in rows], "statistics": stats,
                 "dominant_counts": counts,
                 "evaluate_above_fit": sum(r["losses"]["evaluate"] > r["losses"]["fit"]
                                           for r in rows)})
@@ -71,9 +79,13 @@ def report(result: dict) -> str:
   import fractions
   lines = []
   for s in result["summary"]:
-    lines += [f"case {s['case']}, momentum {s['momentum']:g}, width "
-              f"{fractions.Fraction(s['width']).limit_denominator(1024)}: {s['runs']} seeds, "
-              f"evaluate > fit in {s['evaluate_above_fit']}/{s['runs']}",
+    head = (f"case {s['case']}, momentum {s['momentum']:g}, width "
+            f"{fractions.Fraction(s['width']).limit_denominator(1024)}: {s['runs']} seeds"
+            + (f" ({s['non_finite']} more went non-finite)" if s["non_finite"] else ""))
+    if not s["runs"]:
+      lines += [head, ""]
+      continue
+    lines += [f"{head}, evaluate > fit in {s['evaluate_above_fit']}/{s['runs']}",
               f"  {'':20} {'median':>9} {'q25':>9} {'q75':>9}"]
     for key in (*SUMMARY_LOSSES, *PARTS):
       q, sign = s["statistics"][key], "+" if key in PARTS else ""
@@ -98,7 +110,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
   ``cases``, ``momenta``, ``widths`` default to the single values in the configs.
   """
   from bnraw.core import step
-  from bnraw.diagnosis.run import compile_raw, diagnose_raw_training
+  from bnraw.diagnosis.tool import compile_raw, diagnose_raw_training
   from bnraw.models import seed as seed_setup
   model = model.resolved()
   cases, momenta = list(cases or [data.case]), list(momenta or [model.momentum])
@@ -110,12 +122,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
     if len(set(values)) != len(values):
       raise UsageError(name, f"repeats a value: {values}")
   for case, momentum, width in ((c, m, w) for c in cases for m in momenta for w in widths):
-    # every configuration checked before any work
-    seed_setup.make_dataset(dataclasses.replace(data, case=case))
-    seed_setup.build(dataclasses.replace(data, case=case),
+    seed_setup.check(dataclasses.replace(data, case=case),  # all of them, before any work
                      dataclasses.replace(model, momentum=momentum, width=width), train)
-    if not 0 <= momentum <= 1 or not width > 0:
-      raise UsageError("momenta", f"momentum {momentum} or width {width} out of range")
   record = configs.record(data, model, train, seeds=seeds, cases=cases, momenta=momenta,
                           widths=widths)
   done = _previous_runs(out_dir, record) if resume else []
@@ -124,7 +132,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
   plan = [(w, m, c, s) for w in widths for m in momenta for c in cases for s in seeds]
   key = lambda r: (r["width"], r["momentum"], r["case"], r["seed"])
   finished = {key(r): r for r in done}
-  runs = [finished[k] for k in plan if k in finished]
+  runs = list(done)  # kept whole, also runs outside this plan
   start = time.perf_counter()
   wall_before = sum(r["seconds"] for r in runs)
   result = {}
@@ -157,10 +165,12 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
           outputs.write_json(os.path.join(out_dir, SWEEP_FILE), result)
           if progress:
             r = runs[-1]
+            what = (f"fit {r['losses']['fit']:.4f} evaluate {r['losses']['evaluate']:.4f} "
+                    f"dominant {r['dominant']}" if r["status"] == "complete" else
+                    f"non-finite at step {r['non_finite']['step']} in {r['non_finite']['where']}")
             print(f"run {len(runs)}/{len(plan)}  case {case} momentum {momentum:g} width "
-                  f"{width:g} seed {seed}: fit {r['losses']['fit']:.4f} evaluate "
-                  f"{r['losses']['evaluate']:.4f} dominant {r['dominant']} "
-                  f"({r['seconds']:.1f} s)", file=sys.stderr, flush=True)
+                  f"{width:g} seed {seed}: {what} ({r['seconds']:.1f} s)", file=sys.stderr,
+                  flush=True)
   if not result:  # everything was already done
     result = _result(record, runs, wall_before, mode)
     outputs.write_json(os.path.join(out_dir, SWEEP_FILE), result)
@@ -176,8 +186,9 @@ def _result(record: dict, runs: list, wall_seconds: float, mode: str) -> dict:
 
 
 def _previous_runs(out_dir: str, record: dict) -> list:
-  """The finished runs of the sweep in ``out_dir``; refuses one made with other settings
-  (the lists of seeds, cases, momenta and widths may differ)."""
+  """The finished runs of the sweep in ``out_dir`` (all kept, also those outside a narrower
+  new plan); refuses one made with other settings (the lists of seeds, cases, momenta and
+  widths may differ)."""
   path = os.path.join(out_dir, SWEEP_FILE)
   if not os.path.isfile(path):
     raise UsageError("resume", f"no {SWEEP_FILE} in {out_dir}: nothing to resume")

@@ -70,7 +70,7 @@ def compile_model(model, train: TrainConfig, *, jit_compile: bool, reference: st
 
 
 def optimizer_slots(optimizer) -> list[list]:
-  """A Keras optimizer's slot lists, in the same layout as ``bnraw.optim``'s ``slots``
+  """A Keras optimizer's slot lists, in the same layout as ``bnraw.core.optim``'s ``slots``
   (Keras 3's and tf_keras's optimizers name them alike; order = trainable variables)."""
   if hasattr(optimizer, "_momentums") and hasattr(optimizer, "_velocities"):  # Adam
     return [list(optimizer._momentums), list(optimizer._velocities)]
@@ -87,8 +87,8 @@ def weight_key(variable) -> str:
 
 
 def model_weights(model) -> list:
-  """The Keras model's weights in the raw seed network's ``variables`` order (tf_keras lists trainable weights
-  first, Keras 3 layer by layer; both are matched by name)."""
+  """The Keras model's weights in the raw seed network's ``variables`` order (tf_keras lists
+  trainable weights first, Keras 3 layer by layer; both are matched by name)."""
   by_key = {weight_key(v): v for v in model.weights}
   keys = []
   for i in range(1, 9):

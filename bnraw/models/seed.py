@@ -51,18 +51,32 @@ class Setup(NamedTuple):
   optimizer: object
 
 
-def build(data: DataConfig, model: ModelConfig, train: TrainConfig) -> Setup:
-  """Dataset, raw network (seeded initial weights) and optimizer; checks that they fit together
-  before any work starts."""
-  from bnraw.core.optim import make_optimizer
-  dataset = make_dataset(data)
-  if not 1 <= train.batch_size <= len(dataset.images):
-    raise UsageError("batch_size", f"must be in [1, {len(dataset.images)}] "
-                     f"(the dataset has {len(dataset.images)} images)")
-  if model.bessel and (train.batch_size == 1 or len(dataset.images) % train.batch_size == 1):
+def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
+  """Refuses settings that do not fit the seed, cheaply: builds nothing, imports no TensorFlow
+  (the photo is read when one is given)."""
+  if data.case not in (1, 2):
+    raise UsageError("case", f"must be 1 or 2, got {data.case}")
+  check_block(data.block)
+  if data.image is not None:
+    load_image(data.image)
+  if not 1 <= train.batch_size <= NUM_IMAGES:
+    raise UsageError("batch_size", f"must be in [1, {NUM_IMAGES}] (the dataset has "
+                     f"{NUM_IMAGES} images)")
+  if model.bessel and (train.batch_size == 1 or NUM_IMAGES % train.batch_size == 1):
     raise UsageError("bessel", "every batch needs >= 2 images (n/(n-1) is infinite for n = 1)")
+  if not 0 <= model.momentum <= 1:
+    raise UsageError("momentum", f"must be in [0, 1], got {model.momentum}")
+  if model.width is not None and not model.width > 0:
+    raise UsageError("width", f"must be > 0, got {model.width}")
   if train.optimizer not in ("adam", "sgd"):
     raise UsageError("optimizer", f"must be adam or sgd, got {train.optimizer!r}")
+
+
+def build(data: DataConfig, model: ModelConfig, train: TrainConfig) -> Setup:
+  """Dataset, raw network (seeded initial weights) and optimizer, after :func:`check`."""
+  from bnraw.core.optim import make_optimizer
+  check(data, model, train)
+  dataset = make_dataset(data)
   net = seed_network(model, seed=train.seed)
   optimizer = make_optimizer(train.optimizer, net.trainable_variables, train.lr,
                              train.sgd_momentum, train.nesterov)

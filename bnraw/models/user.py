@@ -41,7 +41,7 @@ def load_keras_model(path: str):
   if len(model.inputs) != 1:
     names = ", ".join(t.name for t in model.inputs)
     raise UsageError("keras_model", f"{path} takes {len(model.inputs)} inputs ({names}); "
-                     "bnraw diagnoses single-input models (array x in --data)")
+                     "bnraw diagnoses single-input models (one array x in the data file)")
   import tensorflow as tf
   if not tf.config.list_physical_devices("GPU"):
     for layer in _all_layers(model):

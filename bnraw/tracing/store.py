@@ -149,3 +149,29 @@ class Trace:
     """The first step at which summary ``key`` of ``layer`` exceeds ``above`` (None if never)."""
     hits = np.nonzero(self.series(layer, key) > above)[0]
     return int(self.steps[hits[0]]) if len(hits) else None
+
+
+def _shown(values, limit: int) -> str:
+  values = np.asarray(values)
+  shown = " ".join(f"{v:+.6g}" for v in values[:limit])
+  return shown + (f" ... ({len(values)} channels)" if len(values) > limit else "")
+
+
+def describe(trace: "Trace", layer: str, step: int, limit: int = 6) -> str:
+  """The update of ``layer`` at ``step``, with the moving-average identity checked."""
+  at = trace.at(layer, step)
+  v = at.values
+  momentum_hint = ""
+  delta = v["moving_mean_before"] - v["batch_mean"]
+  if np.abs(delta).max() > 0:
+    # recover m from moving_after = m * before + (1 - m) * batch, as a readable check
+    m = (v["moving_mean_after"] - v["batch_mean"]) / delta
+    momentum_hint = f"  (implied momentum {np.median(m):.6g})"
+  lines = [f"{layer} at step {step} (epoch {at.epoch + 1}), branch: {at.branch}{momentum_hint}"]
+  for key in ("batch_mean", "moving_mean_before", "moving_mean_after", "batch_variance",
+              "moving_variance_before", "moving_variance_after"):
+    lines.append(f"  {key:24} {_shown(v[key], limit)}")
+  lines.append("  " + "   ".join(f"{key} {float(v[key]):.6g}" for key in
+                                  ("mean_gap", "variance_gap", "min_batch_variance",
+                                   "max_amplification")))
+  return "\n".join(lines)

@@ -2,8 +2,9 @@
 
 Per step and BN layer: scalars ``{layer}/mean_gap``, ``variance_gap``, ``min_batch_variance``,
 ``max_amplification``; histograms of the batch and moving (after update) means and variances;
-``train/loss`` and ``train/accuracy`` per step; ``epoch/loss``, ``epoch/accuracy`` per epoch and
-``evaluate/loss``, ``evaluate/accuracy`` at the end. ``tensorboard --logdir OUT_DIR`` shows them.
+``train/loss`` and ``train/accuracy`` per step, ``evaluate/loss`` and ``evaluate/accuracy`` at the
+end; the diagnose tool adds ``diagnosis/<loss>`` every ``--every`` epochs. ``tensorboard --logdir
+OUT_DIR`` shows them.
 """
 
 from __future__ import annotations

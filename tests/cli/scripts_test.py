@@ -69,6 +69,30 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
           "moving_variance_max_rel_diff", "update_rel_l2_diff", "weights_max_rel_diff"}, True)
       self.assertEqual(set(c["evaluate"]) >= {"raw", "keras"}, True)
 
+  def test_sweep_prints_the_summary(self):
+    with tempfile.TemporaryDirectory() as out:
+      result = run_script("sweep.py", *TINY, "--epochs=1", "--seeds=0-1", "--momenta=0,0.9",
+                          f"--out_dir={out}")
+      self.assertEqual(result.returncode, 0, result.stderr)
+      self.assertIn("run 4/4", result.stderr)
+      for momentum in ("0", "0.9"):
+        self.assertIn(f"case 2, momentum {momentum}, width 1/64: 2 seeds", result.stdout)
+      with open(os.path.join(out, "sweep.json")) as f:
+        self.assertLen(json.load(f)["runs"], 4)
+
+  def test_user_model_failure_is_one_line(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      corrupt, data = os.path.join(tmp, "m.keras"), os.path.join(tmp, "d.npz")
+      with open(corrupt, "w") as f:
+        f.write("not a model")
+      np.savez(data, x=np.zeros((2, 3)), y=np.zeros(2))
+      result = run_script("diagnose.py", f"--keras_model={corrupt}", f"--data={data}",
+                          f"--out_dir={tmp}/out")
+      self.assertEqual(result.returncode, 2, result.stderr)
+      line, = result.stderr.strip().splitlines()
+      self.assertIn(f"--keras_model: {corrupt} is not a valid .keras file", line)
+      self.assertFalse(os.path.exists(f"{tmp}/out"))
+
   def test_diagnose_flag_pairs(self):
     result = run_script("diagnose.py", "--keras_model=m.keras")
     self.assertEqual(result.returncode, 2)
@@ -118,6 +142,12 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
        ["--run_dir=x", "--where=mean_gap", "--above=1", "--step=2"], "--step: "),
       ("hlo_without_xla", "profile_xla.py", ["--raw_modes=function", "--hlo_dir=h"],
        "--hlo_dir: needs xla"),
+      ("sweep_seed_and_seeds", "sweep.py", ["--seeds=0-3", "--seed=2"], "--seed: --seeds"),
+      ("sweep_image_case_1", "sweep.py", ["--cases=1", "--block=3:9"], "--block: case 1"),
+      ("sweep_bad_seeds", "sweep.py", ["--seeds=3-x"], "--seeds: expected e.g. 0-9"),
+      ("resume_and_overwrite", "train.py", ["--resume", "--overwrite"], "--overwrite: --resume"),
+      ("tf_keras_sets_bessel", "compare.py", ["--reference=tf_keras", "--bessel"],
+       "--bessel: --reference=tf_keras sets it"),
   )
   def test_meaningless_flags_are_refused_before_any_work(self, script, args, needle):
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +160,7 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       self.assertIn(needle, lines[0])
       self.assertFalse(os.path.exists(out))
 
-  def test_bad_inputs_found_after_start(self):
+  def test_bad_inputs_refused_before_any_work(self):
     with tempfile.TemporaryDirectory() as tmp:
       not_image = os.path.join(tmp, "x.png")
       with open(not_image, "w") as f:
@@ -150,8 +180,8 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         out = os.path.join(tmp, "out")
         result = run_script("train.py", *TINY, "--epochs=1", f"--out_dir={out}", *args)
         self.assertEqual(result.returncode, 2, result.stderr)
-        self.assertEqual(result.stderr.strip().splitlines()[-1].split("error: ")[-1][:len(needle)],
-                         needle, result.stderr)
+        line, = result.stderr.strip().splitlines()
+        self.assertEqual(line.split("error: ")[-1][:len(needle)], needle, result.stderr)
         self.assertNotIn("Traceback", result.stderr)
         self.assertFalse(os.path.exists(out))
 

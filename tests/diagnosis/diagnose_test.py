@@ -15,6 +15,7 @@ from bnraw.models import seed
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.diagnosis.decompose import ATTRIBUTION, LOSS_KEYS
 from bnraw.errors import UsageError
+from tests.tracing.trace_test import read_events
 from bnraw.diagnosis.precise_bn import aggregate, raw_population_statistics
 
 TINY = dict(width=1 / 32)
@@ -23,9 +24,9 @@ TINY = dict(width=1 / 32)
 def run(tmp, impl="raw", momentum=0.9, batch_size=256, epochs=3, bessel=False, fix=None,
         every=0, trace=False):
   return diagnosis.run(
-      DataConfig(), ModelConfig(momentum=momentum, bessel=bessel, **TINY),
-      TrainConfig(batch_size=batch_size, epochs=epochs, mode="function"),
-      out_dir=tmp, impl=impl, fix=fix, every=every, trace=trace, progress=False)
+                       DataConfig(), ModelConfig(momentum=momentum, bessel=bessel, **TINY),
+                       TrainConfig(batch_size=batch_size, epochs=epochs, mode="function"),
+                       out_dir=tmp, impl=impl, fix=fix, every=every, trace=trace, progress=False)
 
 
 class DecompositionTest(tf.test.TestCase):
@@ -86,7 +87,9 @@ class DecompositionTest(tf.test.TestCase):
       d = run(tmp, epochs=4, every=2, trace=True)
       self.assertEqual([row["epoch"] for row in d["over_time"]], [2])
       self.assertTrue(os.path.exists(os.path.join(tmp, "trace.npz")))
-      self.assertTrue(os.listdir(os.path.join(tmp, "tensorboard")))
+      events = read_events(os.path.join(tmp, "tensorboard"))
+      for key, value in d["over_time"][0]["losses"].items():
+        self.assertAllClose(events[f"diagnosis/{key}"][2], value, msg=key)
 
 
 class PreciseBNTest(tf.test.TestCase):
@@ -152,13 +155,11 @@ class UserKerasModelTest(tf.test.TestCase):
   def test_functional_model_diagnosis(self):
     out = os.path.join(self.tmp, "out")
     d = diagnosis.run_keras_model(self.model_path, self.data_path, batch_size=16,
-                                        out_dir=out, fix="precise_bn")
+                                  out_dir=out, fix="precise_bn")
     evaluate = self.model.evaluate(self.x, self.y, batch_size=16, verbose=0, return_dict=True)
     self.assertAllClose(d["losses"]["evaluate"], evaluate["loss"], rtol=1e-5)
     self.assertIsNone(d["losses"]["fit"])
     self.assertLen(d["per_layer"], 2)
-    self.assertAllClose(sum(p["contribution"] for p in d["per_layer"]),
-                        d["moving_statistics_total"], rtol=1e-5, atol=1e-7)
     self.assertAllClose(d["fixed"]["evaluate"]["loss"], d["losses"]["precise_bn"], rtol=1e-6)
     # The fixed model's first BN holds the population moments of the conv output.
     fixed = keras.models.load_model(d["fixed"]["saved"])
@@ -166,6 +167,12 @@ class UserKerasModelTest(tf.test.TestCase):
     bn = fixed.layers[2]
     self.assertAllClose(bn.moving_mean, conv_out.mean(0), rtol=1e-4, atol=1e-6)
     self.assertAllClose(bn.moving_variance, conv_out.var(0), rtol=1e-4, atol=1e-6)
+    # The first layer's part: Keras's own evaluate with only that layer's statistics swapped.
+    swapped = keras.models.load_model(self.model_path)
+    swapped.layers[2].set_weights(bn.get_weights())
+    loss = swapped.evaluate(self.x, self.y, batch_size=16, verbose=0, return_dict=True)["loss"]
+    self.assertAllClose(d["per_layer"][0]["contribution"], evaluate["loss"] - loss,
+                        rtol=1e-4, atol=1e-6)
 
   def save(self, model, name):
     path = os.path.join(self.tmp, name)
@@ -220,6 +227,8 @@ class UserKerasModelTest(tf.test.TestCase):
          "data: y holds <U1 values; bnraw needs numbers"),
         ((self.model_path, self.npz("nan.npz", x=nan_x, y=np.zeros(4))),
          r"data: x holds 2 non-finite values"),
+        ((self.model_path, self.npz("nan_y.npz", x=x, y=np.array([0, np.inf, 1, 2]))),
+         r"data: y holds 1 non-finite values"),
         ((self.model_path, self.npz("short.npz", x=x, y=np.zeros(3))),
          "data: x has 4 examples and y 3"),
     ]
@@ -254,7 +263,7 @@ class ReportTest(tf.test.TestCase):
                            losses["precise_bn"]}]}
 
   def test_dominant_cause_and_fix(self):
-    from bnraw.diagnosis.report import report
+    from bnraw.diagnosis.explain import report
     text = report(self.diagnosis({"fit": 1.0, "train_mode_final": 0.9, "precise_bn": 0.9,
                                   "last_batch_stats": 3.0, "no_bessel": 3.2, "evaluate": 3.2}))
     self.assertIn("gap            loss +2.2000", text)
@@ -263,7 +272,7 @@ class ReportTest(tf.test.TestCase):
     self.assertIn("--fix precise_bn", text)
 
   def test_no_gap(self):
-    from bnraw.diagnosis.report import report
+    from bnraw.diagnosis.explain import report
     same = dict.fromkeys(LOSS_KEYS, 5.5452)
     text = report(self.diagnosis(same, accuracy=1 / 256))
     self.assertIn("no gap to explain", text)

@@ -44,7 +44,6 @@ class SweepTest(tf.test.TestCase):
       with open(os.path.join(out, sweep.SWEEP_FILE)) as f:
         saved = json.load(f)
       self.assertEqual(saved["runs"], json.loads(json.dumps(both["runs"])))
-      self.assertGreater(saved["timing"]["wall_over_train"], 1.0)
 
   def test_summary_closed_form(self):
     def fake(seed, evaluate, stale, ema):

@@ -11,7 +11,7 @@ from bnraw.core.step import make_train_step
 from bnraw.models import keras_bridge
 from bnraw.parity import compare
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
-from bnraw.models.seed import build as setup
+from bnraw.models.seed import build
 
 MODEL = ModelConfig(width=1 / 32)
 HAS_TF_KERAS = importlib.util.find_spec("tf_keras") is not None
@@ -27,7 +27,7 @@ class TransferTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.parameters("adam", "sgd")
   def test_round_trip_weights_statistics_and_slots(self, optimizer):
     train = train_config(optimizer)
-    parts = setup(DataConfig(), MODEL, train)
+    parts = build(DataConfig(), MODEL, train)
     step = make_train_step(parts.model, parts.optimizer, mode="eager", trace=False)
     step(tf.constant(parts.data.images[:32]), tf.constant(parts.data.labels[:32]))  # slots != 0
     state = keras_bridge.raw_state(parts.model, parts.optimizer)
@@ -35,7 +35,7 @@ class TransferTest(tf.test.TestCase, parameterized.TestCase):
     kmodel = keras_bridge.build_model(MODEL)
     keras_bridge.compile_model(kmodel, train, jit_compile=False)
     keras_bridge.set_keras_state(kmodel, state)
-    other = setup(DataConfig(), MODEL, TrainConfig(optimizer=optimizer, seed=7))
+    other = build(DataConfig(), MODEL, TrainConfig(optimizer=optimizer, seed=7))
     keras_bridge.set_raw_state(other.model, other.optimizer, keras_bridge.keras_state(kmodel))
     back = keras_bridge.raw_state(other.model, other.optimizer)
     self.assertEqual(back["iterations"], 1)
@@ -49,9 +49,9 @@ class TransferTest(tf.test.TestCase, parameterized.TestCase):
                      [v.name.split(":")[0] for v in other.model.variables])
 
   def test_shape_mismatch_is_refused(self):
-    parts = setup(DataConfig(), MODEL, train_config())
+    parts = build(DataConfig(), MODEL, train_config())
     state = keras_bridge.raw_state(parts.model, parts.optimizer)
-    wider = setup(DataConfig(), ModelConfig(width=1 / 16), train_config())
+    wider = build(DataConfig(), ModelConfig(width=1 / 16), train_config())
     with self.assertRaisesRegex(ValueError, "shape"):
       keras_bridge.set_raw_state(wider.model, wider.optimizer, state)
 

@@ -60,7 +60,7 @@ class ProfileScriptTest(tf.test.TestCase):
       result = subprocess.run(
           [sys.executable, os.path.join(ROOT, "scripts", "profile_xla.py"), "--widths=1/64",
            "--batch_size=32", "--steps=2", "--warmup=0", "--rounds=1",
-           "--raw_modes=function,xla", "--keras_jit=false", f"--out_dir={out}",
+           "--raw_modes=xla", "--keras_jit=false", f"--out_dir={out}",
            f"--hlo_dir={out}/hlo"], capture_output=True, text=True, env=env, timeout=600)
       self.assertEqual(result.returncode, 0, result.stderr)
       with open(os.path.join(out, "profile.json")) as f:
@@ -69,8 +69,7 @@ class ProfileScriptTest(tf.test.TestCase):
       self.assertIn("device", profile)
       rows = profile["results"]
       self.assertEqual([(r["impl"], r["mode"], r["fast_conv"], r["traced"]) for r in rows],
-                       [("raw", "function", False, False), ("raw", "function", True, False),
-                        ("raw", "xla", False, False), ("raw", "xla", True, False),
+                       [("raw", "xla", False, False), ("raw", "xla", True, False),
                         ("raw", "xla", False, True), ("keras", "fit", False, False)])
       for row in rows:
         for key in ("width", "batch_size", "compile_s", "step_s_median", "images_per_s",

@@ -123,7 +123,7 @@ class DebugHookTest(tf.test.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       with self.assertRaisesRegex(UsageError, "no BN layer 'bn_9'"):
         training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(tmp, "o"),
-                         progress=False, break_at=("bn_9", 0))
+                     progress=False, break_at=("bn_9", 0))
       self.assertFalse(os.path.exists(os.path.join(tmp, "o")))
       with self.assertRaisesRegex(UsageError, r"step 2 is not in this run \(steps 0..1\)"):
         training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(tmp, "o"),

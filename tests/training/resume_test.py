@@ -34,17 +34,17 @@ class ResumeTest(tf.test.TestCase):
   def test_interrupted_and_resumed_equals_uninterrupted(self):
     with tempfile.TemporaryDirectory() as whole, tempfile.TemporaryDirectory() as parts:
       reference = training.run(DataConfig(), MODEL, TRAIN, out_dir=whole, trace=True,
-                                   progress=False)
+                               progress=False)
       for stop_step in (4, 6):  # mid-epoch, then end of an epoch
         first = training.run(DataConfig(), MODEL, TRAIN, out_dir=parts, trace=True,
-                                 progress=False, on_step=interrupt_at(stop_step),
-                                 resume=stop_step == 6)
+                             progress=False, on_step=interrupt_at(stop_step),
+                             resume=stop_step == 6)
         self.assertEqual(first["status"], "interrupted")
         self.assertFalse(first["complete"])
         self.assertEqual(first["steps_done"], stop_step + 1)
         self.assertEqual(first["signal"], signal.SIGINT)
       resumed = training.run(DataConfig(), MODEL, TRAIN, out_dir=parts, trace=True,
-                                 progress=False, resume=True)
+                             progress=False, resume=True)
       self.assertEqual(resumed["status"], "complete")
       self.assertEqual(resumed["history"], reference["history"])  # bit-identical, float32 means
       self.assertEqual(resumed["evaluate"], reference["evaluate"])
@@ -56,26 +56,29 @@ class ResumeTest(tf.test.TestCase):
   def test_checkpoint_every_and_longer_resume(self):
     with tempfile.TemporaryDirectory() as out:
       training.run(DataConfig(), MODEL, TRAIN, out_dir=out, progress=False,
-                       checkpoint_every=1)
+                   checkpoint_every=1)
       with open(os.path.join(out, "run_state.json")) as f:
         state = json.load(f)
       self.assertEqual(state["status"], "complete")
       self.assertEqual(state["state"]["epoch"], 3)
       longer = TrainConfig(batch_size=96, epochs=5, mode="function")
       more = training.run(DataConfig(), MODEL, longer, out_dir=out, progress=False,
-                              resume=True)
+                          resume=True)
       self.assertLen(more["history"]["loss"], 5)
       self.assertEqual(more["steps_done"], 15)
 
   def test_mismatched_resume_is_refused(self):
     with tempfile.TemporaryDirectory() as out:
       training.run(DataConfig(), MODEL, TRAIN, out_dir=out, progress=False)
+      fewer = TrainConfig(batch_size=96, epochs=2, mode="function")
+      with self.assertRaisesRegex(UsageError, r"^epochs: the run has done 3 epochs already"):
+        training.run(DataConfig(), MODEL, fewer, out_dir=out, progress=False, resume=True)
       other = TrainConfig(batch_size=96, epochs=3, mode="function", lr=0.01)
       with self.assertRaisesRegex(UsageError, r"^resume: .*train\.lr \(run: 0.001, now: 0.01\)"):
         training.run(DataConfig(), MODEL, other, out_dir=out, progress=False, resume=True)
       with self.assertRaisesRegex(UsageError, "nothing to resume"):
         training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(out, "new"),
-                         progress=False, resume=True)
+                     progress=False, resume=True)
 
   def test_non_finite_is_caught_with_step_and_layer(self):
     with tempfile.TemporaryDirectory() as out:
@@ -102,6 +105,10 @@ class SignalScriptTest(tf.test.TestCase):
   ARGS = ["--width=1/32", "--mode=function", "--batch_size=128"]
   TRAIN = TrainConfig(batch_size=128, epochs=3, mode="function")
 
+  def reference(self, out, epochs):
+    train = TrainConfig(batch_size=128, epochs=epochs, mode="function")
+    return training.run(DataConfig(), MODEL, train, out_dir=out, progress=False)
+
   def script(self, *args, **kwargs):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return [sys.executable, os.path.join(ROOT, "scripts", "train.py"), *self.ARGS, *args], env
@@ -122,8 +129,10 @@ class SignalScriptTest(tf.test.TestCase):
       self.assertNotIn("Traceback", rest)
       with open(os.path.join(out, "summary.json")) as f:
         self.assertEqual(json.load(f)["status"], "interrupted")
-      resumed = training.resume(out, epochs=3, progress=False)
-      reference = training.run(DataConfig(), MODEL, self.TRAIN, out_dir=whole, progress=False)
+      with open(os.path.join(out, "run_state.json")) as f:  # the signal lands a step or more
+        epochs = json.load(f)["state"]["epoch"] + 2  # after the line: finish the next epoch
+      resumed = training.resume(out, epochs=epochs, progress=False)
+      reference = self.reference(whole, epochs)
       self.assertEqual(resumed["status"], "complete")
       self.assertEqual(resumed["config"], reference["config"])
       self.assertEqual(resumed["history"], reference["history"])
@@ -139,7 +148,7 @@ class SignalScriptTest(tf.test.TestCase):
       self.assertEqual(done.returncode, 0, done.stderr)
       with open(os.path.join(out, "summary.json")) as f:
         resumed = json.load(f)
-      reference = training.run(DataConfig(), MODEL, self.TRAIN, out_dir=whole, progress=False)
+      reference = self.reference(whole, 3)
       self.assertEqual(resumed["history"], reference["history"])
       self.assertEqual(resumed["evaluate"], reference["evaluate"])
 

@@ -45,15 +45,14 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
         checkpoint_every: int = 0, resume: bool = False, overwrite: bool = False) -> dict:
   """Trains the raw path, evaluates, writes ``summary.json`` (and the trace) into ``out_dir``.
 
-  ``break_at=(layer, step)`` stops in that layer's moving-average update at that step, which
-  alone runs eagerly; the steps before it run in the run's own mode, so the values at the break
-  are the traced run's (``break_action`` replaces the debugger; see bnraw.tracing.debugger). A checkpoint is
+  ``break_at=(layer, step)`` stops in that layer's moving-average update at that step, which alone
+  runs eagerly; the steps before it run in the run's own mode, so the values at the break are the
+  traced run's (``break_action`` replaces the debugger; see bnraw.tracing.debugger). A checkpoint is
   written every ``checkpoint_every`` epochs (0: only at the end), on SIGINT/SIGTERM (after the
-  current step) and at the end; ``resume`` continues the run in ``out_dir``; an earlier run
-  there is refused unless ``overwrite`` (bnraw.outputs.prepare_out_dir). The summary's
-  ``status`` is "complete" or "interrupted"; a non-finite step writes the summary with status
-  "non_finite" and raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict
-  (DESIGN.md section 4).
+  current step) and at the end; ``resume`` continues the run in ``out_dir``; an earlier run there is
+  refused unless ``overwrite`` (bnraw.outputs.prepare_out_dir). The summary's ``status`` is
+  "complete" or "interrupted"; a non-finite step writes the summary with status "non_finite" and
+  raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict (DESIGN.md section 4).
   """
   from bnraw.core import loop, step
   from bnraw.models import seed
@@ -77,6 +76,14 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
   checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record)
   resume_state = checkpointer.restore() if resume else None
+  if resume_state is not None:
+    if train.epochs < resume_state.epoch:
+      raise UsageError("epochs", f"the run has done {resume_state.epoch} epochs already; "
+                       f"resume with epochs >= {resume_state.epoch}")
+    done = int(parts.optimizer.iterations.numpy())
+    if break_at is not None and break_at[1] < done:
+      raise UsageError("break_at", f"step {break_at[1]} is before the resumed run's next step "
+                       f"({done})")
   mode = step.resolve_mode(train.mode)
   recorders = [on_step] if on_step is not None else []
   printer = EpochProgress(train.epochs) if progress else None
@@ -153,3 +160,11 @@ def resume(out_dir: str, *, epochs: Optional[int] = None, **kwargs) -> dict:
     train = dataclasses.replace(train, epochs=epochs)
   options = {k: v for k, v in options.items() if k in ("trace", "checkpoint_every")}
   return run(data, model, train, out_dir=out_dir, resume=True, **{**options, **kwargs})
+
+
+def report(summary: dict) -> str:
+  """What fit printed last and what evaluate gives."""
+  history, evaluate = summary["history"], summary["evaluate"]
+  return (f"fit loss (last epoch) {history['loss'][-1]:.6g}  accuracy "
+          f"{history['accuracy'][-1]:.4f}\n"
+          f"evaluate loss         {evaluate['loss']:.6g}  accuracy {evaluate['accuracy']:.4f}")

@@ -1,6 +1,6 @@
 """The diagnose tool: train (raw or real Keras fit), decompose, optionally fix; and the same for
 a user's own trained Keras model. Plain typed values in, the diagnosis.json dict out (written
-into ``out_dir``); :mod:`bnraw.diagnosis.report` turns it into text."""
+into ``out_dir``); :mod:`bnraw.diagnosis.explain` turns it into text."""
 
 from __future__ import annotations
 
@@ -227,6 +227,10 @@ def run_keras_model(model_path: str, data_path: str, *, batch_size: int, out_dir
   """The decomposition for a user's own trained Keras model: ``evaluate``, ``train_mode_final``,
   ``precise_bn`` and the per-layer split (the rest needs the training history)."""
   from bnraw.models import user
+  if fix not in (None, "precise_bn"):
+    raise UsageError("fix", f"must be precise_bn, got {fix!r}")
+  if batch_size < 1:
+    raise UsageError("batch_size", f"must be >= 1, got {batch_size}")
   kmodel = user.load_keras_model(model_path)
   x, y = user.load_data(data_path, kmodel)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
