@@ -1,33 +1,43 @@
-"""A one-line-per-epoch progress display (rewritten in place on a terminal)."""
+"""A Keras-style progress line per epoch: rewritten in place on a terminal, one line per epoch
+in a log."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Optional, TextIO
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class EpochProgress:
-  """``on_epoch(epoch, history)`` callback printing ``epoch 12/500  loss ...  acc ...``.
+  """``on_epoch(epoch, history)`` callback printing
+  ``epoch 12/500  4 steps  loss 1.0726  accuracy 0.5430  3.1s  ETA 2m31s``."""
 
-  On a terminal the line is rewritten in place every epoch; otherwise about 20 lines per run.
-  """
-
-  def __init__(self, epochs: int, stream: TextIO = sys.stderr, label: str = ""):
+  def __init__(self, epochs: int, stream: TextIO = sys.stderr, label: str = "",
+               steps_per_epoch: Optional[int] = None):
     self.epochs = epochs
     self.stream = stream
     self.label = f"{label} " if label else ""
+    self.steps = f"  {steps_per_epoch} steps" if steps_per_epoch else ""
     self.start = time.perf_counter()
+    self.first_epoch: Optional[int] = None  # a resumed run starts past 0: its ETA counts from it
     self.interactive = stream.isatty()
-    self.every = max(1, epochs // 20)
 
   def __call__(self, epoch: int, history) -> None:
+    if self.first_epoch is None:
+      self.first_epoch = epoch
     done = epoch + 1
     elapsed = time.perf_counter() - self.start
-    line = (f"{self.label}epoch {done}/{self.epochs}  loss {history.loss[-1]:.4f}  "
-            f"accuracy {history.accuracy[-1]:.4f}  {elapsed:.1f}s")
-    if self.interactive:
-      self.stream.write("\r" + line + ("\n" if done == self.epochs else ""))
-    elif done % self.every == 0 or done in (1, self.epochs):
+    left = elapsed / (done - self.first_epoch) * (self.epochs - done)
+    line = (f"{self.label}epoch {done}/{self.epochs}{self.steps}  loss {history.loss[-1]:.4f}  "
+            f"accuracy {history.accuracy[-1]:.4f}  {_duration(elapsed)}"
+            + (f"  ETA {_duration(left)}" if done < self.epochs else ""))
+    if self.interactive:  # pad over a longer previous line
+      self.stream.write("\r" + line.ljust(79) + ("\n" if done == self.epochs else ""))
+    else:
       self.stream.write(line + "\n")
     self.stream.flush()

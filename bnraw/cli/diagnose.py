@@ -8,8 +8,6 @@ the dominant cause and its fix; writes diagnosis.json. For your own trained Kera
   bnraw-diagnose --keras_model=model.keras --data=train.npz --out_dir=runs/mine
 """
 
-import fractions
-
 from absl import flags
 
 from bnraw.cli import app
@@ -22,6 +20,8 @@ flags.DEFINE_enum("fix", None, ["precise_bn"], "Apply a fix and report its evalu
                   "writes population statistics into the moving statistics and saves the model.")
 flags.DEFINE_integer("every", 0, "Also compute the decomposition every K epochs (0: only at the "
                      "end); with --trace it goes to TensorBoard too.", lower_bound=0)
+flags.DEFINE_bool("tensorboard", True, "Write the diagnosis to TensorBoard in --out_dir/"
+                  "tensorboard: curves, the report, the per-layer chart, amplification histograms.")
 flags.DEFINE_string("keras_model", None, "Diagnose your own trained .keras model instead "
                     "(needs --data).")
 flags.DEFINE_string("data", None, ".npz with arrays x and y for --keras_model.")
@@ -37,7 +37,7 @@ FLAGS = flags.FLAGS
 def check(argv):
   common.reject_extra_args(argv)
   if FLAGS.keras_model:
-    common.refuse_present((*common.SEED_FLAGS, "impl", "trace", "every"),
+    common.refuse_present((*common.SEED_FLAGS, "impl", "trace", "every", "histogram_every"),
                           "describes the seed setup; it has no meaning with --keras_model")
     common.check_outputs()
   else:
@@ -49,16 +49,16 @@ def main(argv):
   if FLAGS.keras_model:
     result = diagnosis.run_keras_model(FLAGS.keras_model, FLAGS.data,
                                        batch_size=FLAGS.batch_size, out_dir=FLAGS.out_dir,
-                                       fix=FLAGS.fix, overwrite=FLAGS.overwrite)
-    title = f"bnraw diagnosis of {FLAGS.keras_model} on {FLAGS.data}"
+                                       fix=FLAGS.fix, overwrite=FLAGS.overwrite,
+                                       tensorboard=FLAGS.tensorboard)
+    title = f"bnraw diagnosis of {result['title']}"
   else:
     data, model, train = common.configs()
     result = diagnosis.run(data, model, train, out_dir=FLAGS.out_dir, impl=FLAGS.impl,
                            trace=FLAGS.trace, fix=FLAGS.fix, every=FLAGS.every,
-                           overwrite=FLAGS.overwrite)
-    title = (f"bnraw diagnosis: case {data.case}, width {fractions.Fraction(model.width)}, "
-             f"momentum {model.momentum:g}, batch {train.batch_size}, {train.epochs} epochs, "
-             f"{FLAGS.impl} ({result['resolved']['mode']})")
+                           overwrite=FLAGS.overwrite, histogram_every=FLAGS.histogram_every,
+                           tensorboard=FLAGS.tensorboard)
+    title = f"bnraw diagnosis: {result['title']}"
   print()
   print(diagnosis.report(result, title))
   if "fixed" in result:

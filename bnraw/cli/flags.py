@@ -112,6 +112,8 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   if trace:
     flags.DEFINE_bool("trace", False, "Record every BN layer's batch and moving statistics at "
                       "every step (trace.npz + TensorBoard in --out_dir).")
+    flags.DEFINE_integer("histogram_every", 10, "With --trace: TensorBoard histograms every K "
+                         "steps (scalars: every step).", lower_bound=1)
   define_output_flags(out_dir)
 
   _check("width", parse_width)
@@ -168,6 +170,8 @@ def refuse_ignored_seed_flags() -> None:
     refuse_present(("image", "block"), "case 1 has no photo or block (every pixel is i)")
   if not FLAGS.bessel:
     refuse_present(("bessel_scope",), "only applies with --bessel")
+  if "trace" in FLAGS and not FLAGS.trace:
+    refuse_present(("histogram_every",), "only applies with --trace")
   if FLAGS.optimizer != "sgd":
     refuse_present(("sgd_momentum", "nesterov"), "only applies with --optimizer=sgd")
 

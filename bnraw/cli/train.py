@@ -36,7 +36,8 @@ def main(argv):
   data, model, train = common.configs()
   summary = training.run(data, model, train, out_dir=FLAGS.out_dir, trace=FLAGS.trace,
                          break_at=break_at, checkpoint_every=FLAGS.checkpoint_every,
-                         resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+                         resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+                         histogram_every=FLAGS.histogram_every)
   if summary["status"] == "interrupted":
     print(f"interrupted after step {summary['steps_done'] - 1}; checkpoint and summary.json "
           f"(marked incomplete) are in {FLAGS.out_dir}. Resume with the same flags plus "

@@ -5,6 +5,7 @@ into ``out_dir``); :mod:`bnraw.diagnosis.explain` turns it into text."""
 from __future__ import annotations
 
 import contextlib
+import fractions
 import os
 from typing import Callable, NamedTuple, Optional
 
@@ -16,6 +17,7 @@ from bnraw import outputs
 from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
 from bnraw.core import loop, step
 from bnraw.core.layers import BATCH
+from bnraw.diagnosis import board as diagnosis_board
 from bnraw.diagnosis import decompose as dg
 from bnraw.diagnosis.precise_bn import keras_bn_layers, set_keras_moving_statistics
 from bnraw.errors import UsageError
@@ -80,11 +82,14 @@ def _keras_train(parts: seed.Setup, model: ModelConfig, train: TrainConfig, mode
 
 def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
         impl: str = "raw", trace: bool = False, fix: Optional[str] = None, every: int = 0,
-        progress: bool = True, overwrite: bool = False) -> dict:
+        progress: bool = True, overwrite: bool = False, histogram_every: int = 10,
+        tensorboard: bool = True) -> dict:
   """Trains the seed setup (raw, or real Keras ``fit``), then splits ``evaluate - fit``.
 
   ``every`` > 0 also computes the decomposition every that many epochs ("over time").
-  Writes ``diagnosis.json`` (and ``fixed/`` with ``fix="precise_bn"``); returns its dict.
+  Writes ``diagnosis.json`` (and ``fixed/`` with ``fix="precise_bn"``), and with
+  ``tensorboard`` the diagnosis as TensorBoard charts, text and images
+  (:mod:`bnraw.diagnosis.board`); returns the dict.
   """
   if impl not in ("raw", "keras"):
     raise UsageError("impl", f"must be raw or keras, got {impl!r}")
@@ -97,22 +102,27 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   mode = step.resolve_mode(train.mode)
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[parts.data.labels]
-  printer = EpochProgress(train.epochs, label=impl) if progress else None
+  printer = (EpochProgress(train.epochs, label=impl, steps_per_epoch=-(-len(parts.data.images)
+                                                                      // train.batch_size))
+             if progress else None)
   names = [layer.name for layer in parts.model.batch_norms]
+  title = (f"case {data.case}, width {fractions.Fraction(model.width).limit_denominator(4096)}, "
+           f"momentum {model.momentum:g}, batch {train.batch_size}, {train.epochs} epochs, "
+           f"{impl} ({mode})")
   over_time: list[dict] = []
   wants = lambda epoch: every and (epoch + 1) % every == 0 and epoch + 1 < train.epochs
   with contextlib.ExitStack() as stack:
     board = None
-    if trace:
+    if tensorboard or trace:
       from bnraw.tracing.tensorboard import TensorBoardWriter
-      board = stack.enter_context(TensorBoardWriter(out_dir, names, model.epsilon))
+      board = stack.enter_context(TensorBoardWriter(out_dir, names, model.epsilon,
+                                                    histogram_every))
 
     def record_over_time(epoch, result):
       over_time.append({"epoch": epoch + 1, "losses": result["losses"],
                         "attribution": result["attribution"]})
       if board is not None:
-        board.scalars(epoch + 1, {f"diagnosis/{k}": v for k, v in result["losses"].items()
-                                  if v is not None})
+        board.scalars(epoch + 1, diagnosis_board.scalars(result))
 
     if impl == "raw":
       recorders = []
@@ -149,11 +159,15 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
           parts, model, train, mode, one_hot, on_epoch,
           need_last_batch=lambda e: e + 1 == train.epochs or wants(e))
       result = keras_diagnosis(kmodel, history, last_batch)
+    if board is not None:
+      layers = parts.model.batch_norms if impl == "raw" else keras_bn_layers(kmodel)
+      diagnosis_board.write(board, result, epoch=train.epochs, title=title,
+                            amplification=diagnosis_board.amplification(layers))
 
   precise = result.pop("precise_statistics")
   out = {"config": configs.record(data, model, train, impl=impl, trace=trace, fix=fix,
                                   every=every),
-         "impl": impl, "resolved": {"width": model.width, "mode": mode},
+         "impl": impl, "title": title, "resolved": {"width": model.width, "mode": mode},
          "environment": outputs.environment(), **result, "over_time": over_time,
          "history": {"loss": history.loss, "accuracy": history.accuracy}}
   if fix == "precise_bn":
@@ -223,9 +237,11 @@ def _fix_keras(kmodel, precise, x, y, batch_size: int, out_dir: str) -> dict:
 
 
 def run_keras_model(model_path: str, data_path: str, *, batch_size: int, out_dir: str,
-                    fix: Optional[str] = None, overwrite: bool = False) -> dict:
+                    fix: Optional[str] = None, overwrite: bool = False,
+                    tensorboard: bool = True) -> dict:
   """The decomposition for a user's own trained Keras model: ``evaluate``, ``train_mode_final``,
-  ``precise_bn`` and the per-layer split (the rest needs the training history)."""
+  ``precise_bn`` and the per-layer split (the rest needs the training history); with
+  ``tensorboard`` also as TensorBoard charts, text and images."""
   from bnraw.models import user
   if fix not in (None, "precise_bn"):
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
@@ -239,10 +255,17 @@ def run_keras_model(model_path: str, data_path: str, *, batch_size: int, out_dir
   # examples together and give batch statistics no training step ever saw)
   shuffled = np.random.default_rng(0).permutation(len(x))
   result = dg.diagnose_keras(kmodel, x, y, batch_size=batch_size, last_order=shuffled)
+  title = f"{model_path} on {data_path}, batch {batch_size}"
+  if tensorboard:
+    from bnraw.tracing.tensorboard import TensorBoardWriter
+    layers = keras_bn_layers(kmodel)
+    with TensorBoardWriter(out_dir, [layer.name for layer in layers], 0.0) as board:
+      diagnosis_board.write(board, result, epoch=0, title=title,
+                            amplification=diagnosis_board.amplification(layers))
   precise = result.pop("precise_statistics")
   out = {"config": {"keras_model": model_path, "data": data_path, "batch_size": batch_size,
                     "fix": fix},
-         "impl": "keras_model", "environment": outputs.environment(), **result}
+         "impl": "keras_model", "title": title, "environment": outputs.environment(), **result}
   if fix == "precise_bn":
     out["fixed"] = _fix_keras(kmodel, precise, x, y, batch_size, out_dir)
   outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)

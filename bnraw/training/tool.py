@@ -42,7 +42,8 @@ def stop_on_signals():
 def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
         trace: bool = False, progress: bool = True, on_step: Optional[Callable] = None,
         break_at: Optional[tuple[str, int]] = None, break_action: Optional[Callable] = None,
-        checkpoint_every: int = 0, resume: bool = False, overwrite: bool = False) -> dict:
+        checkpoint_every: int = 0, resume: bool = False, overwrite: bool = False,
+        histogram_every: int = 10) -> dict:
   """Trains the raw path, evaluates, writes ``summary.json`` (and the trace) into ``out_dir``.
 
   ``break_at=(layer, step)`` stops in that layer's moving-average update at that step, which alone
@@ -86,7 +87,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                        f"({done})")
   mode = step.resolve_mode(train.mode)
   recorders = [on_step] if on_step is not None else []
-  printer = EpochProgress(train.epochs) if progress else None
+  steps = -(-len(parts.data.images) // train.batch_size)
+  printer = EpochProgress(train.epochs, steps_per_epoch=steps) if progress else None
   with contextlib.ExitStack() as stack:
     if trace:
       from bnraw.tracing.store import TRACE_FILE, Trace, TraceRecorder
@@ -94,7 +96,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
       recorder = TraceRecorder(names, model.epsilon)
       if resume_state is not None and os.path.exists(os.path.join(out_dir, TRACE_FILE)):
         recorder.extend_from(Trace.load(out_dir), int(parts.optimizer.iterations.numpy()))
-      board = stack.enter_context(TensorBoardWriter(out_dir, names, model.epsilon))
+      board = stack.enter_context(TensorBoardWriter(out_dir, names, model.epsilon,
+                                                    histogram_every))
       recorders += [recorder, board.step]
 
     def save_trace():
