@@ -58,6 +58,9 @@ def markdown(diagnosis: dict, title: str = "") -> str:
   lines += [f"| {key} | {fmt(diagnosis['attribution'][key], '{:+.4f}')} | "
             f"{fmt(abs(parts[key]) / total if key in parts else None, '{:.1%}')} |"
             for key, _, _ in ATTRIBUTION]
+  if diagnosis.get("frozen"):
+    lines += ["", f"frozen BN layers (inference branch inside fit): "
+              f"{', '.join(diagnosis['frozen'])}"]
   lines += ["", "| BN layer | part of evaluate - precise_bn |", "|---|---:|"]
   lines += [f"| {p['layer']} | {p['contribution']:+.4f} |" for p in diagnosis["per_layer"]]
   if parts:

@@ -85,6 +85,9 @@ def report(diagnosis: dict, title: str = "") -> str:
     value = parts["moving_statistics"]
     lines.append(f"  {'moving_statistics':20} {value:>+9.4f}{share(value)}  = evaluate - "
                  "precise_bn: stale + EMA lag + Bessel, not separable without the history")
+  if diagnosis.get("frozen"):
+    lines += ["", f"frozen BN layers (trainable=False: inference branch inside fit, their "
+              f"statistics never move): {', '.join(diagnosis['frozen'])}"]
   lines += ["", "the moving-statistics part (evaluate - precise_bn) by BN layer, first to last:"]
   lines.append("  " + "  ".join(f"{p['layer']} {p['contribution']:+.4f}"
                                 for p in diagnosis["per_layer"]))

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw.config import CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, ModelConfig
+from bnraw.profiling import op_stats
 
 
 def forward_flops(config: ModelConfig, batch_size: int) -> int:
@@ -181,6 +182,7 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
   if out_dir is not None:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   data = make_dataset(DataConfig())
+  op_tables = []
   peak = matmul_peak_gflops()
   rows = []
   say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
@@ -211,14 +213,23 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
       rows.append(result_row(bench, variant, batch_size, peak))
       say(f"  {bench.row['impl']:5} {bench.row['mode']:9} fast={int(variant.fast_conv)} "
           f"trace={int(bench.row['traced'])}  {rows[-1]['step_s_median'] * 1e3:8.1f} ms/step")
-    if profile_dir:
-      best_variant, best = min(((v, b) for v, b in benches if b.row["impl"] == "raw"
-                                and not b.row["traced"]),
-                               key=lambda vb: statistics.median(vb[1].times))
-      capture_profile(best.run, os.path.join(profile_dir, f"w{width:g}"), steps=5)
+    if profile_dir:  # the fastest raw step whose ops keep their TF names (not XLA), if any
+      raw = [(v, b) for v, b in benches if b.row["impl"] == "raw" and not b.row["traced"]]
+      named = [(v, b) for v, b in raw if b.row["mode"] != "xla"] or raw
+      best_variant, best = min(named, key=lambda vb: statistics.median(vb[1].times))
+      capture_dir = os.path.join(profile_dir, f"w{width:g}")
+      capture_profile(best.run, capture_dir, steps=5)
+      ops = op_stats.framework_op_stats(capture_dir)
+      if ops is not None:
+        names = [f"bn_{i}" for i in range(1, len(CONV_BLOCKS) + 2)]
+        op_tables.append({"width": width, "mode": best.row["mode"],
+                          "fast_conv": best_variant.fast_conv,
+                          **op_stats.summarize(ops, names)})
     del benches
   result = {"device": device_name(), "matmul_peak_gflops": peak, "rounds": rounds,
             "results": rows, "environment": outputs.environment()}
+  if profile_dir:  # None: XProf (the optional extra) is not installed
+    result["op_stats"] = op_tables if op_tables else None
   result["ratios"] = ratios(result)
   if out_dir is not None:
     outputs.write_json(os.path.join(out_dir, "profile.json"), result)
@@ -271,4 +282,9 @@ def report(result: dict) -> str:
     if "xla_trace_on_over_off" in entry:
       parts.append(f"raw xla trace on/off = {entry['xla_trace_on_over_off']:.3f}")
     lines.append("  ".join(parts))
+  for table in result.get("op_stats") or []:
+    lines.append(f"width {table['width']:g}, XProf op stats of the raw {table['mode']} step:")
+    lines.append(op_stats.format_summary(table))
+  if result.get("op_stats", []) is None:
+    lines.append("(per-op tables need XProf: pip install 'bnraw[xprof]')")
   return "\n".join(lines)

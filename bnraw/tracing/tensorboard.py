@@ -21,23 +21,22 @@ import tensorflow as tf
 from bnraw.core.loop import StepRecord
 from bnraw.tracing.store import summarize
 
-
 HISTOGRAM_EVERY = 10  # steps between histogram sets: every step costs a 500-step run ~2.5x
 
 
 class TensorBoardWriter:
-  """Writes one run's summaries under ``{out_dir}/tensorboard`` from a background thread, so the
-  training loop only hands over numpy values; a context manager that drains the queue and
-  closes the file when the run ends, however it ends.
+  """Writes one run's summaries under ``{out_dir}/tensorboard`` (or ``log_dir``) from a
+  background thread, so the training loop only hands over numpy values; a context manager that
+  drains the queue and closes the file when the run ends, however it ends.
 
   Scalars are written every step; histograms every ``histogram_every`` steps (and at step 0).
   """
 
   def __init__(self, out_dir: str, layer_names: list[str], epsilon: float,
-               histogram_every: int = HISTOGRAM_EVERY):
+               histogram_every: int = HISTOGRAM_EVERY, log_dir: Optional[str] = None):
     if histogram_every < 1:
       raise ValueError(f"histogram_every must be >= 1, got {histogram_every}")
-    self.writer = tf.summary.create_file_writer(os.path.join(out_dir, "tensorboard"))
+    self.writer = tf.summary.create_file_writer(log_dir or os.path.join(out_dir, "tensorboard"))
     self.layer_names = layer_names
     self.epsilon = epsilon
     self.histogram_every = histogram_every

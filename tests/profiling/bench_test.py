@@ -1,5 +1,6 @@
 """FLOP counts against a hand calculation, and a tiny profile run's profile.json."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import tensorflow as tf
 
 from bnraw.config import ModelConfig
 from bnraw.models.seed import seed_network
+from bnraw.profiling import op_stats
 from bnraw.profiling.bench import forward_flops, train_step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,6 +54,23 @@ class FlopsTest(tf.test.TestCase):
       self.assertEqual(forward_flops(config, batch), counted)
 
 
+class OpStatsTest(tf.test.TestCase):
+
+  def test_bn_shares_by_name_scope(self):
+    ops = [{"operation": name, "type": "T", "occurrences": 1, "self_time_us": t} for name, t in (
+        ("bn_3/moments/mean", 10.0), ("bn_3/batchnorm/mul_1", 5.0),
+        ("bn_3_moving_update/mul", 1.0), ("gradient_tape/bn_3/moments/sub", 4.0),
+        ("bn_30/moments/mean", 7.0),  # another layer: a name prefix, not a substring
+        ("gradient_tape/convolution_1/Conv2DBackpropFilter", 73.0))]
+    summary = op_stats.summarize(ops, ["bn_3"], top=2)
+    self.assertEqual(summary["self_time_us"], 100.0)
+    self.assertEqual(summary["bn_layers"]["bn_3"], {"statistics": 0.10, "normalization": 0.05,
+                                                    "moving_update": 0.01, "backward": 0.04,
+                                                    "total": 0.2})
+    self.assertEqual([op["operation"] for op in summary["top_ops"]],
+                     ["gradient_tape/convolution_1/Conv2DBackpropFilter", "bn_3/moments/mean"])
+
+
 class ProfileScriptTest(tf.test.TestCase):
 
   def test_tiny_profile_run(self):
@@ -61,6 +80,7 @@ class ProfileScriptTest(tf.test.TestCase):
           [sys.executable, os.path.join(ROOT, "scripts", "profile_xla.py"), "--widths=1/64",
            "--batch_size=32", "--steps=2", "--warmup=0", "--rounds=1",
            "--raw_modes=xla", "--keras_jit=false", f"--out_dir={out}",
+           f"--profile_dir={out}/trace",
            f"--hlo_dir={out}/hlo"], capture_output=True, text=True, env=env, timeout=600)
       self.assertEqual(result.returncode, 0, result.stderr)
       with open(os.path.join(out, "profile.json")) as f:
@@ -80,6 +100,12 @@ class ProfileScriptTest(tf.test.TestCase):
       self.assertIn("xla_trace_on_over_off", profile["ratios"][0])
       self.assertIn("raw_over_keras", profile["ratios"][0])
       self.assertIn("best raw", result.stdout)
+      if importlib.util.find_spec("xprof") is None:  # the optional extra
+        self.assertIsNone(profile["op_stats"])
+      else:  # only an xla raw step was timed: its capture has no per-layer framework ops
+        table, = profile["op_stats"]
+        self.assertEqual(table["mode"], "xla")
+        self.assertTrue(table["top_ops"])
       hlo = sorted(os.listdir(os.path.join(out, "hlo")))
       self.assertEqual(hlo, ["raw_w0.015625_trace0.hlo.txt",
                              "raw_w0.015625_trace0.optimized_hlo.txt"])

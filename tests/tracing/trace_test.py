@@ -138,14 +138,15 @@ class DebugHookTest(tf.test.TestCase):
 
 
 def read_events(log_dir):
-  """``{tag: {step: value}}`` from the TensorBoard event files in ``log_dir`` (histograms: their
-  bucket tensor)."""
+  """``{tag: {step: value}}`` from the TensorBoard event files in ``log_dir`` (scalars as floats;
+  histograms, text, images as their tensors)."""
   found = {}
   for name in os.listdir(log_dir):
     for event in tf.compat.v1.train.summary_iterator(os.path.join(log_dir, name)):
       for value in event.summary.value:
         array = tf.make_ndarray(value.tensor)
-        found.setdefault(value.tag, {})[event.step] = array if array.ndim else float(array)
+        numeric = array.dtype.kind in "fiu" and not array.ndim
+        found.setdefault(value.tag, {})[event.step] = float(array) if numeric else array
   return found
 
 
