@@ -43,9 +43,12 @@ def _reinitialise(parts, model: ModelConfig, seed: int) -> None:
   parts.optimizer.iterations.assign(0)
 
 
-def dominant(attribution: dict) -> str:
-  """The part with the largest magnitude."""
-  return max(PARTS, key=lambda key: abs(attribution[key]))
+def dominant(attribution: dict, evaluate: float) -> str:
+  """The part with the largest magnitude, or "none" where every part is below the report's
+  no-gap threshold (a network at chance level, say)."""
+  from bnraw.diagnosis.explain import NO_GAP
+  key = max(PARTS, key=lambda key: abs(attribution[key]))
+  return key if abs(attribution[key]) >= NO_GAP * max(abs(evaluate), 1e-12) else "none"
 
 
 def summarize(runs: Sequence[dict]) -> list[dict]:
@@ -64,7 +67,8 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
     values.update({key: [r["attribution"][key] for r in rows] for key in PARTS})
     stats = {key: dict(zip(("q25", "median", "q75"), np.percentile(v, [25, 50, 75]).tolist()))
              for key, v in values.items()}
-    counts = {key: sum(r["dominant"] == key for r in rows) for key in PARTS}
+    causes = [dominant(r["attribution"], r["losses"]["evaluate"]) for r in rows]
+    counts = {key: causes.count(key) for key in (*PARTS, "none")}
     out.append({"case": setting[0], "momentum": setting[1], "width": setting[2],
                 "runs": len(rows), "non_finite": len(same) - len(rows),
                 "seeds": [r["seed"] for r in rows], "statistics": stats,
@@ -158,7 +162,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
           out.pop("precise_statistics")
           runs.append({"width": width, "momentum": momentum, "case": case, "seed": seed,
                        "losses": out["losses"], "attribution": out["attribution"],
-                       "accuracy": out["accuracy"], "dominant": dominant(out["attribution"]),
+                       "accuracy": out["accuracy"], "dominant": dominant(out["attribution"],
+                                                                out["losses"]["evaluate"]),
                        "train_seconds": history.seconds,
                        "seconds": time.perf_counter() - began})
           result = _result(record, runs, wall_before + time.perf_counter() - start, mode)

@@ -51,16 +51,22 @@ class SweepTest(tf.test.TestCase):
       attribution.update(stale_statistics=stale, ema_lag=ema, weight_update=-0.1)
       losses = {"fit": 1.0, "train_mode_final": 0.9, "precise_bn": 0.9, "evaluate": evaluate}
       return {"case": 2, "momentum": 0.9, "width": 0.0625, "seed": seed, "losses": losses,
-              "attribution": attribution, "dominant": sweep.dominant(attribution)}
+              "attribution": attribution}
     runs = [fake(0, 1.2, 0.3, 0.0), fake(1, 0.95, 0.05, 0.5), fake(2, 2.0, 1.0, 0.1),
             fake(3, 0.5, 0.2, -0.6)]
-    summary, = sweep.summarize(runs)
-    self.assertEqual(summary["runs"], 4)
+    dead = fake(4, 5.5, 0.0, 0.0)  # chance level: no gap, no cause
+    dead["attribution"]["weight_update"] = 0.0
+    dead["losses"]["fit"] = 5.5
+    summary, = sweep.summarize(runs + [{**dead, "status": "complete"},
+                                       {**dead, "seed": 5, "status": "non_finite"}])
+    self.assertEqual(summary["runs"], 5)
+    self.assertEqual(summary["non_finite"], 1)
+    self.assertEqual(summary["dominant_counts"]["none"], 1)
     self.assertEqual(summary["evaluate_above_fit"], 2)
     self.assertEqual(summary["dominant_counts"]["stale_statistics"], 2)
     self.assertEqual(summary["dominant_counts"]["ema_lag"], 2)
-    stale = summary["statistics"]["stale_statistics"]  # 0.05, 0.2, 0.3, 1.0
-    self.assertAllClose([stale["q25"], stale["median"], stale["q75"]], [0.1625, 0.25, 0.475])
+    stale = summary["statistics"]["stale_statistics"]  # 0, 0.05, 0.2, 0.3, 1.0
+    self.assertAllClose([stale["q25"], stale["median"], stale["q75"]], [0.05, 0.2, 0.3])
 
 
 if __name__ == "__main__":
