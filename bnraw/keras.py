@@ -10,22 +10,37 @@ named) into the same TensorBoard dashboard as ``bnraw-diagnose`` (:mod:`bnraw.di
 at the end of training it prints the report with the gap to what fit printed, and the
 ``weight_update`` part that fit's logs allow.
 
-It never touches the model being trained: each diagnosis runs on a clone that receives a copy of
-the weights and moving statistics (running the user's model in training mode would advance its
-Dropout seed generators and its moving statistics), so training stays bit-identical with and
-without the callback. Its cost is the clone plus a few passes over the sample, outside the
-training step; ``seconds`` records it per diagnosis.
+It never touches the model being trained: the diagnoses run on a clone, made once when training
+begins (with Python's ``random`` state restored: Keras seeds new layers from it) and given a copy
+of the weights and moving statistics each time (running the user's model in training mode would
+advance its Dropout seed generators and its moving statistics), so training stays bit-identical
+with and without the callback. In the clone, Dropout and noise layers are identities, so the
+training-branch parts measure BatchNorm alone. Frozen BN layers (``trainable=False``) keep their
+statistics (they contribute nothing) and are named. Its cost is a few passes over the sample per
+diagnosis, outside the training step; ``history[i]["seconds"]`` records it.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 from typing import Optional
 
 import keras
 import numpy as np
+
+
+NOISE = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "AlphaDropout",
+         "GaussianDropout", "GaussianNoise")
+
+
+def _without_noise(layer):
+  """clone_model's layer copy, with training-only noise replaced by an identity."""
+  if type(layer).__name__ in NOISE:
+    return keras.layers.Identity(name=layer.name)
+  return layer.__class__.from_config(layer.get_config())
 
 
 class BNDiagnosis(keras.callbacks.Callback):
@@ -49,10 +64,12 @@ class BNDiagnosis(keras.callbacks.Callback):
     self.history: list[dict] = []  # {"epoch", "losses", "attribution", "frozen", "seconds"}
     self.result: Optional[dict] = None
     self._board = None
+    self._clone = None
     self._last_logs: dict = {}
     self._epoch = 0
 
   def on_train_begin(self, logs=None):
+    self._clone = self._check_and_clone()  # before anything is written
     if self.log_dir:
       from bnraw.tracing.tensorboard import TensorBoardWriter
       os.makedirs(self.log_dir, exist_ok=True)
@@ -76,10 +93,26 @@ class BNDiagnosis(keras.callbacks.Callback):
       if self._board is not None:
         self._board.close()
 
-  def _clone(self):
-    clone = keras.models.clone_model(self.model)
-    clone.set_weights(self.model.get_weights())  # moving statistics included
-    clone.compile(loss=self.model.loss)
+  def _check_and_clone(self):
+    """The model and sample checked (one ValueError naming the problem), and the clone."""
+    from bnraw.diagnosis.precise_bn import keras_bn_layers
+    model = self.model
+    if not len(self.x) or len(self.x) != len(self.y):
+      raise ValueError(f"BNDiagnosis: x has {len(self.x)} examples and y {len(self.y)}; need "
+                       "the same, > 0")
+    if getattr(model, "loss", None) is None:
+      raise ValueError("BNDiagnosis: the model has no compiled loss")
+    if len(model.inputs) != 1:
+      raise ValueError(f"BNDiagnosis: the model takes {len(model.inputs)} inputs; single-input "
+                       "models only")
+    if not keras_bn_layers(model):  # also refuses BN inside a nested model
+      raise ValueError("BNDiagnosis: the model has no BatchNormalization layer")
+    state = random.getstate()
+    try:
+      clone = keras.models.clone_model(model, clone_function=_without_noise)
+    finally:
+      random.setstate(state)
+    clone.compile(loss=model.loss)
     return clone
 
   def _diagnose(self) -> None:
@@ -87,7 +120,8 @@ class BNDiagnosis(keras.callbacks.Callback):
     from bnraw.diagnosis.decompose import diagnose_keras
     from bnraw.diagnosis.precise_bn import keras_bn_layers
     began = time.perf_counter()
-    clone = self._clone()
+    clone = self._clone
+    clone.set_weights(self.model.get_weights())  # moving statistics included
     logs = self._last_logs
     result = diagnose_keras(clone, self.x, self.y, batch_size=min(self.batch_size, len(self.x)),
                             fit_loss=logs.get("loss"),

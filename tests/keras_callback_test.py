@@ -41,6 +41,22 @@ def train(callbacks):
 
 class BNDiagnosisTest(tf.test.TestCase):
 
+  def test_unsupported_models_are_refused_before_anything_is_written(self):
+    inner = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.BatchNormalization()],
+                             name="backbone")
+    model = keras.Sequential([keras.Input((6, 6, 2)), inner, keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    x, y = np.zeros((4, 6, 6, 2), np.float32), np.zeros(4)
+    with tempfile.TemporaryDirectory() as tmp:
+      log_dir = os.path.join(tmp, "bn")
+      with self.assertRaisesRegex(ValueError, "nested model 'backbone'"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[BNDiagnosis(x, y, log_dir=log_dir)])
+      self.assertFalse(os.path.exists(log_dir))
+    with self.assertRaisesRegex(ValueError, "x has 4 examples and y 3"):
+      model.fit(x, y, epochs=1, verbose=0, callbacks=[BNDiagnosis(x, y[:3])])
+
+
   def test_training_is_bit_identical_and_the_parts_are_keras_own(self):
     plain, _, _ = train(lambda x, y: [])
     with tempfile.TemporaryDirectory() as log_dir:
@@ -58,6 +74,8 @@ class BNDiagnosisTest(tf.test.TestCase):
       self.assertEqual([h["epoch"] for h in callback.history], [1, 2, 3])
       result = callback.result
       self.assertEqual(result["frozen"], ["bn_frozen"])
+      frozen_part, = [p["contribution"] for p in result["per_layer"] if p["layer"] == "bn_frozen"]
+      self.assertEqual(frozen_part, 0.0)  # fit used its moving statistics: nothing to blame
       evaluate = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
       self.assertAllClose(result["losses"]["evaluate"], evaluate["loss"], rtol=1e-5)
       self.assertEqual(result["losses"]["fit"], model.history.history["loss"][-1])

@@ -3,7 +3,8 @@
   bnraw-diagnose --case=2 --momentum=0.9 --out_dir=runs/diagnose
 
 Prints the gap, a table of six losses, the attribution to five named causes, the per-layer split,
-the dominant cause and its fix; writes diagnosis.json. For your own trained Keras model:
+the dominant cause and its fix; writes diagnosis.json and the same into TensorBoard
+(OUT_DIR/tensorboard: curves, the report, the per-layer chart, amplification histograms). For your own trained Keras model:
 
   bnraw-diagnose --keras_model=model.keras --data=train.npz --out_dir=runs/mine
 """

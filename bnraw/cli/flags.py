@@ -10,7 +10,7 @@ from typing import Callable
 
 from absl import flags
 
-from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
+from bnraw.config import HISTOGRAM_EVERY, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
 from bnraw.errors import UsageError
 from bnraw.models.seed import check_block
 
@@ -112,7 +112,7 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   if trace:
     flags.DEFINE_bool("trace", False, "Record every BN layer's batch and moving statistics at "
                       "every step (trace.npz + TensorBoard in --out_dir).")
-    flags.DEFINE_integer("histogram_every", 10, "With --trace: TensorBoard histograms every K "
+    flags.DEFINE_integer("histogram_every", HISTOGRAM_EVERY, "With --trace: TensorBoard histograms every K "
                          "steps (scalars: every step).", lower_bound=1)
   define_output_flags(out_dir)
 

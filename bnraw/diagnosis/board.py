@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bnraw.diagnosis.decompose import ATTRIBUTION, LOSS_KEYS
-from bnraw.diagnosis.explain import CAUSE, DESCRIBE
+from bnraw.diagnosis.explain import CAUSE, DESCRIBE, NO_GAP, parts_of
 
 CURVES = ("fit", "train_mode_final", "precise_bn", "evaluate")
 
@@ -38,9 +38,10 @@ def layout():
 
 
 def scalars(result: dict) -> dict[str, float]:
-  """The per-epoch values: every known loss and part."""
+  """The per-epoch values: every known loss and part (``moving_statistics`` where no history
+  splits it)."""
   out = {f"diagnosis/{k}": v for k, v in result["losses"].items() if v is not None}
-  out.update({f"attribution/{k}": v for k, v in result["attribution"].items() if v is not None})
+  out.update({f"attribution/{k}": v for k, v in parts_of(result)[0].items()})
   return out
 
 
@@ -52,19 +53,22 @@ def markdown(diagnosis: dict, title: str = "") -> str:
   lines += ["| | loss | accuracy | meaning |", "|---|---:|---:|---|"]
   lines += [f"| {key} | {fmt(losses[key])} | {fmt(accuracy[key])} | {DESCRIBE[key]} |"
             for key in LOSS_KEYS]
-  parts = {k: v for k, v in diagnosis["attribution"].items() if v is not None}
+  parts, cause = parts_of(diagnosis)
   total = sum(abs(v) for v in parts.values()) or 1.0
+  keys = [key for key, _, _ in ATTRIBUTION] + (["moving_statistics"]
+                                               if "moving_statistics" in parts else [])
   lines += ["", "| evaluate - fit, by cause | loss | share of parts |", "|---|---:|---:|"]
-  lines += [f"| {key} | {fmt(diagnosis['attribution'][key], '{:+.4f}')} | "
+  lines += [f"| {key} | {fmt(parts.get(key), '{:+.4f}')} | "
             f"{fmt(abs(parts[key]) / total if key in parts else None, '{:.1%}')} |"
-            for key, _, _ in ATTRIBUTION]
+            for key in keys]
   if diagnosis.get("frozen"):
     lines += ["", f"frozen BN layers (inference branch inside fit): "
               f"{', '.join(diagnosis['frozen'])}"]
   lines += ["", "| BN layer | part of evaluate - precise_bn |", "|---|---:|"]
   lines += [f"| {p['layer']} | {p['contribution']:+.4f} |" for p in diagnosis["per_layer"]]
-  if parts:
-    cause = max(parts, key=lambda k: abs(parts[k]))
+  if cause == "none":
+    lines += ["", f"**no gap to explain**: every part is below {NO_GAP:g} of the loss."]
+  else:
     why, fix = CAUSE[cause]
     lines += ["", f"**dominant cause: {cause}** ({parts[cause]:+.4f}): {why}.", "",
               f"**fix**: {fix}."]
@@ -77,7 +81,8 @@ def bar_chart(per_layer: Sequence[dict], width: int = 640, height: int = 300) ->
   image = Image.new("RGB", (width, height), "white")
   draw = ImageDraw.Draw(image)
   values = np.array([p["contribution"] for p in per_layer], np.float64)
-  scale = float(np.abs(values).max()) or 1.0
+  scale = float(np.abs(values).max()) if len(values) else 1.0
+  scale = scale or 1.0
   top, bottom = 24, height - 24
   zero = (top + bottom) // 2
   draw.line([(0, zero), (width, zero)], fill="gray")

@@ -52,6 +52,21 @@ def _num(value: Optional[float], fmt: str = "{:.4f}") -> str:
   return "n/a" if value is None else fmt.format(value)
 
 
+def parts_of(diagnosis: dict) -> tuple[dict, str]:
+  """The known parts of the gap (with ``moving_statistics`` = evaluate - precise_bn where no
+  training history splits it) and the dominant one, or "none" when every part is below
+  ``NO_GAP`` of the loss. The one rule the report, TensorBoard and the sweep share."""
+  parts = {k: v for k, v in diagnosis["attribution"].items() if v is not None}
+  if diagnosis["attribution"].get("stale_statistics") is None:
+    parts["moving_statistics"] = (diagnosis["losses"]["evaluate"]
+                                  - diagnosis["losses"]["precise_bn"])
+  if not parts:
+    return parts, "none"
+  dominant = max(parts, key=lambda k: abs(parts[k]))
+  evaluate = diagnosis["losses"]["evaluate"]
+  return parts, dominant if abs(parts[dominant]) >= NO_GAP * max(abs(evaluate), 1e-12) else "none"
+
+
 def report(diagnosis: dict, title: str = "") -> str:
   """The gap, the table, the attribution, the per-layer split, the dominant cause and the fix."""
   losses, accuracy = diagnosis["losses"], diagnosis["accuracy"]
@@ -68,10 +83,8 @@ def report(diagnosis: dict, title: str = "") -> str:
   lines += ["", f"{'':18} {'loss':>9} {'accuracy':>9}  meaning"]
   for key in LOSS_KEYS:
     lines.append(f"{key:18} {_num(losses[key]):>9} {_num(accuracy[key]):>9}  {DESCRIBE[key]}")
-  parts = {k: v for k, v in diagnosis["attribution"].items() if v is not None}
-  no_history = diagnosis["attribution"].get("stale_statistics") is None
-  if no_history:
-    parts["moving_statistics"] = diagnosis["moving_statistics_total"]
+  parts, dominant = parts_of(diagnosis)
+  no_history = "moving_statistics" in parts
   total = sum(abs(v) for v in parts.values()) or 1.0
   share = lambda value: f"  ({100 * abs(value) / total:4.1f}% of |parts|)"
   lines.append("")
@@ -91,15 +104,14 @@ def report(diagnosis: dict, title: str = "") -> str:
   lines += ["", "the moving-statistics part (evaluate - precise_bn) by BN layer, first to last:"]
   lines.append("  " + "  ".join(f"{p['layer']} {p['contribution']:+.4f}"
                                 for p in diagnosis["per_layer"]))
-  if parts and max(abs(v) for v in parts.values()) < NO_GAP * max(abs(evaluate), 1e-12):
+  if dominant == "none":
     lines += ["", f"no gap to explain: every part is below {NO_GAP:g} of the loss, so fit, "
               "evaluate and PreciseBN agree."]
     chance = 1.0 / NUM_IMAGES
     if fit is not None and accuracy["evaluate"] is not None and accuracy["evaluate"] < 2 * chance:
       lines.append("the network is at chance level: it has not learned (e.g. every ReLU of a "
                    "thin first layer dead from the start; try another --seed or width).")
-  elif parts:
-    dominant = max(parts, key=lambda k: abs(parts[k]))
+  else:
     why, fix = CAUSE[dominant]
     lines += ["", f"dominant cause: {dominant} ({parts[dominant]:+.4f}): {why}.", f"fix: {fix}."]
     if "precise_bn" in losses and losses["precise_bn"] is not None:

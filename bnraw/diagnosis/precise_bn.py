@@ -105,13 +105,19 @@ def keras_population_statistics(model, x: np.ndarray, batch_size: int) -> list[o
 
   For layer k, a sub-model maps the inputs to that layer's input; it runs in inference mode with
   layers 1..k-1 already holding their population statistics. The model's own moving statistics
-  are restored afterwards.
+  are restored afterwards. A frozen layer (``trainable=False``: Keras 3 runs its inference branch
+  inside ``fit``) keeps its moving statistics: they are what fit used, so PreciseBN, the
+  per-layer split and the fix leave it alone.
   """
   import keras
   layers = keras_bn_layers(model)
   found: list[ops.Moments] = []
   chunks = batches(np.arange(len(x)), batch_size)
   for k, layer in enumerate(layers):
+    if not layer.trainable:
+      found.append(ops.Moments(tf.constant(layer.moving_mean.numpy()),
+                               tf.constant(layer.moving_variance.numpy())))
+      continue
     probe = keras.Model(model.inputs, layer.input)
     probe_input = tf.function(lambda xb, probe=probe: probe(xb, training=False))
     axis = layer.axis if layer.axis >= 0 else len(layer.input.shape) + layer.axis

@@ -25,6 +25,7 @@ from bnraw import outputs
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.core.loop import NonFiniteError
 from bnraw.diagnosis.decompose import ATTRIBUTION
+from bnraw.diagnosis.explain import parts_of
 from bnraw.errors import UsageError
 
 SWEEP_FILE = "sweep.json"
@@ -43,12 +44,9 @@ def _reinitialise(parts, model: ModelConfig, seed: int) -> None:
   parts.optimizer.iterations.assign(0)
 
 
-def dominant(attribution: dict, evaluate: float) -> str:
-  """The part with the largest magnitude, or "none" where every part is below the report's
-  no-gap threshold (a network at chance level, say)."""
-  from bnraw.diagnosis.explain import NO_GAP
-  key = max(PARTS, key=lambda key: abs(attribution[key]))
-  return key if abs(attribution[key]) >= NO_GAP * max(abs(evaluate), 1e-12) else "none"
+def dominant(run: dict) -> str:
+  """The report's dominant cause of a run, "none" where there is no gap (chance level, say)."""
+  return parts_of(run)[1]
 
 
 def summarize(runs: Sequence[dict]) -> list[dict]:
@@ -67,7 +65,7 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
     values.update({key: [r["attribution"][key] for r in rows] for key in PARTS})
     stats = {key: dict(zip(("q25", "median", "q75"), np.percentile(v, [25, 50, 75]).tolist()))
              for key, v in values.items()}
-    causes = [dominant(r["attribution"], r["losses"]["evaluate"]) for r in rows]
+    causes = [dominant(r) for r in rows]
     counts = {key: causes.count(key) for key in (*PARTS, "none")}
     out.append({"case": setting[0], "momentum": setting[1], "width": setting[2],
                 "runs": len(rows), "non_finite": len(same) - len(rows),
@@ -162,8 +160,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
           out.pop("precise_statistics")
           runs.append({"width": width, "momentum": momentum, "case": case, "seed": seed,
                        "losses": out["losses"], "attribution": out["attribution"],
-                       "accuracy": out["accuracy"], "dominant": dominant(out["attribution"],
-                                                                out["losses"]["evaluate"]),
+                       "accuracy": out["accuracy"], "dominant": dominant(out),
                        "train_seconds": history.seconds,
                        "seconds": time.perf_counter() - began})
           result = _result(record, runs, wall_before + time.perf_counter() - start, mode)
@@ -183,6 +180,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
 
 
 def _result(record: dict, runs: list, wall_seconds: float, mode: str) -> dict:
+  for r in runs:  # an older sweep's stored cause, under today's rule
+    if r.get("status", "complete") == "complete":
+      r["dominant"] = dominant(r)
   train_seconds = sum(r["train_seconds"] for r in runs)
   return {"config": record, "mode": mode, "environment": outputs.environment(), "runs": runs,
           "summary": summarize(runs),

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from bnraw import config as configs
 from bnraw import outputs
-from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
+from bnraw.config import HISTOGRAM_EVERY, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
 from bnraw.core import loop, step
 from bnraw.core.layers import BATCH
 from bnraw.diagnosis import board as diagnosis_board
@@ -82,7 +82,8 @@ def _keras_train(parts: seed.Setup, model: ModelConfig, train: TrainConfig, mode
 
 def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
         impl: str = "raw", trace: bool = False, fix: Optional[str] = None, every: int = 0,
-        progress: bool = True, overwrite: bool = False, histogram_every: int = 10,
+        progress: bool = True, overwrite: bool = False,
+        histogram_every: int = HISTOGRAM_EVERY,
         tensorboard: bool = True) -> dict:
   """Trains the seed setup (raw, or real Keras ``fit``), then splits ``evaluate - fit``.
 
@@ -97,6 +98,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     raise UsageError("trace", "records the raw step's statistics: it needs impl raw")
   if fix not in (None, "precise_bn"):
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
+  if histogram_every < 1:
+    raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
   model = model.resolved()
   parts = seed.build(data, model, train)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
@@ -121,7 +124,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     def record_over_time(epoch, result):
       over_time.append({"epoch": epoch + 1, "losses": result["losses"],
                         "attribution": result["attribution"]})
-      if board is not None:
+      if board is not None and tensorboard:
         board.scalars(epoch + 1, diagnosis_board.scalars(result))
 
     if impl == "raw":
@@ -159,7 +162,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
           parts, model, train, mode, one_hot, on_epoch,
           need_last_batch=lambda e: e + 1 == train.epochs or wants(e))
       result = keras_diagnosis(kmodel, history, last_batch)
-    if board is not None:
+    if board is not None and tensorboard:
       layers = parts.model.batch_norms if impl == "raw" else keras_bn_layers(kmodel)
       diagnosis_board.write(board, result, epoch=train.epochs, title=title,
                             amplification=diagnosis_board.amplification(layers))

@@ -224,7 +224,7 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
         names = [f"bn_{i}" for i in range(1, len(CONV_BLOCKS) + 2)]
         op_tables.append({"width": width, "mode": best.row["mode"],
                           "fast_conv": best_variant.fast_conv,
-                          **op_stats.summarize(ops, names)})
+                          **op_stats.summarize(ops, names, split=best.row["mode"] != "xla")})
     del benches
   result = {"device": device_name(), "matmul_peak_gflops": peak, "rounds": rounds,
             "results": rows, "environment": outputs.environment()}
@@ -286,5 +286,6 @@ def report(result: dict) -> str:
     lines.append(f"width {table['width']:g}, XProf op stats of the raw {table['mode']} step:")
     lines.append(op_stats.format_summary(table))
   if result.get("op_stats", []) is None:
-    lines.append("(per-op tables need XProf: pip install 'bnraw[xprof]')")
+    lines.append("(no per-op tables: XProf is not installed (pip install 'bnraw[xprof]'), or "
+                 "it could not read the capture)")
   return "\n".join(lines)

@@ -4,25 +4,25 @@ Per step and BN layer: scalars ``{layer}/mean_gap``, ``variance_gap``, ``min_bat
 ``max_amplification``; histograms of the batch and moving (after update) means and variances
 every ``histogram_every`` steps;
 ``train/loss`` and ``train/accuracy`` per step, ``evaluate/loss`` and ``evaluate/accuracy`` at the
-end; the diagnose tool adds ``diagnosis/<loss>`` every ``--every`` epochs. ``tensorboard --logdir
-OUT_DIR`` shows them.
+end. The diagnose tool writes its own tags through the same writer (bnraw.diagnosis.board: losses,
+parts, the report, the per-layer chart, amplification histograms; epochs on their x-axis).
+``tensorboard --logdir OUT_DIR/tensorboard`` shows them.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
 
+from bnraw.config import HISTOGRAM_EVERY
 from bnraw.core.loop import StepRecord
 from bnraw.tracing.store import summarize
-
-HISTOGRAM_EVERY = 10  # steps between histogram sets: every step costs a 500-step run ~2.5x
-
 
 class TensorBoardWriter:
   """Writes one run's summaries under ``{out_dir}/tensorboard`` (or ``log_dir``) from a
@@ -30,6 +30,8 @@ class TensorBoardWriter:
   drains the queue and closes the file when the run ends, however it ends.
 
   Scalars are written every step; histograms every ``histogram_every`` steps (and at step 0).
+  TensorBoard output is a view, never worth a run's main outputs: if writing fails, the writer
+  says so once on stderr, drops the rest, and the run goes on.
   """
 
   def __init__(self, out_dir: str, layer_names: list[str], epsilon: float,
@@ -42,6 +44,7 @@ class TensorBoardWriter:
     self.histogram_every = histogram_every
     self.queue: queue.Queue = queue.Queue(maxsize=256)  # bounded: a slow disk slows training
     self.failure: Optional[BaseException] = None
+    self.closed = False
     self.thread = threading.Thread(target=self._drain, name="bnraw-tensorboard", daemon=True)
     self.thread.start()
 
@@ -57,9 +60,10 @@ class TensorBoardWriter:
     self._put(self._write_with, step, write)
 
   def _put(self, *job) -> None:
-    if self.failure is not None:
-      raise RuntimeError("the TensorBoard writer failed") from self.failure
-    self.queue.put(job)
+    if self.closed:
+      raise RuntimeError("the TensorBoard writer is closed")
+    if self.failure is None:
+      self.queue.put(job)
 
   def _drain(self) -> None:
     while True:
@@ -69,8 +73,9 @@ class TensorBoardWriter:
       if self.failure is None:
         try:
           job[0](*job[1:])
-        except BaseException as e:  # handed to the training thread at its next record
+        except Exception as e:  # reported once; the queue keeps draining, so no one blocks
           self.failure = e
+          print(f"bnraw: TensorBoard output stopped: {type(e).__name__}: {e}", file=sys.stderr)
 
   def _write_step(self, record: StepRecord) -> None:
     with self.writer.as_default(step=record.step):
@@ -105,10 +110,10 @@ class TensorBoardWriter:
 
   def close(self) -> None:
     """Writes everything queued, then closes the file (idempotent)."""
-    if self.thread.is_alive():
-      self.queue.put(None)
-      self.thread.join()
+    if self.closed:
+      return
+    self.closed = True
+    self.queue.put(None)
+    self.thread.join()
     self.writer.flush()
     self.writer.close()
-    if self.failure is not None:
-      raise RuntimeError("the TensorBoard writer failed") from self.failure

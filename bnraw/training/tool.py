@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from bnraw import config as configs
 from bnraw import outputs
-from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.config import HISTOGRAM_EVERY, DataConfig, ModelConfig, TrainConfig
 from bnraw.errors import UsageError
 from bnraw.progress import EpochProgress
 
@@ -43,7 +43,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
         trace: bool = False, progress: bool = True, on_step: Optional[Callable] = None,
         break_at: Optional[tuple[str, int]] = None, break_action: Optional[Callable] = None,
         checkpoint_every: int = 0, resume: bool = False, overwrite: bool = False,
-        histogram_every: int = 10) -> dict:
+        histogram_every: int = HISTOGRAM_EVERY) -> dict:
   """Trains the raw path, evaluates, writes ``summary.json`` (and the trace) into ``out_dir``.
 
   ``break_at=(layer, step)`` stops in that layer's moving-average update at that step, which alone
@@ -58,6 +58,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   from bnraw.core import loop, step
   from bnraw.models import seed
   from bnraw.training.checkpoint import Checkpointer, read_state
+  if histogram_every < 1:
+    raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
   model = model.resolved()
   parts = seed.build(data, model, train)  # bad input fails here, before anything is written
   record = configs.record(data, model, train, trace=trace, checkpoint_every=checkpoint_every,

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import unittest
 
 import tensorflow as tf
 
@@ -64,11 +65,30 @@ class OpStatsTest(tf.test.TestCase):
         ("gradient_tape/convolution_1/Conv2DBackpropFilter", 73.0))]
     summary = op_stats.summarize(ops, ["bn_3"], top=2)
     self.assertEqual(summary["self_time_us"], 100.0)
-    self.assertEqual(summary["bn_layers"]["bn_3"], {"statistics": 0.10, "normalization": 0.05,
-                                                    "moving_update": 0.01, "backward": 0.04,
-                                                    "total": 0.2})
+    self.assertAllClose(summary["bn_layers"]["bn_3"], {
+        "statistics": 0.10, "normalization": 0.05, "moving_update": 0.01, "backward": 0.04,
+        "total": 0.2})
     self.assertEqual([op["operation"] for op in summary["top_ops"]],
                      ["gradient_tape/convolution_1/Conv2DBackpropFilter", "bn_3/moments/mean"])
+
+
+  @unittest.skipIf(importlib.util.find_spec("xprof") is None, "XProf is an optional extra")
+  def test_a_real_capture_attributes_bn_ops_by_name(self):
+    from bnraw.core.optim import Adam
+    from bnraw.core.step import make_train_step
+    from bnraw.profiling.bench import capture_profile
+    net = seed_network(ModelConfig(width=1 / 64))
+    step = make_train_step(net, Adam(net.trainable_variables), mode="function", trace=False)
+    x, y = tf.zeros((16, 29, 29, 3)) + 0.5, tf.range(16)
+    run = lambda: float(step(x, y)["loss"])
+    run()
+    with tempfile.TemporaryDirectory() as capture:
+      capture_profile(run, capture, steps=2)
+      summary = op_stats.summarize(op_stats.framework_op_stats(capture), ["bn_3"])
+    shares = summary["bn_layers"]["bn_3"]
+    for part in ("statistics", "normalization", "moving_update", "backward"):
+      self.assertGreater(shares[part], 0.0, msg=part)
+    self.assertLess(shares["total"], 0.5)
 
 
 class ProfileScriptTest(tf.test.TestCase):
@@ -102,10 +122,11 @@ class ProfileScriptTest(tf.test.TestCase):
       self.assertIn("best raw", result.stdout)
       if importlib.util.find_spec("xprof") is None:  # the optional extra
         self.assertIsNone(profile["op_stats"])
-      else:  # only an xla raw step was timed: its capture has no per-layer framework ops
+      else:  # only an xla raw step was timed: its ops are compiled into clusters
         table, = profile["op_stats"]
         self.assertEqual(table["mode"], "xla")
         self.assertTrue(table["top_ops"])
+        self.assertIsNone(table["bn_layers"]["bn_3"])
       hlo = sorted(os.listdir(os.path.join(out, "hlo")))
       self.assertEqual(hlo, ["raw_w0.015625_trace0.hlo.txt",
                              "raw_w0.015625_trace0.optimized_hlo.txt"])
