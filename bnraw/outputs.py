@@ -75,7 +75,7 @@ def check_out_dir(out_dir: str, *, overwrite: bool = False, resume: bool = False
              if os.path.isdir(out_dir) else [])
   if earlier and not (overwrite or resume):
     raise UsageError("out_dir", f"{out_dir} holds an earlier run ({', '.join(earlier)}); "
-                     "choose another folder, or overwrite or resume it")
+                     "choose another folder, or overwrite it")
   parent = out_dir
   while not os.path.exists(parent):  # the nearest folder that exists must take new entries
     parent = os.path.dirname(os.path.abspath(parent))

@@ -22,7 +22,8 @@ class EpochProgress:
     self.epochs = epochs
     self.stream = stream
     self.label = f"{label} " if label else ""
-    self.steps = f"  {steps_per_epoch} steps" if steps_per_epoch else ""
+    self.steps = (f"  {steps_per_epoch} step{'s' if steps_per_epoch != 1 else ''}"
+                  if steps_per_epoch else "")
     self.start = time.perf_counter()
     self.first_epoch: Optional[int] = None  # a resumed run starts past 0: its ETA counts from it
     self.interactive = stream.isatty()

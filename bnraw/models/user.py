@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -26,7 +27,9 @@ def load_keras_model(path: str):
     raise UsageError("keras_model", f"{path} is not a valid .keras file (not a zip archive: "
                      "corrupt or truncated?)")
   try:
-    model = keras.models.load_model(path)
+    with warnings.catch_warnings():  # "Skipping variable loading for optimizer": not needed here
+      warnings.simplefilter("ignore")
+      model = keras.models.load_model(path)
   except Exception as e:  # Keras raises many types for a bad file
     raise UsageError("keras_model", f"cannot load {path}: {str(e).splitlines()[0]}") from None
   try:

@@ -15,10 +15,13 @@ import os
 import queue
 import sys
 import threading
+import time
 from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from bnraw.config import HISTOGRAM_EVERY
 from bnraw.core.loop import StepRecord
@@ -38,7 +41,11 @@ class TensorBoardWriter:
                histogram_every: int = HISTOGRAM_EVERY, log_dir: Optional[str] = None):
     if histogram_every < 1:
       raise ValueError(f"histogram_every must be >= 1, got {histogram_every}")
-    self.writer = tf.summary.create_file_writer(log_dir or os.path.join(out_dir, "tensorboard"))
+    log_dir = log_dir or os.path.join(out_dir, "tensorboard")
+    self.writer = tf.summary.create_file_writer(log_dir)  # histograms, text, images
+    # Scalars go as plain protobuf events, one per step, with no TensorFlow op per value: ~34
+    # eager tf.summary.scalar ops a step made a traced run 1.25x slower on 2 cores.
+    self.scalar_file = EventFileWriter(log_dir, max_queue_size=1000, filename_suffix=".scalars")
     self.layer_names = layer_names
     self.epsilon = epsilon
     self.histogram_every = histogram_every
@@ -78,17 +85,18 @@ class TensorBoardWriter:
           print(f"bnraw: TensorBoard output stopped: {type(e).__name__}: {e}", file=sys.stderr)
 
   def _write_step(self, record: StepRecord) -> None:
-    with self.writer.as_default(step=record.step):
-      tf.summary.scalar("train/loss", record.loss)
-      tf.summary.scalar("train/accuracy", record.accuracy)
-      if record.trace is None:
-        return
-      histograms = record.step % self.histogram_every == 0
+    scalars = {"train/loss": record.loss, "train/accuracy": record.accuracy}
+    layers = []
+    if record.trace is not None:
       for i, layer in enumerate(self.layer_names):
         values = {key: np.asarray(record.trace[key][i]) for key in record.trace}
-        for key, value in summarize(values, self.epsilon).items():
-          tf.summary.scalar(f"{layer}/{key}", float(value))
-        if histograms:
+        scalars.update({f"{layer}/{key}": value
+                        for key, value in summarize(values, self.epsilon).items()})
+        layers.append((layer, values))
+    self._write_scalars(record.step, scalars)
+    if layers and record.step % self.histogram_every == 0:
+      with self.writer.as_default(step=record.step):
+        for layer, values in layers:
           for key in ("batch_mean", "batch_variance", "moving_mean_after",
                       "moving_variance_after"):
             tf.summary.histogram(f"{layer}/{key}", values[key])
@@ -98,9 +106,10 @@ class TensorBoardWriter:
       write()
 
   def _write_scalars(self, step: int, values: dict[str, float]) -> None:
-    with self.writer.as_default(step=step):
-      for name, value in values.items():
-        tf.summary.scalar(name, value)
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)
+                                         for tag, value in values.items()])
+    self.scalar_file.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                               summary=summary))
 
   def __enter__(self) -> "TensorBoardWriter":
     return self
@@ -115,5 +124,6 @@ class TensorBoardWriter:
     self.closed = True
     self.queue.put(None)
     self.thread.join()
+    self.scalar_file.close()
     self.writer.flush()
     self.writer.close()

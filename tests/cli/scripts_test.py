@@ -175,7 +175,7 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
                ([f"--out_dir={blocker}/sub"], "--out_dir"),
                ([f"--out_dir={blocker}"], "--out_dir"),
                ([f"--out_dir={earlier}"], f"--out_dir: {earlier} holds an earlier run "
-                "(summary.json, checkpoints)")]
+                "(summary.json, checkpoints); choose another folder, or overwrite it")]
       for args, needle in cases:
         out = os.path.join(tmp, "out")
         result = run_script("train.py", *TINY, "--epochs=1", f"--out_dir={out}", *args)

@@ -247,10 +247,10 @@ class UserKerasModelTest(tf.test.TestCase):
     with open(os.path.join(out, "notes.txt"), "w") as f:
       f.write("mine")
     with self.assertRaisesRegex(UsageError, "out_dir: .* holds an earlier run "
-                                r"\(diagnosis.json, fixed.keras\)"):
+                                r"\(diagnosis.json, tensorboard, fixed.keras\)"):
       run()
     run(overwrite=True)
-    self.assertEqual(sorted(os.listdir(out)), ["diagnosis.json", "notes.txt"])
+    self.assertEqual(sorted(os.listdir(out)), ["diagnosis.json", "notes.txt", "tensorboard"])
 
 
 class ReportTest(tf.test.TestCase):

@@ -144,6 +144,9 @@ def read_events(log_dir):
   for name in os.listdir(log_dir):
     for event in tf.compat.v1.train.summary_iterator(os.path.join(log_dir, name)):
       for value in event.summary.value:
+        if value.HasField("simple_value"):  # scalars written as plain protobuf events
+          found.setdefault(value.tag, {})[event.step] = value.simple_value
+          continue
         array = tf.make_ndarray(value.tensor)
         numeric = array.dtype.kind in "fiu" and not array.ndim
         found.setdefault(value.tag, {})[event.step] = float(array) if numeric else array
