@@ -155,14 +155,20 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
           began = time.perf_counter()
           _reinitialise(parts, config, seed)
           one = parts._replace(data=dataset)
-          out, history = diagnose_raw_training(one, dataclasses.replace(train, seed=seed),
-                                               mode, compiled=compiled)
-          out.pop("precise_statistics")
-          runs.append({"width": width, "momentum": momentum, "case": case, "seed": seed,
-                       "losses": out["losses"], "attribution": out["attribution"],
-                       "accuracy": out["accuracy"], "dominant": dominant(out),
-                       "train_seconds": history.seconds,
-                       "seconds": time.perf_counter() - began})
+          run_info = {"width": width, "momentum": momentum, "case": case, "seed": seed}
+          try:
+            out, history = diagnose_raw_training(one, dataclasses.replace(train, seed=seed),
+                                                 mode, compiled=compiled)
+          except NonFiniteError as e:  # recorded and counted, left out of the statistics
+            runs.append({**run_info, "status": "non_finite",
+                         "non_finite": {"step": e.step, "where": e.where}, "train_seconds": 0.0,
+                         "seconds": time.perf_counter() - began})
+          else:
+            out.pop("precise_statistics")
+            runs.append({**run_info, "status": "complete", "losses": out["losses"],
+                         "attribution": out["attribution"], "accuracy": out["accuracy"],
+                         "dominant": dominant(out), "train_seconds": history.seconds,
+                         "seconds": time.perf_counter() - began})
           result = _result(record, runs, wall_before + time.perf_counter() - start, mode)
           outputs.write_json(os.path.join(out_dir, SWEEP_FILE), result)
           if progress:

@@ -45,6 +45,14 @@ class SweepTest(tf.test.TestCase):
         saved = json.load(f)
       self.assertEqual(saved["runs"], json.loads(json.dumps(both["runs"])))
 
+  def test_a_non_finite_run_is_recorded_and_the_sweep_goes_on(self):
+    wild = TrainConfig(batch_size=256, epochs=3, mode="function", optimizer="sgd", lr=1e12)
+    with tempfile.TemporaryDirectory() as tmp:
+      result = sweep.run(DataConfig(), MODEL, wild, seeds=[0, 1], out_dir=tmp, progress=False)
+    self.assertEqual([r["status"] for r in result["runs"]], ["non_finite", "non_finite"])
+    self.assertRegex(result["runs"][0]["non_finite"]["where"], r"^(bn_[1-8]|the loss)$")
+    self.assertEqual(result["summary"][0]["non_finite"], 2)
+
   def test_summary_closed_form(self):
     def fake(seed, evaluate, stale, ema):
       attribution = dict.fromkeys(sweep.PARTS, 0.0)
