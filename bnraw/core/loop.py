@@ -38,6 +38,11 @@ def epoch_orders(seed: int, n: int):
     yield rng.permutation(n)
 
 
+def steps_per_epoch(examples: int, batch_size: int) -> int:
+  """How many batches :func:`batches` cuts an epoch into (the last may be partial)."""
+  return -(-examples // batch_size)
+
+
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
   """Consecutive slices of ``order``; the last one may be partial, as Keras's data adapter."""
   return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

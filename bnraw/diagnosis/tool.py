@@ -105,9 +105,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   mode = step.resolve_mode(train.mode)
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[parts.data.labels]
-  printer = (EpochProgress(train.epochs, label=impl, steps_per_epoch=-(-len(parts.data.images)
-                                                                      // train.batch_size))
-             if progress else None)
+  printer = (EpochProgress(train.epochs, label=impl, steps_per_epoch=loop.steps_per_epoch(
+      len(parts.data.images), train.batch_size)) if progress else None)
   names = [layer.name for layer in parts.model.batch_norms]
   title = (f"case {data.case}, width {fractions.Fraction(model.width).limit_denominator(4096)}, "
            f"momentum {model.momentum:g}, batch {train.batch_size}, {train.epochs} epochs, "

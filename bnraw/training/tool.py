@@ -70,7 +70,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     from bnraw.tracing.debugger import BreakAt
     if break_at[0] not in names:
       raise UsageError("break_at", f"no BN layer {break_at[0]!r}; layers: {', '.join(names)}")
-    steps = train.epochs * -(-len(parts.data.images) // train.batch_size)
+    steps = train.epochs * loop.steps_per_epoch(len(parts.data.images), train.batch_size)
     if not 0 <= break_at[1] < steps:
       raise UsageError("break_at", f"step {break_at[1]} is not in this run (steps 0..{steps - 1})")
     hook = BreakAt(*break_at, parts.optimizer.iterations, break_action)
@@ -89,8 +89,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                        f"({done})")
   mode = step.resolve_mode(train.mode)
   recorders = [on_step] if on_step is not None else []
-  steps = -(-len(parts.data.images) // train.batch_size)
-  printer = EpochProgress(train.epochs, steps_per_epoch=steps) if progress else None
+  printer = (EpochProgress(train.epochs, steps_per_epoch=loop.steps_per_epoch(
+      len(parts.data.images), train.batch_size)) if progress else None)
   with contextlib.ExitStack() as stack:
     if trace:
       from bnraw.tracing.store import TRACE_FILE, Trace, TraceRecorder
