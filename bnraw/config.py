@@ -74,7 +74,9 @@ class TrainConfig:
   sgd_momentum: float = 0.9
   nesterov: bool = True
   seed: int = 0
-  mode: str = "auto"  # "eager" | "function" | "xla" | "auto"
+  mode: str = "auto"  # "eager" | "function" | "xla" | "auto" (measures: bnraw.core.autotune)
+  # Optimizer steps per compiled call (Keras's name); within an epoch, as Keras.
+  steps_per_execution: int = 1
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}

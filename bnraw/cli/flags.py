@@ -18,7 +18,7 @@ FLAGS = flags.FLAGS
 # The flags that describe the seed setup: with --keras_model they have no meaning.
 SEED_FLAGS = ("case", "image", "block", "width", "momentum", "epsilon", "bessel",
               "bessel_scope", "l2", "fast_conv", "epochs", "optimizer", "lr", "sgd_momentum",
-              "nesterov", "seed", "mode")
+              "nesterov", "seed", "mode", "steps_per_execution")
 
 
 def parse_width(text: str) -> float:
@@ -108,7 +108,10 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
                        "shuffling.")
   flags.DEFINE_enum("mode", train.mode, ["eager", "function", "xla", "auto"],
                     "How the step runs: eager, tf.function, tf.function(jit_compile=True), or "
-                    "auto = xla with a GPU, function on CPU.")
+                    "auto = time function and xla on this machine first, keep the faster.")
+  flags.DEFINE_integer("steps_per_execution", train.steps_per_execution, "Optimizer steps per "
+                       "compiled call, within an epoch (Keras's name); every step's loss and "
+                       "trace still come back.", lower_bound=1)
   if trace:
     flags.DEFINE_bool("trace", False, "Record every BN layer's batch and moving statistics at "
                       "every step (trace.npz + TensorBoard in --out_dir).")
@@ -188,7 +191,8 @@ def configs(announce_width: bool = True, resolve: bool = True
                       fast_conv=FLAGS.fast_conv)
   train = TrainConfig(batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, optimizer=FLAGS.optimizer,
                       lr=FLAGS.lr, sgd_momentum=FLAGS.sgd_momentum, nesterov=FLAGS.nesterov,
-                      seed=FLAGS.seed, mode=FLAGS.mode)
+                      seed=FLAGS.seed, mode=FLAGS.mode,
+                      steps_per_execution=FLAGS.steps_per_execution)
   return data, model, train
 
 

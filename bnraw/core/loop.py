@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from bnraw.core.graph import Model
 from bnraw.core.layers import UpdateHook
-from bnraw.core.step import make_eval_step, make_train_step
+from bnraw.core.step import make_eval_step, make_multi_step, make_train_step, relaxed_batch
 
 
 class MeanTracker:
@@ -107,7 +107,7 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
         on_epoch: Optional[Callable[[int, History], None]] = None,
         hook: Optional[UpdateHook] = None, hook_step: Optional[int] = None,
         resume: Optional[FitState] = None, should_stop: Optional[Callable[[], bool]] = None,
-        step_fn: Optional[Callable] = None) -> History:
+        step_fn: Optional[Callable] = None, steps_per_execution: int = 1) -> History:
   """Trains until ``epochs`` epochs are done, reshuffling every epoch from
   ``np.random.default_rng(seed)``; or continues from ``resume``.
 
@@ -117,12 +117,21 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   Step ``hook_step`` alone runs eagerly with ``hook`` in every BN layer (the step debugger);
   every other step runs in ``mode``, so up to that step the run is the one it would be without
   the hook (after it, eager rounding may let it drift: ~1e-7 from function, ~1e-4 from xla).
-  ``step_fn``: a train step already compiled for this model, optimizer, mode and trace (a sweep
-  reuses it across runs that re-initialise the same variables).
+  ``step_fn``: a train step already compiled for this model, optimizer, mode, trace and batch
+  relaxation (a sweep reuses it across runs that re-initialise the same variables).
+  ``steps_per_execution``: up to this many consecutive full batches of an epoch run in one
+  compiled call (:func:`bnraw.core.step.make_multi_step`; as Keras, never across epochs), their
+  per-step outputs returned stacked, so ``on_step`` still sees every step; ``should_stop`` is
+  asked after each call, and the hook's step always runs alone.
   """
   if (hook is None) != (hook_step is None):
     raise ValueError("hook and hook_step go together: the hook runs at that one step")
-  step_fn = step_fn or make_train_step(model, optimizer, mode=mode, trace=trace)
+  if steps_per_execution < 1:
+    raise ValueError(f"steps_per_execution must be >= 1, got {steps_per_execution}")
+  relax = relaxed_batch(len(images), batch_size)
+  step_fn = step_fn or make_train_step(model, optimizer, mode=mode, trace=trace, relax_batch=relax)
+  multi_fn = (make_multi_step(step_fn, mode, relax_batch=relax) if steps_per_execution > 1
+              else None)
   debug_fn = (make_train_step(model, optimizer, mode="eager", trace=trace, hook=hook)
               if hook is not None else None)
   x, y = tf.constant(images), tf.constant(labels)
@@ -139,29 +148,29 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
     accuracy_mean = MeanTracker(*state.accuracy_mean) if resuming else MeanTracker()
     first = state.next_batch if resuming else 0
     history.permutations.append(order)
-    for number, batch in enumerate(batches(order, batch_size)):
-      if number < first:
-        continue
-      index = tf.constant(batch)
+    epoch_batches = batches(order, batch_size)
+    number = first
+    while number < len(epoch_batches):
+      chunk = _chunk(epoch_batches, number, global_step, steps_per_execution, hook_step)
       run_step = debug_fn if debug_fn is not None and global_step == hook_step else step_fn
-      out = run_step(tf.gather(x, index), tf.gather(y, index))
-      loss, correct = float(out["loss"]), float(out["correct"])
-      finite = out["finite"].numpy()
-      if not finite.all() or not np.isfinite(loss):
-        where = (model.batch_norms[int(np.argmin(finite))].name if not finite.all() else "the loss")
-        history.status, history.error = "non_finite", NonFiniteError(global_step, where)
-        history.seconds = time.perf_counter() - started
-        return history
-      loss_mean.update(loss, len(batch))
-      accuracy_mean.update(correct / len(batch), len(batch))
-      if on_step is not None:
-        record_trace = (tf.nest.map_structure(lambda t: t.numpy(), out["trace"])
-                        if trace else None)
-        on_step(StepRecord(epoch, global_step, batch, loss, correct / len(batch), record_trace))
-      global_step += 1
+      for batch, out in zip(chunk, run_chunk(run_step, multi_fn, x, y, chunk)):
+        loss, correct, finite = float(out["loss"]), float(out["correct"]), out["finite"]
+        if not finite.all() or not np.isfinite(loss):
+          where = (model.batch_norms[int(np.argmin(finite))].name if not finite.all()
+                   else "the loss")
+          history.status, history.error = "non_finite", NonFiniteError(global_step, where)
+          history.seconds = time.perf_counter() - started
+          return history
+        loss_mean.update(loss, len(batch))
+        accuracy_mean.update(correct / len(batch), len(batch))
+        if on_step is not None:
+          on_step(StepRecord(epoch, global_step, batch, loss, correct / len(batch),
+                             out["trace"] if trace else None))
+        global_step += 1
+      number += len(chunk)
       if should_stop is not None and should_stop():
         history.state = state = FitState(
-            epoch, number + 1, order.tolist(), (float(loss_mean.total), float(loss_mean.count)),
+            epoch, number, order.tolist(), (float(loss_mean.total), float(loss_mean.count)),
             (float(accuracy_mean.total), float(accuracy_mean.count)), rng.bit_generator.state,
             list(history.loss), list(history.accuracy))
         history.status = "interrupted"
@@ -175,6 +184,38 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
       on_epoch(epoch, history)
   history.seconds = time.perf_counter() - started
   return history
+
+
+def run_chunk(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor, y: tf.Tensor,
+              chunk: list[np.ndarray]) -> list[dict]:
+  """Runs one train step per batch of ``chunk`` (example indices into ``x``/``y``, all of one
+  size): in one call of ``multi_fn`` (:func:`bnraw.core.step.make_multi_step`) when there are
+  several, else ``step_fn``. Returns each step's outputs as numpy, up to the first non-finite
+  one."""
+  if len(chunk) == 1:
+    index = tf.constant(chunk[0])
+    return [tf.nest.map_structure(lambda t: t.numpy(),
+                                  step_fn(tf.gather(x, index), tf.gather(y, index)))]
+  index = tf.constant(np.concatenate(chunk))
+  shape = (len(chunk), len(chunk[0]))
+  outs = multi_fn(tf.reshape(tf.gather(x, index), shape + tuple(x.shape[1:])),
+                  tf.reshape(tf.gather(y, index), shape + tuple(y.shape[1:])))
+  outs = tf.nest.map_structure(lambda t: t.numpy(), outs)
+  return [tf.nest.map_structure(lambda a, j=j: a[j], outs) for j in range(len(outs["loss"]))]
+
+
+def _chunk(epoch_batches: list, number: int, global_step: int, most: int,
+           hook_step: Optional[int]) -> list[np.ndarray]:
+  """The batches one compiled call runs, from ``epoch_batches[number]`` on: at most ``most``,
+  all of one size, the hook's step alone."""
+  chunk = [epoch_batches[number]]
+  if global_step == hook_step:
+    return chunk
+  while (len(chunk) < most and number + len(chunk) < len(epoch_batches)
+         and len(epoch_batches[number + len(chunk)]) == len(chunk[0])
+         and global_step + len(chunk) != hook_step):
+    chunk.append(epoch_batches[number + len(chunk)])
+  return chunk
 
 
 def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks) -> tuple[float, float]:
@@ -191,7 +232,7 @@ def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks) -> tuple
 def evaluate(model: Model, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
              mode: str) -> tuple[float, float]:
   """``model.evaluate``: inference-branch loss and accuracy, averaged over batches in order."""
-  step_fn = make_eval_step(model, mode=mode)
+  step_fn = make_eval_step(model, mode=mode, relax_batch=relaxed_batch(len(images), batch_size))
 
   def one_batch(batch):
     out = step_fn(tf.constant(images[batch]), tf.constant(labels[batch]))

@@ -26,7 +26,9 @@ def has_gpu() -> bool:
 
 
 def resolve_mode(mode: str) -> str:
-  """``auto`` is XLA with a GPU and plain tf.function on CPU (as Keras ``jit_compile="auto"``)."""
+  """``auto`` without measuring: XLA with a GPU and plain tf.function on CPU (as Keras
+  ``jit_compile="auto"``). Tools that train measure instead (:mod:`bnraw.core.autotune`); this
+  guess serves what only evaluates."""
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
   if mode == "auto":
@@ -34,15 +36,35 @@ def resolve_mode(mode: str) -> str:
   return mode
 
 
-def compile_fn(fn: Callable, mode: str) -> Callable:
-  """``fn`` as is (eager), under tf.function, or under tf.function with ``jit_compile=True``."""
+def relaxed_batch(examples: int, batch_size: int) -> bool:
+  """Whether Keras traces its steps with an unknown batch dimension for this data: its array
+  adapter appends the partial last batch as a second dataset, so the element spec's batch
+  dimension is None exactly when ``batch_size`` does not divide ``examples``. A graph traced
+  for an unknown batch size rounds differently from one traced for a known one (other kernels
+  and reduction orders), so bit-identity needs the same choice."""
+  return examples % batch_size != 0
+
+
+def compile_fn(fn: Callable, mode: str, *, relax_batch: bool = False) -> Callable:
+  """``fn(images, labels)`` as is (eager), under tf.function, or under tf.function with
+  ``jit_compile=True``; ``relax_batch``: one graph for every batch size (the batch dimension
+  traced as None, see :func:`relaxed_batch`), else one concrete graph per batch shape."""
   mode = resolve_mode(mode)
   if mode == "eager":
     return fn
-  # One concrete graph per batch shape (full, and the partial last batch): with
-  # reduce_retracing a shape-relaxed graph would take over depending on call history, and its
-  # kernels round differently, so a resumed run would not repeat an uninterrupted one exactly.
-  return tf.function(fn, jit_compile=(mode == "xla"))
+  if not relax_batch:
+    # Not reduce_retracing: its shape-relaxed graph would take over depending on call history,
+    # so a resumed run would not repeat an uninterrupted one exactly.
+    return tf.function(fn, jit_compile=(mode == "xla"))
+  compiled = []
+
+  def relaxed(images: tf.Tensor, labels: tf.Tensor):
+    if not compiled:
+      signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in (images, labels)]
+      compiled.append(tf.function(fn, jit_compile=(mode == "xla"), input_signature=signature))
+    return compiled[0](images, labels)
+
+  return relaxed
 
 
 def _moving(model: Model) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
@@ -51,13 +73,13 @@ def _moving(model: Model) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
 
 
 def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
-                    hook: Optional[UpdateHook] = None) -> Callable:
+                    hook: Optional[UpdateHook] = None, relax_batch: bool = False) -> Callable:
   """``step(images, labels) -> {"loss", "correct", "finite"[, "trace"]}``: one optimizer step.
 
   ``loss`` is the training-branch loss (plus L2) *before* the update, as fit reports it;
   ``correct`` counts arg-max hits in that same forward pass; ``finite`` is the per-layer NaN/Inf
   guard (:func:`layers_finite`). ``hook`` (eager mode only) is called in each BN layer just
-  before its moving update: the step debugger uses it.
+  before its moving update: the step debugger uses it. ``relax_batch``: see :func:`compile_fn`.
   """
   if hook is not None and resolve_mode(mode) != "eager":
     raise ValueError("a BN update hook needs mode='eager'")
@@ -77,7 +99,7 @@ def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
           *_moving(model))))
     return result
 
-  return compile_fn(train_step, mode)
+  return compile_fn(train_step, mode, relax_batch=relax_batch)
 
 
 def layers_finite(model: Model, statistics: list[ops.Moments]) -> tf.Tensor:
@@ -89,7 +111,7 @@ def layers_finite(model: Model, statistics: list[ops.Moments]) -> tf.Tensor:
       for s, layer in zip(statistics, model.batch_norms)])
 
 
-def make_eval_step(model: Model, *, mode: str) -> Callable:
+def make_eval_step(model: Model, *, mode: str, relax_batch: bool = False) -> Callable:
   """``step(images, labels) -> {"loss", "correct"}`` in the inference branch (no state change)."""
 
   def eval_step(images: tf.Tensor, labels: tf.Tensor) -> dict:
@@ -97,4 +119,59 @@ def make_eval_step(model: Model, *, mode: str) -> Callable:
     return {"loss": model.loss(logits, labels),
             "correct": ops.correct_predictions(logits, labels)}
 
-  return compile_fn(eval_step, mode)
+  return compile_fn(eval_step, mode, relax_batch=relax_batch)
+
+
+def make_multi_step(step_fn: Callable, mode: str, *, relax_batch: bool = False) -> Callable:
+  """Keras's ``steps_per_execution``: ``multi(images, labels)`` runs ``step_fn`` over
+  ``images[k]``/``labels[k]`` for k = 0, 1, ... in one call and returns its outputs stacked
+  (``[k, ...]``, the trace too), stopping after the first step that is not finite (loss or
+  ``finite`` flags), so the state is the one a one-step loop would stop in.
+
+  As Keras's TF trainer does it: the compiled one-step function inside a ``tf.while_loop`` of
+  a plain ``tf.function`` (eager: a Python loop). ``relax_batch`` as ``step_fn`` was made: the
+  batch dimension must reach it unknown, or the graph optimiser specialises the inlined step to
+  the known size and it rounds differently (measured: the weights then drift from the K=1 run).
+  """
+  mode = resolve_mode(mode)
+
+  def ok(out):
+    return tf.logical_and(tf.reduce_all(out["finite"]), tf.math.is_finite(out["loss"]))
+
+  if mode == "eager":
+    def multi_eager(images, labels):
+      outs = []
+      for k in range(int(images.shape[0])):
+        outs.append(step_fn(images[k], labels[k]))
+        if not bool(ok(outs[-1])):
+          break
+      return tf.nest.map_structure(lambda *t: tf.stack(t), *outs)
+    return multi_eager
+
+  def multi(images, labels):
+    first = step_fn(images[0], labels[0])
+    flat = tf.nest.flatten(first)
+    arrays = [tf.TensorArray(t.dtype, size=0, dynamic_size=True, element_shape=t.shape).write(0, t)
+              for t in flat]
+
+    def cond(k, going, *arrays):
+      return tf.logical_and(going, k < tf.shape(images)[0])
+
+    def body(k, going, *arrays):
+      out = step_fn(images[k], labels[k])
+      arrays = [a.write(k, t) for a, t in zip(arrays, tf.nest.flatten(out))]
+      return (k + 1, ok(out), *arrays)
+
+    _, _, *arrays = tf.while_loop(cond, body, (tf.constant(1), ok(first), *arrays))
+    return tf.nest.pack_sequence_as(first, [a.stack() for a in arrays])
+
+  compiled = []
+
+  def multi_call(images: tf.Tensor, labels: tf.Tensor):
+    if not compiled:  # the number of steps is never part of the graph
+      signature = [tf.TensorSpec([None, None if relax_batch else t.shape[1], *t.shape[2:]],
+                                 t.dtype) for t in (images, labels)]
+      compiled.append(tf.function(multi, input_signature=signature))
+    return compiled[0](images, labels)
+
+  return multi_call

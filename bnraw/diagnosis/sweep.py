@@ -111,7 +111,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
 
   ``cases``, ``momenta``, ``widths`` default to the single values in the configs.
   """
-  from bnraw.core import step
+  from bnraw.core import autotune
   from bnraw.diagnosis.tool import compile_raw, diagnose_raw_training
   from bnraw.models import seed as seed_setup
   model = model.resolved()
@@ -130,7 +130,6 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
                           widths=widths)
   done = _previous_runs(out_dir, record) if resume else []
   outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
-  mode = step.resolve_mode(train.mode)
   plan = [(w, m, c, s) for w in widths for m in momenta for c in cases for s in seeds]
   key = lambda r: (r["width"], r["momentum"], r["case"], r["seed"])
   finished = {key(r): r for r in done}
@@ -146,7 +145,15 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
       config = dataclasses.replace(model, width=width, momentum=momentum)
       parts = seed_setup.build(dataclasses.replace(data, case=todo[0][0]), config,
                                dataclasses.replace(train, seed=todo[0][1]))
-      compiled = compile_raw(parts, mode)
+      # auto: measured once per network shape, on the first run's initial state (put back)
+      choice = autotune.choose(parts.model, parts.optimizer, parts.data.images,
+                               parts.data.labels, mode=train.mode, batch_size=train.batch_size,
+                               trace=True)
+      mode = choice.mode
+      if progress and choice.record:
+        print(f"width {width:g}, momentum {momentum:g}: {autotune.describe(choice.record)}",
+              file=sys.stderr)
+      compiled = compile_raw(parts, mode, train.batch_size, train_step=choice.step_fn)
       for case in cases:
         dataset = seed_setup.make_dataset(dataclasses.replace(data, case=case))
         for seed in seeds:
@@ -155,7 +162,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
           began = time.perf_counter()
           _reinitialise(parts, config, seed)
           one = parts._replace(data=dataset)
-          run_info = {"width": width, "momentum": momentum, "case": case, "seed": seed}
+          run_info = {"width": width, "momentum": momentum, "case": case, "seed": seed,
+                      "mode": mode}
           try:
             out, history = diagnose_raw_training(one, dataclasses.replace(train, seed=seed),
                                                  mode, compiled=compiled)
@@ -169,7 +177,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
                          "attribution": out["attribution"], "accuracy": out["accuracy"],
                          "dominant": dominant(out), "train_seconds": history.seconds,
                          "seconds": time.perf_counter() - began})
-          result = _result(record, runs, wall_before + time.perf_counter() - start, mode)
+          result = _result(record, runs, wall_before + time.perf_counter() - start)
           outputs.write_json(os.path.join(out_dir, SWEEP_FILE), result)
           if progress:
             r = runs[-1]
@@ -180,17 +188,18 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
                   f"{width:g} seed {seed}: {what} ({r['seconds']:.1f} s)", file=sys.stderr,
                   flush=True)
   if not result:  # everything was already done
-    result = _result(record, runs, wall_before, mode)
+    result = _result(record, runs, wall_before)
     outputs.write_json(os.path.join(out_dir, SWEEP_FILE), result)
   return result
 
 
-def _result(record: dict, runs: list, wall_seconds: float, mode: str) -> dict:
+def _result(record: dict, runs: list, wall_seconds: float) -> dict:
   for r in runs:  # an older sweep's stored cause, under today's rule
     if r.get("status", "complete") == "complete":
       r["dominant"] = dominant(r)
   train_seconds = sum(r["train_seconds"] for r in runs)
-  return {"config": record, "mode": mode, "environment": outputs.environment(), "runs": runs,
+  modes = sorted({r["mode"] for r in runs if "mode" in r})  # auto: measured per width
+  return {"config": record, "modes": modes, "environment": outputs.environment(), "runs": runs,
           "summary": summarize(runs),
           "timing": {"wall_seconds": wall_seconds, "train_seconds": train_seconds,
                      "wall_over_train": wall_seconds / train_seconds if train_seconds else None}}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fractions
 import os
+import sys
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -15,7 +16,7 @@ import tensorflow as tf
 from bnraw import config as configs
 from bnraw import outputs
 from bnraw.config import HISTOGRAM_EVERY, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
-from bnraw.core import loop, step
+from bnraw.core import autotune, loop, step
 from bnraw.core.layers import BATCH
 from bnraw.diagnosis import board as diagnosis_board
 from bnraw.diagnosis import decompose as dg
@@ -103,7 +104,16 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   model = model.resolved()
   parts = seed.build(data, model, train)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
-  mode = step.resolve_mode(train.mode)
+  compiled, tuning = None, None
+  if impl == "raw":  # auto: measured on this machine (Keras's side keeps its static guess)
+    choice = autotune.choose(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
+                             mode=train.mode, batch_size=train.batch_size, trace=True)
+    mode, tuning = choice.mode, choice.record
+    compiled = compile_raw(parts, mode, train.batch_size, train_step=choice.step_fn)
+    if progress and tuning:
+      print(autotune.describe(tuning), file=sys.stderr)
+  else:
+    mode = step.resolve_mode(train.mode)
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[parts.data.labels]
   printer = (EpochProgress(train.epochs, label=impl, steps_per_epoch=loop.steps_per_epoch(
       len(parts.data.images), train.batch_size)) if progress else None)
@@ -140,7 +150,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
           record_over_time(epoch, diagnose_now())
 
       result, history = diagnose_raw_training(parts, train, mode, recorders=recorders,
-                                              on_epoch=on_epoch)
+                                              on_epoch=on_epoch, compiled=compiled)
       if trace:
         recorder.save(os.path.join(out_dir, TRACE_FILE))
     else:
@@ -170,6 +180,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   out = {"config": configs.record(data, model, train, impl=impl, trace=trace, fix=fix,
                                   every=every),
          "impl": impl, "title": title, "resolved": {"width": model.width, "mode": mode},
+         "autotune": tuning,
          "environment": outputs.environment(), **result, "over_time": over_time,
          "history": {"loss": history.loss, "accuracy": history.accuracy}}
   if fix == "precise_bn":
@@ -191,10 +202,14 @@ class Compiled(NamedTuple):
   population_forward: Callable
 
 
-def compile_raw(parts: seed.Setup, mode: str) -> Compiled:
+def compile_raw(parts: seed.Setup, mode: str, batch_size: int,
+                train_step: Optional[Callable] = None) -> Compiled:
+  """``train_step``: the traced train step already compiled (by autotune), else made here."""
   from bnraw.diagnosis.precise_bn import population_forward_fn
-  return Compiled(step.make_train_step(parts.model, parts.optimizer, mode=mode, trace=True),
-                  dg.forward_loss_fn(parts.model), population_forward_fn(parts.model))
+  train_step = train_step or step.make_train_step(
+      parts.model, parts.optimizer, mode=mode, trace=True,
+      relax_batch=step.relaxed_batch(len(parts.data.images), batch_size))
+  return Compiled(train_step, dg.forward_loss_fn(parts.model), population_forward_fn(parts.model))
 
 
 def diagnose_raw_training(parts: seed.Setup, train: TrainConfig, mode: str, *,
@@ -204,7 +219,7 @@ def diagnose_raw_training(parts: seed.Setup, train: TrainConfig, mode: str, *,
   end; returns ``(result, history)``. ``on_epoch(epoch, history, diagnose_now)`` may call
   ``diagnose_now()`` for the decomposition at that epoch. A non-finite step raises."""
   watcher = dg.StatisticsWatcher(parts.model)
-  compiled = compiled or compile_raw(parts, mode)
+  compiled = compiled or compile_raw(parts, mode, train.batch_size)
 
   def diagnose_now(history):
     return dg.diagnose_raw(parts.model, parts.data.images, parts.data.labels,
@@ -219,7 +234,7 @@ def diagnose_raw_training(parts: seed.Setup, train: TrainConfig, mode: str, *,
       batch_size=train.batch_size, epochs=train.epochs, seed=train.seed, mode=mode, trace=True,
       on_step=lambda r: [f(r) for f in (watcher, *recorders)],
       on_epoch=(lambda e, h: on_epoch(e, h, lambda: diagnose_now(h))) if on_epoch else None,
-      step_fn=compiled.train_step)
+      step_fn=compiled.train_step, steps_per_execution=train.steps_per_execution)
   if history.status == "non_finite":
     raise history.error
   return diagnose_now(history), history

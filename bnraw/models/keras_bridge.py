@@ -65,7 +65,8 @@ def compile_model(model, train: TrainConfig, *, jit_compile: bool, reference: st
   """``model.compile`` as the seed did, with the optimizer built so its slots exist now."""
   optimizer = make_optimizer(train, reference)
   model.compile(optimizer=optimizer, loss="categorical_crossentropy",
-                metrics=["accuracy", *metrics], jit_compile=jit_compile)
+                metrics=["accuracy", *metrics], jit_compile=jit_compile,
+                steps_per_execution=train.steps_per_execution)
   optimizer.build(model.trainable_variables)
 
 

@@ -29,7 +29,7 @@ import tensorflow as tf
 from bnraw import config as configs
 from bnraw import outputs
 from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
-from bnraw.core import loop, step
+from bnraw.core import autotune, loop, step
 from bnraw.errors import UsageError
 from bnraw.models import keras_bridge, seed
 
@@ -157,7 +157,11 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   raw, optimizer = parts.model, parts.optimizer
   images, labels = parts.data.images, parts.data.labels
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
-  mode = step.resolve_mode(train.mode)
+  choice = autotune.choose(raw, optimizer, images, labels, mode=train.mode,
+                           batch_size=train.batch_size, trace=False)
+  mode, step_fn = step.resolve_mode(choice.mode), choice.step_fn
+  multi_fn = step.make_multi_step(
+      step_fn, mode, relax_batch=step.relaxed_batch(len(images), train.batch_size))
   keras = keras_bridge.keras_module(reference)
   kmodel = keras_bridge.build_model(model, reference)
   keras_bridge.compile_model(kmodel, train, jit_compile=(mode == "xla"), reference=reference,
@@ -165,12 +169,12 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   keras_bridge.set_keras_state(kmodel, keras_bridge.raw_state(raw, optimizer))
   if perturbation:
     perturb(raw.trainable_variables, perturbation, train.seed + 1)
-  step_fn = step.make_train_step(raw, optimizer, mode=mode, trace=False)
   names = [v.name.split(":")[0] for v in raw.variables]
   trainable = [v.trainable for v in raw.variables]
   moving_mean = [n.endswith("moving_mean") for n in names]
   moving_variance = [n.endswith("moving_variance") for n in names]
-  steps: list[dict] = []
+  steps: list[dict] = []  # one row per Keras execution (steps_per_execution steps)
+  x, y = tf.constant(images), tf.constant(labels)
 
   class Lockstep(keras.callbacks.Callback):
 
@@ -179,17 +183,26 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
       self.order = order
 
     def on_train_batch_begin(self, batch, logs=None):
+      # Keras calls this once per execution of up to steps_per_execution steps (begin step).
       self.keras_before = keras_bridge.keras_state(kmodel)
       if synced:
         keras_bridge.set_raw_state(raw, optimizer, self.keras_before)
       self.raw_before = keras_bridge.raw_state(raw, optimizer)
-      index = self.order[batch * train.batch_size:(batch + 1) * train.batch_size]
-      self.raw_loss = float(step_fn(tf.constant(images[index]), tf.constant(labels[index]))["loss"])
+      group = loop.batches(self.order, train.batch_size)[batch:batch + train.steps_per_execution]
+      self.executed = len(group)
+      same = [b for b in group if len(b) == len(group[0])]
+      outs = loop.run_chunk(step_fn, multi_fn, x, y, same)
+      if len(same) < len(group):  # the partial last batch: its own graph shape
+        outs += loop.run_chunk(step_fn, multi_fn, x, y, group[len(same):])
+      self.raw_loss = float(outs[-1]["loss"])
 
     def on_train_batch_end(self, batch, logs=None):
       keras_loss = float(kmodel.get_metrics_result()["batch_loss"])
-      row = {"step": len(steps), "loss_raw": self.raw_loss, "loss_keras": keras_loss,
+      done = (steps[-1]["step"] + 1) if steps else 0
+      row = {"step": done + self.executed - 1, "loss_raw": self.raw_loss, "loss_keras": keras_loss,
              "loss_rel_diff": abs(self.raw_loss - keras_loss) / abs(keras_loss)}
+      if self.executed > 1:
+        row["first_step"] = done
       row.update(step_metrics(self.raw_before, keras_bridge.raw_state(raw, optimizer),
                               self.keras_before, keras_bridge.keras_state(kmodel), trainable,
                               moving_mean, moving_variance))
@@ -211,6 +224,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
       "synced": synced,
       "perturbation": perturbation if not synced else 0.0,
       "mode": mode,
+      "autotune": choice.record,
       "config": configs.record(data, model, train, reference=reference, synced=synced,
                                perturb=perturbation),
       "raw_model_config": dataclasses.asdict(model),
@@ -253,6 +267,13 @@ def summary_lines(result: dict) -> str:
   steps = result["steps"]
   lines = [f"reference {result['reference']} {result['reference_version']}, "
            f"{'synced' if result['synced'] else 'free-running'}, raw mode {result['mode']}"]
+  if result.get("autotune"):
+    from bnraw.core.autotune import describe
+    lines.append(describe(result["autotune"]))
+  per_execution = result["config"]["train"].get("steps_per_execution", 1)
+  if per_execution > 1:
+    lines.append(f"steps_per_execution {per_execution}: one row per Keras execution (its last "
+                 "step's loss; states after the whole execution)")
   first = result["first_divergent_step"]
   lines.append("every step within tolerance " + ", ".join(
       f"{k} <= {v:g}" for k, v in result["tolerance"].items()) if first is None else

@@ -21,8 +21,9 @@ from bnraw.errors import UsageError
 
 STATE_FILE = "run_state.json"
 # Settings that may change between a run and its resumption (section, name).
-MAY_DIFFER = {("train", "epochs"), ("train", "mode"), ("options", "checkpoint_every"),
-              ("options", "break_at")}
+# steps_per_execution: K steps per call are bit-identical to K calls (loop_test checks it).
+MAY_DIFFER = {("train", "epochs"), ("train", "mode"), ("train", "steps_per_execution"),
+              ("options", "checkpoint_every"), ("options", "break_at")}
 
 
 def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
@@ -39,6 +40,7 @@ class Checkpointer:
     self.out_dir = out_dir
     self.config = config
     self.checkpoint = _checkpoint(model, optimizer)
+    self.resolved: dict = {}  # what the run decided (its mode, the autotune record): kept on resume
     self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(out_dir, "checkpoints"),
                                               max_to_keep=max_to_keep)
 
@@ -46,7 +48,8 @@ class Checkpointer:
     path = self.manager.save(checkpoint_number=int(self.checkpoint.iterations.numpy()))
     outputs.write_json(os.path.join(self.out_dir, STATE_FILE),
                        {"checkpoint": os.path.basename(path), "status": status,
-                        "config": self.config, "state": dataclasses.asdict(state)})
+                        "config": self.config, "resolved": self.resolved,
+                        "state": dataclasses.asdict(state)})
     return path
 
   def restore(self) -> FitState:

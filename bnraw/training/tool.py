@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from typing import Callable, Optional
 
@@ -55,7 +56,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   "complete" or "interrupted"; a non-finite step writes the summary with status "non_finite" and
   raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict (DESIGN.md section 4).
   """
-  from bnraw.core import loop, step
+  from bnraw.core import autotune, loop
   from bnraw.models import seed
   from bnraw.training.checkpoint import Checkpointer, read_state
   if histogram_every < 1:
@@ -74,8 +75,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     if not 0 <= break_at[1] < steps:
       raise UsageError("break_at", f"step {break_at[1]} is not in this run (steps 0..{steps - 1})")
     hook = BreakAt(*break_at, parts.optimizer.iterations, break_action)
-  if resume:
-    read_state(out_dir)  # nothing to resume: refused before anything is written
+  saved = read_state(out_dir) if resume else None  # nothing to resume: refused here
   outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
   checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record)
   resume_state = checkpointer.restore() if resume else None
@@ -87,7 +87,18 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     if break_at is not None and break_at[1] < done:
       raise UsageError("break_at", f"step {break_at[1]} is before the resumed run's next step "
                        f"({done})")
-  mode = step.resolve_mode(train.mode)
+  # auto measures the modes on this state (and puts it back); a resumed auto run keeps the
+  # mode it was measured to have, so it repeats the uninterrupted run.
+  earlier = (saved or {}).get("resolved", {})
+  chosen = earlier["mode"] if train.mode == "auto" and "mode" in earlier else train.mode
+  choice = autotune.choose(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
+                           mode=chosen, batch_size=train.batch_size, trace=trace)
+  mode = choice.mode
+  tuning = choice.record or (dict(earlier["autotune"], reused=True)
+                             if chosen != train.mode and earlier.get("autotune") else None)
+  if progress and tuning:
+    print(autotune.describe(tuning), file=sys.stderr)
+  checkpointer.resolved = {"mode": mode, "autotune": tuning}
   recorders = [on_step] if on_step is not None else []
   printer = (EpochProgress(train.epochs, steps_per_epoch=loop.steps_per_epoch(
       len(parts.data.images), train.batch_size)) if progress else None)
@@ -120,13 +131,14 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                        mode=mode, trace=trace,
                        on_step=(lambda r: [f(r) for f in recorders]) if recorders else None,
                        on_epoch=on_epoch, hook=hook, hook_step=break_at and break_at[1],
-                       resume=resume_state,
-                       should_stop=lambda: stopped() is not None)
+                       resume=resume_state, should_stop=lambda: stopped() is not None,
+                       step_fn=choice.step_fn, steps_per_execution=train.steps_per_execution)
     summary = {
         "config": record,
         "status": history.status,
         "complete": history.status == "complete",
         "resolved": {"width": model.width, "mode": mode},
+        "autotune": tuning,
         "environment": outputs.environment(),
         "parameters": parts.model.count_parameters(),
         "history": {"loss": history.loss, "accuracy": history.accuracy},

@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw.core import loop, ops
-from bnraw.core.step import make_train_step, resolve_mode
+from bnraw.core.step import make_train_step, relaxed_batch, resolve_mode
 from bnraw.config import ModelConfig
 from bnraw.models.seed import seed_network
 from bnraw.core.optim import Adam, SGD
@@ -88,6 +88,53 @@ class LoopTest(tf.test.TestCase):
     self.assertAllClose(loss, ops.softmax_cross_entropy(expected, y), rtol=1e-6)
     for value, var in zip(before, net.variables):
       self.assertAllEqual(value, var)
+
+  def test_steps_per_execution_is_bit_identical_to_one_step_per_call(self):
+    x, y = data(40)  # batches 16, 16, 8: one chunk of 2, then the partial batch alone
+
+    def run(per_execution):
+      net = seed_network(CONFIG, seed=3)
+      opt = Adam(net.trainable_variables)
+      records = []
+      history = loop.fit(net, opt, x, y, batch_size=16, epochs=2, seed=1, mode="function",
+                         trace=True, on_step=records.append, steps_per_execution=per_execution)
+      return history, records, [v.numpy() for v in net.variables]
+
+    (one, one_steps, one_vars), (three, three_steps, three_vars) = run(1), run(3)
+    self.assertEqual(three.loss, one.loss)
+    self.assertEqual([r.step for r in three_steps], list(range(6)))  # every step seen, in order
+    for a, b in zip(one_steps, three_steps):
+      self.assertEqual(b.loss, a.loss)
+      self.assertAllEqual(b.batch, a.batch)
+      for key in a.trace:
+        for p, q in zip(a.trace[key], b.trace[key]):
+          self.assertAllEqual(q, p, msg=f"step {a.step} {key}")
+    for a, b in zip(one_vars, three_vars):
+      self.assertAllEqual(b, a)
+
+  def test_steps_per_execution_stops_where_one_step_per_call_stops(self):
+    x, y = data(64)
+
+    def run(per_execution):
+      net = seed_network(CONFIG, seed=3)
+      opt = SGD(net.trainable_variables, lr=1e12)
+      history = loop.fit(net, opt, x, y, batch_size=8, epochs=1, seed=1, mode="function",
+                         steps_per_execution=per_execution)
+      return history, [v.numpy() for v in net.variables], int(opt.iterations)
+
+    (one, one_vars, one_iterations), (many, many_vars, many_iterations) = run(1), run(8)
+    self.assertEqual(one.status, "non_finite")
+    self.assertEqual((many.status, many.error.step, many.error.where),
+                     ("non_finite", one.error.step, one.error.where))
+    self.assertLess(one.error.step, 7)  # inside the one 8-step call: the loop stopped there
+    self.assertEqual(many_iterations, one_iterations)
+    for a, b in zip(one_vars, many_vars):
+      self.assertAllEqual(b, a)
+
+  def test_keras_relaxes_the_batch_dimension_when_the_batch_does_not_divide(self):
+    self.assertFalse(relaxed_batch(256, 64))
+    self.assertTrue(relaxed_batch(256, 48))
+    self.assertTrue(relaxed_batch(40, 64))  # no full batch at all
 
   def test_auto_mode_on_cpu(self):
     # conftest hides any GPU, so this is a CPU-only process: Keras's jit_compile="auto" is off
