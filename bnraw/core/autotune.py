@@ -99,4 +99,7 @@ def describe(record: dict) -> str:
                       for mode, c in record["candidates"].items())
   if record.get("reused"):
     return f"auto mode: {record['choice']}, as measured when the run began ({timings})"
+  if record.get("cached"):
+    return (f"auto mode: {record['choice']}, as measured on this machine at "
+            f"{record.get('measured_at', '?')} ({timings}; kept in the autotune cache)")
   return f"auto mode: {record['choice']} ({timings}; {record['seconds']:.1f} s to measure)"

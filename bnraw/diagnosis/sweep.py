@@ -111,6 +111,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
 
   ``cases``, ``momenta``, ``widths`` default to the single values in the configs.
   """
+  from bnraw import machine
   from bnraw.core import autotune
   from bnraw.diagnosis.tool import compile_raw, diagnose_raw_training
   from bnraw.models import seed as seed_setup
@@ -146,9 +147,10 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
       parts = seed_setup.build(dataclasses.replace(data, case=todo[0][0]), config,
                                dataclasses.replace(train, seed=todo[0][1]))
       # auto: measured once per network shape, on the first run's initial state (put back)
-      choice = autotune.choose(parts.model, parts.optimizer, parts.data.images,
-                               parts.data.labels, mode=train.mode, batch_size=train.batch_size,
-                               trace=True)
+      choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
+                                   parts.data.labels, mode=train.mode,
+                                   batch_size=train.batch_size, trace=True,
+                                   workload=seed_setup.workload(config, train))
       mode = choice.mode
       if progress and choice.record:
         print(f"width {width:g}, momentum {momentum:g}: {autotune.describe(choice.record)}",

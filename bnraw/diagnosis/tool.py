@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw import config as configs
-from bnraw import outputs
+from bnraw import machine, outputs
 from bnraw.config import HISTOGRAM_EVERY, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
 from bnraw.core import autotune, loop, step
 from bnraw.core.layers import BATCH
@@ -106,8 +106,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   compiled, tuning = None, None
   if impl == "raw":  # auto: measured on this machine (Keras's side keeps its static guess)
-    choice = autotune.choose(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
-                             mode=train.mode, batch_size=train.batch_size, trace=True)
+    choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
+                                 parts.data.labels, mode=train.mode, batch_size=train.batch_size,
+                                 trace=True, workload=seed.workload(model, train))
     mode, tuning = choice.mode, choice.record
     compiled = compile_raw(parts, mode, train.batch_size, train_step=choice.step_fn)
     if progress and tuning:

@@ -16,6 +16,7 @@ works.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
@@ -49,6 +50,12 @@ class Setup(NamedTuple):
   data: "Dataset"
   model: object  # bnraw.core.graph.Model
   optimizer: object
+
+
+def workload(model: ModelConfig, train: TrainConfig) -> dict:
+  """What decides the seed's step time (the auto mode's cache key, with the machine): the
+  network's shape and the optimizer, not the data or the seeds."""
+  return {"network": "seed", "model": dataclasses.asdict(model), "optimizer": train.optimizer}
 
 
 def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:

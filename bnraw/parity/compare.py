@@ -29,7 +29,8 @@ import tensorflow as tf
 from bnraw import config as configs
 from bnraw import outputs
 from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
-from bnraw.core import autotune, loop, step
+from bnraw import machine
+from bnraw.core import loop, step
 from bnraw.errors import UsageError
 from bnraw.models import keras_bridge, seed
 
@@ -157,8 +158,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   raw, optimizer = parts.model, parts.optimizer
   images, labels = parts.data.images, parts.data.labels
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
-  choice = autotune.choose(raw, optimizer, images, labels, mode=train.mode,
-                           batch_size=train.batch_size, trace=False)
+  choice = machine.choose_mode(raw, optimizer, images, labels, mode=train.mode,
+                               batch_size=train.batch_size, trace=False,
+                               workload=seed.workload(model, train))
   mode, step_fn = step.resolve_mode(choice.mode), choice.step_fn
   multi_fn = step.make_multi_step(
       step_fn, mode, relax_batch=step.relaxed_batch(len(images), train.batch_size))

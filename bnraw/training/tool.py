@@ -56,6 +56,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   "complete" or "interrupted"; a non-finite step writes the summary with status "non_finite" and
   raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict (DESIGN.md section 4).
   """
+  from bnraw import machine
   from bnraw.core import autotune, loop
   from bnraw.models import seed
   from bnraw.training.checkpoint import Checkpointer, read_state
@@ -91,8 +92,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   # mode it was measured to have, so it repeats the uninterrupted run.
   earlier = (saved or {}).get("resolved", {})
   chosen = earlier["mode"] if train.mode == "auto" and "mode" in earlier else train.mode
-  choice = autotune.choose(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
-                           mode=chosen, batch_size=train.batch_size, trace=trace)
+  choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
+                               parts.data.labels, mode=chosen, batch_size=train.batch_size,
+                               trace=trace, workload=seed.workload(model, train))
   mode = choice.mode
   tuning = choice.record or (dict(earlier["autotune"], reused=True)
                              if chosen != train.mode and earlier.get("autotune") else None)

@@ -53,6 +53,26 @@ class ResumeTest(tf.test.TestCase):
       for key, value in a.arrays.items():
         self.assertAllEqual(b.arrays[key], value, msg=key)
 
+  def test_auto_mode_is_measured_once_and_kept_on_resume(self):
+    auto = TrainConfig(batch_size=96, epochs=3, mode="auto", steps_per_execution=2)
+    with tempfile.TemporaryDirectory() as whole, tempfile.TemporaryDirectory() as parts:
+      first = training.run(DataConfig(), MODEL, auto, out_dir=parts, progress=False,
+                           on_step=interrupt_at(3))  # steps 3 and 4 are one call: stops after 4
+      self.assertEqual(first["steps_done"], 5)
+      chosen = first["resolved"]["mode"]
+      self.assertEqual(first["autotune"]["choice"], chosen)
+      self.assertEqual(set(first["autotune"]["candidates"]), {"function", "xla"})
+      resumed = training.run(DataConfig(), MODEL, auto, out_dir=parts, progress=False,
+                             resume=True)
+      self.assertEqual(resumed["resolved"]["mode"], chosen)
+      self.assertTrue(resumed["autotune"]["reused"])
+      # the uninterrupted run in the chosen mode, one step per call: the same run, bit for bit
+      explicit = TrainConfig(batch_size=96, epochs=3, mode=chosen)
+      reference = training.run(DataConfig(), MODEL, explicit, out_dir=whole, progress=False)
+      self.assertIsNone(reference["autotune"])
+      self.assertEqual(resumed["history"], reference["history"])
+      self.assertEqual(resumed["evaluate"], reference["evaluate"])
+
   def test_checkpoint_every_and_longer_resume(self):
     with tempfile.TemporaryDirectory() as out:
       training.run(DataConfig(), MODEL, TRAIN, out_dir=out, progress=False,
