@@ -1,10 +1,12 @@
-"""Times the training step: raw eager/function/xla (trace off and on) vs Keras fit (XLA off/on).
+"""Times the training step: raw eager/function/xla/auto (trace off and on) vs Keras fit (XLA off/on).
 
   bnraw-profile --widths=1/16,1/4 --out_dir=runs/profile
 
 All in one process on the same data, width and batch: every configuration is built once and
 timed round-robin (--rounds), so a noisy machine's drift hits all alike. Prints a table with
-GFLOP/s, the fraction of the matmul ceiling measured in the same run, and raw/Keras ratios.
+GFLOP/s, the fraction of the matmul ceiling measured in the same run, raw/Keras ratios, what
+auto chose and what measuring cost, steps-per-execution ratios, and the best exact raw mode's
+time per block (optimizer, moving update, BN statistics, normalisation, convolutions and rest).
 """
 
 from absl import flags
@@ -19,8 +21,14 @@ flags.DEFINE_integer("steps", 5, "Timed steps per configuration and round.", low
 flags.DEFINE_integer("rounds", 3, "Round-robin rounds over all configurations (the median of "
                      "all timed steps is reported).", lower_bound=1)
 flags.DEFINE_integer("warmup", 2, "Untimed steps after the first (compiling) one.", lower_bound=0)
-flags.DEFINE_list("raw_modes", ["eager", "function", "xla"], "Raw modes to time.")
-flags.DEFINE_list("keras_jit", ["false", "true"], "Keras fit jit_compile values to time.")
+flags.DEFINE_list("raw_modes", ["eager", "function", "xla", "auto"], "Raw modes to time (auto: "
+                  "the mode auto measures and picks; its compile time is the measurement).")
+flags.DEFINE_list("keras_jit", ["false", "true", "auto"], "Keras fit jit_compile values to time "
+                  "(auto: jit on when the raw auto mode picked xla).")
+flags.DEFINE_list("steps_per_execution", ["1", "4"], "Steps per compiled call: each K > 1 adds "
+                  "raw function/xla and Keras rows running K steps per call.")
+flags.DEFINE_bool("breakdown", True, "Time the best exact raw mode's step with one block taken "
+                  "away at a time: the time per block.")
 flags.DEFINE_string("profile_dir", None, "Write a TensorFlow profiler trace of a few steady raw "
                     "steps of the best mode here (TensorBoard's Profile tab).")
 flags.DEFINE_string("hlo_dir", None, "Write the raw xla step's HLO before/after optimisation.")
@@ -39,8 +47,17 @@ def check(argv):
   if FLAGS.hlo_dir and "xla" not in FLAGS.raw_modes:
     raise UsageError("hlo_dir", "needs xla in --raw_modes (HLO is the xla step's)")
   for value in FLAGS.keras_jit:
-    if value not in ("false", "true"):
-      raise UsageError("keras_jit", f"expected false or true, got {value!r}")
+    if value not in ("false", "true", "auto"):
+      raise UsageError("keras_jit", f"expected false, true or auto, got {value!r}")
+  if "auto" in FLAGS.keras_jit and "auto" not in FLAGS.raw_modes:
+    raise UsageError("keras_jit", "auto follows the raw auto mode's choice: needs auto in "
+                     "--raw_modes")
+  for value in FLAGS.raw_modes:
+    if value not in ("eager", "function", "xla", "auto"):
+      raise UsageError("raw_modes", f"expected some of eager, function, xla, auto; got {value!r}")
+  for value in FLAGS.steps_per_execution:
+    if not value.isdigit() or int(value) < 1:
+      raise UsageError("steps_per_execution", f"expected integers >= 1, got {value!r}")
 
 
 def main(argv):
@@ -48,7 +65,9 @@ def main(argv):
   result = profiling.run(
       widths=[common.parse_width(w) for w in FLAGS.widths], batch_size=FLAGS.batch_size,
       steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, raw_modes=FLAGS.raw_modes,
-      keras_jit=[v == "true" for v in FLAGS.keras_jit], out_dir=FLAGS.out_dir,
+      keras_jit=[{"true": True, "false": False}.get(v, v) for v in FLAGS.keras_jit],
+      steps_per_execution=[int(k) for k in FLAGS.steps_per_execution],
+      breakdown=FLAGS.breakdown, out_dir=FLAGS.out_dir,
       profile_dir=FLAGS.profile_dir, hlo_dir=FLAGS.hlo_dir, progress=True,
       overwrite=FLAGS.overwrite)
   print(profiling.report(result))

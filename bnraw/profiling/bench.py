@@ -11,7 +11,7 @@ import dataclasses
 import os
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -80,37 +80,60 @@ def _timed(run: Callable[[], None], steps: int, warmup: int) -> list:
 
 
 def raw_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *, mode: str,
-              batch_size: int, trace: bool, hlo_dir: Optional[str] = None) -> Bench:
-  """The raw training step (fresh model and Adam) in ``mode``; its first call is the compile."""
+              batch_size: int, trace: bool, hlo_dir: Optional[str] = None,
+              steps_per_execution: int = 1) -> Bench:
+  """The raw training step (fresh model and Adam) in ``mode``; its first call is the compile.
+  ``mode="auto"``: the step :mod:`bnraw.core.autotune` picks, its "compile" being the whole
+  measurement. ``steps_per_execution`` K > 1: K steps per call (the same batch K times), the
+  times per step."""
+  from bnraw.core import autotune
   from bnraw.core.optim import Adam
-  from bnraw.core.step import make_train_step
+  from bnraw.core.step import make_multi_step, make_train_step
   from bnraw.models.seed import seed_network
   net = seed_network(model_config)
-  step = make_train_step(net, Adam(net.trainable_variables), mode=mode, trace=trace)
+  optimizer = Adam(net.trainable_variables)
   x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
-  run = lambda: float(step(x, y)["loss"])  # float() waits for the step to finish
+  row = {"impl": "raw", "mode": mode, "traced": trace, "steps_per_execution": steps_per_execution}
+  if mode == "auto":
+    choice = autotune.measure(net, optimizer, images, labels, batch_size=batch_size, trace=trace)
+    step, row["chosen"], row["autotune"] = choice.step_fn, choice.mode, choice.record
+  else:
+    step = make_train_step(net, optimizer, mode=mode, trace=trace)
+  k = steps_per_execution
+  if k > 1:
+    multi = make_multi_step(step, mode)
+    xs, ys = tf.stack([x] * k), tf.stack([y] * k)
+    run = lambda: float(multi(xs, ys)["loss"][-1])
+  else:
+    run = lambda: float(step(x, y)["loss"])  # float() waits for the step to finish
   start = time.perf_counter()
   run()
   compile_s = time.perf_counter() - start
-  if hlo_dir and mode == "xla":
+  if mode == "auto":
+    compile_s = choice.record["seconds"]
+  if hlo_dir and mode == "xla" and k == 1:
     write_hlo(step, x, y, hlo_dir, f"raw_w{model_config.width:g}_trace{int(trace)}")
-  return Bench({"impl": "raw", "mode": mode, "traced": trace}, compile_s,
-               lambda steps, warmup: _timed(run, steps, warmup), run)
+  measure = lambda steps, warmup: [t / k for t in _timed(run, steps, warmup)]
+  return Bench(row, compile_s, measure, run)
 
 
 def keras_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *,
-                jit_compile: bool, batch_size: int) -> Bench:
+                jit_compile: bool, batch_size: int, steps_per_execution: int = 1,
+                label: Optional[str] = None) -> Bench:
   """Real Keras ``fit``. Each measurement is one ``fit`` over the data repeated, timed from one
-  batch end to the next (a callback waits for each step's loss), warm-up steps dropped; the
-  first ``fit`` call's first step is the compile."""
+  batch end to the next (a callback waits for each step's loss; with ``steps_per_execution``
+  K it fires once per K steps, and the time is divided by K), warm-up executions dropped; the
+  first ``fit`` call's first execution is the compile."""
   import keras
   from bnraw.config import TrainConfig
   from bnraw.models import keras_bridge
   model = keras_bridge.build_model(model_config)
-  keras_bridge.compile_model(model, TrainConfig(), jit_compile=jit_compile)
+  k = steps_per_execution
+  keras_bridge.compile_model(model, TrainConfig(steps_per_execution=k), jit_compile=jit_compile)
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
 
-  def fit_stamps(n_steps):
+  def fit_stamps(n_executions):
+    n_steps = n_executions * k
     reps = -(-n_steps * batch_size // len(images))
     stamps = []
 
@@ -126,8 +149,9 @@ def keras_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarra
     return start, stamps
 
   start, stamps = fit_stamps(1)
-  measure = lambda steps, warmup: list(np.diff(fit_stamps(1 + warmup + steps)[1])[warmup:])
-  return Bench({"impl": "keras", "mode": "fit_xla" if jit_compile else "fit", "traced": False},
+  measure = lambda steps, warmup: list(np.diff(fit_stamps(1 + warmup + steps)[1])[warmup:] / k)
+  mode = label or ("fit_xla" if jit_compile else "fit")
+  return Bench({"impl": "keras", "mode": mode, "traced": False, "steps_per_execution": k},
                stamps[0] - start, measure)
 
 
@@ -161,13 +185,20 @@ def result_row(bench: Bench, model_config: ModelConfig, batch_size: int, peak: f
 
 
 def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds: int,
-        raw_modes: list[str], keras_jit: list[bool], out_dir: Optional[str],
+        raw_modes: list[str], keras_jit: list, out_dir: Optional[str],
         profile_dir: Optional[str] = None, hlo_dir: Optional[str] = None,
-        progress: bool = False, overwrite: bool = False) -> dict:
+        progress: bool = False, overwrite: bool = False,
+        steps_per_execution: Sequence[int] = (1,), breakdown: bool = True) -> dict:
   """Every configuration of a width is built once, then timed round-robin ``rounds`` times
   (``steps`` steps each after ``warmup``), so drift on a noisy machine hits all alike; the
   reported step time is the median of all timed steps. Writes ``profile.json`` into ``out_dir``
-  (None: nothing written) and returns its dict."""
+  (None: nothing written) and returns its dict.
+
+  ``raw_modes`` may hold ``"auto"`` (the measured choice; its compile time is the whole
+  measurement) and ``keras_jit`` ``"auto"`` (fit with jit on when the raw auto choice is xla).
+  Each K > 1 in ``steps_per_execution`` adds raw function/xla rows and Keras rows running K
+  steps per call. ``breakdown``: the best exact raw mode's time per block
+  (:mod:`bnraw.profiling.breakdown`)."""
   import sys
   from bnraw import outputs
   from bnraw.config import DataConfig
@@ -177,34 +208,53 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
   for mode in raw_modes:
     if mode not in MODES:
       raise UsageError("raw_modes", f"unknown mode {mode!r}; expected some of {MODES}")
+  for jit in keras_jit:
+    if jit not in (False, True, "auto"):
+      raise UsageError("keras_jit", f"expected false, true or auto, got {jit!r}")
+  if not all(isinstance(k, int) and k >= 1 for k in steps_per_execution):
+    raise UsageError("steps_per_execution", f"need integers >= 1, got {steps_per_execution}")
   if not all(w > 0 for w in widths) or not widths:
     raise UsageError("widths", f"need one or more widths > 0, got {widths}")
   if out_dir is not None:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   data = make_dataset(DataConfig())
-  op_tables = []
+  op_tables, breakdowns = [], []
   peak = matmul_peak_gflops()
   rows = []
   say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
   for width in widths:
     config = ModelConfig(width=width)
     benches = []
+    auto_choice = None
     for mode in raw_modes:
-      resolved = resolve_mode(mode)
+      if mode == "auto":
+        bench = raw_bench(config, data.images, data.labels, mode="auto", batch_size=batch_size,
+                          trace=False)
+        auto_choice = bench.row["chosen"]
+        benches.append((config, bench))
+        continue
       variants = [(False, False)]  # (fast_conv, traced)
-      if resolved != "eager":
+      if mode != "eager":
         variants.append((True, False))
-      if resolved == "xla":
+      if mode == "xla":
         variants.append((False, True))
       for fast, traced in variants:
         variant = dataclasses.replace(config, fast_conv=fast)
-        bench = raw_bench(variant, data.images, data.labels, mode=resolved,
+        bench = raw_bench(variant, data.images, data.labels, mode=mode,
                           batch_size=batch_size, trace=traced,
                           hlo_dir=hlo_dir if not (traced or fast) else None)
         benches.append((variant, bench))
+      for k in steps_per_execution:
+        if k > 1 and mode != "eager":
+          benches.append((config, raw_bench(config, data.images, data.labels, mode=mode,
+                                            batch_size=batch_size, trace=False,
+                                            steps_per_execution=k)))
     for jit in keras_jit:
-      benches.append((config, keras_bench(config, data.images, data.labels, jit_compile=jit,
-                                          batch_size=batch_size)))
+      on = (auto_choice or resolve_mode("auto")) == "xla" if jit == "auto" else jit
+      for k in (1, *[k for k in steps_per_execution if k > 1 and jit != "auto"]):
+        benches.append((config, keras_bench(
+            config, data.images, data.labels, jit_compile=on, batch_size=batch_size,
+            steps_per_execution=k, label="fit_auto" if jit == "auto" else None)))
     for r in range(rounds):
       say(f"width {width:g}: round {r + 1}/{rounds}")
       for _, bench in benches:
@@ -212,9 +262,28 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
     for variant, bench in benches:
       rows.append(result_row(bench, variant, batch_size, peak))
       say(f"  {bench.row['impl']:5} {bench.row['mode']:9} fast={int(variant.fast_conv)} "
-          f"trace={int(bench.row['traced'])}  {rows[-1]['step_s_median'] * 1e3:8.1f} ms/step")
+          f"trace={int(bench.row['traced'])} k={bench.row['steps_per_execution']}  "
+          f"{rows[-1]['step_s_median'] * 1e3:8.1f} ms/step")
+    if breakdown:  # the fastest exact raw mode that compiles (function or xla), one step a call
+      exact = [r for r in rows[-len(benches):] if r["impl"] == "raw" and r["mode"] in
+               ("function", "xla") and not r["fast_conv"] and not r["traced"]
+               and r["steps_per_execution"] == 1]
+      if exact:
+        from bnraw.core.optim import Adam
+        from bnraw.models.seed import seed_network
+        from bnraw.profiling import breakdown as blocks
+        best_mode = min(exact, key=lambda r: r["step_s_median"])["mode"]
+        say(f"width {width:g}: per-block breakdown of the raw {best_mode} step")
+        net = seed_network(config)
+        table = blocks.measure(net, Adam(net.trainable_variables),
+                               tf.constant(data.images[:batch_size]),
+                               tf.constant(data.labels[:batch_size]), mode=best_mode,
+                               steps=steps, warmup=warmup, rounds=rounds)
+        breakdowns.append({"width": width, "gflop_per_step": train_step_flops(config, batch_size)
+                           / 1e9, **table})
     if profile_dir:  # the fastest raw step whose ops keep their TF names (not XLA), if any
-      raw = [(v, b) for v, b in benches if b.row["impl"] == "raw" and not b.row["traced"]]
+      raw = [(v, b) for v, b in benches if b.row["impl"] == "raw" and not b.row["traced"]
+             and b.row["mode"] != "auto" and b.row["steps_per_execution"] == 1]
       named = [(v, b) for v, b in raw if b.row["mode"] != "xla"] or raw
       best_variant, best = min(named, key=lambda vb: statistics.median(vb[1].times))
       capture_dir = os.path.join(profile_dir, f"w{width:g}")
@@ -230,6 +299,8 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
             "results": rows, "environment": outputs.environment()}
   if profile_dir:  # None: XProf (the optional extra) is not installed
     result["op_stats"] = op_tables if op_tables else None
+  if breakdown:
+    result["breakdown"] = breakdowns
   result["ratios"] = ratios(result)
   if out_dir is not None:
     outputs.write_json(os.path.join(out_dir, "profile.json"), result)
@@ -240,7 +311,8 @@ def ratios(result: dict) -> list[dict]:
   """Per width: best raw / best Keras step time, and trace on/off for raw xla."""
   out = []
   for width in sorted({r["width"] for r in result["results"]}):
-    rows = [r for r in result["results"] if r["width"] == width]
+    every = [r for r in result["results"] if r["width"] == width]
+    rows = [r for r in every if r["steps_per_execution"] == 1 and "auto" not in r["mode"]]
     raw = [r for r in rows if r["impl"] == "raw" and not r["traced"]]
     exact = [r for r in raw if not r["fast_conv"]]
     keras = [r for r in rows if r["impl"] == "keras"]
@@ -258,6 +330,28 @@ def ratios(result: dict) -> list[dict]:
            and not r["fast_conv"]}
     if len(xla) == 2:
       entry["xla_trace_on_over_off"] = xla[True]["step_s_median"] / xla[False]["step_s_median"]
+    compiled = [r for r in exact if r["mode"] in ("function", "xla")]
+    auto = next((r for r in every if r["impl"] == "raw" and r["mode"] == "auto"), None)
+    if auto is not None and compiled:
+      best = min(compiled, key=lambda r: r["step_s_median"])
+      record = auto["autotune"]
+      # what measuring costs beyond the chosen mode's own compile, over the seed's 500 steps
+      extra = record["seconds"] - record["candidates"][record["choice"]]["compile_s"]
+      entry["auto"] = {
+          "chosen": auto["chosen"], "best_explicit": best["mode"],
+          "step_over_best": auto["step_s_median"] / best["step_s_median"],
+          "measure_s": record["seconds"], "extra_s": extra,
+          "run_500_steps_over_best": (extra + 500 * auto["step_s_median"])
+                                     / (500 * best["step_s_median"])}
+    per_call = {}
+    for r in every:
+      k = r["steps_per_execution"]
+      one = next((o for o in rows if o["impl"] == r["impl"] and o["mode"] == r["mode"]
+                  and not o["fast_conv"] and not o["traced"]), None)
+      if k > 1 and one is not None:
+        per_call[f"{r['impl']} {r['mode']} k={k}"] = r["step_s_median"] / one["step_s_median"]
+    if per_call:
+      entry["steps_per_execution_over_one"] = per_call
     out.append(entry)
   return out
 
@@ -265,10 +359,12 @@ def ratios(result: dict) -> list[dict]:
 def report(result: dict) -> str:
   """The table the command prints, with the per-width ratios under it."""
   lines = [f"device {result['device']}; matmul ceiling {result['matmul_peak_gflops']:.0f} GFLOP/s",
-           f"{'impl':5} {'mode':9} {'fast':>4} {'width':>7} {'batch':>5} {'trace':>5} "
+           f"{'impl':5} {'mode':13} {'k':>2} {'fast':>4} {'width':>7} {'batch':>5} {'trace':>5} "
            f"{'compile s':>9} {'step ms':>9} {'img/s':>8} {'GFLOP/s':>8} {'of peak':>7}"]
   for r in result["results"]:
-    lines.append(f"{r['impl']:5} {r['mode']:9} {'yes' if r['fast_conv'] else 'no':>4} "
+    mode = f"auto:{r['chosen']}" if r["mode"] == "auto" else r["mode"]
+    lines.append(f"{r['impl']:5} {mode:13} {r['steps_per_execution']:>2} "
+                 f"{'yes' if r['fast_conv'] else 'no':>4} "
                  f"{r['width']:>7.4g} {r['batch_size']:>5} "
                  f"{'on' if r['traced'] else 'off':>5} {r['compile_s']:>9.2f} "
                  f"{r['step_s_median'] * 1e3:>9.1f} {r['images_per_s']:>8.0f} "
@@ -282,6 +378,18 @@ def report(result: dict) -> str:
     if "xla_trace_on_over_off" in entry:
       parts.append(f"raw xla trace on/off = {entry['xla_trace_on_over_off']:.3f}")
     lines.append("  ".join(parts))
+    if "auto" in entry:
+      a = entry["auto"]
+      lines.append(f"  auto chose {a['chosen']} (best explicit {a['best_explicit']}): step "
+                   f"{a['step_over_best']:.2f}x the best; measuring took {a['measure_s']:.1f} s, "
+                   f"{a['extra_s']:.1f} s beyond its own compile: a 500-step run "
+                   f"{a['run_500_steps_over_best']:.3f}x the best explicit mode's")
+    for name, ratio in entry.get("steps_per_execution_over_one", {}).items():
+      lines.append(f"  {name}: {ratio:.3f}x the time per step of k=1")
+  if result.get("breakdown"):
+    from bnraw.profiling.breakdown import format_breakdown
+    for table in result["breakdown"]:
+      lines.append(format_breakdown(table["width"], table))
   for table in result.get("op_stats") or []:
     lines.append(f"width {table['width']:g}, XProf op stats of the raw {table['mode']} step:")
     lines.append(op_stats.format_summary(table))

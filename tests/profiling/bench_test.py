@@ -8,9 +8,11 @@ import sys
 import tempfile
 import unittest
 
+import numpy as np
 import tensorflow as tf
 
 from bnraw.config import ModelConfig
+from bnraw.core.layers import BatchNorm
 from bnraw.models.seed import seed_network
 from bnraw.profiling import op_stats
 from bnraw.profiling.bench import forward_flops, train_step_flops
@@ -91,6 +93,41 @@ class OpStatsTest(tf.test.TestCase):
     self.assertLess(shares["total"], 0.5)
 
 
+class BreakdownTest(tf.test.TestCase):
+
+  def test_each_variant_takes_away_its_block_and_no_more(self):
+    from bnraw.core.optim import Adam
+    from bnraw.profiling import breakdown
+    net = seed_network(ModelConfig(width=1 / 64), seed=3)
+    optimizer = Adam(net.trainable_variables)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 1, (16, 29, 29, 3)).astype(np.float32))
+    y = tf.constant(np.arange(16, dtype=np.int32))
+    net(x, training=True)  # moving statistics away from their initial 0 and 1
+    steps = breakdown.variant_steps(net, optimizer, "function")
+    before = [v.numpy() for v in net.variables]
+    batch = float(net.loss(net(x, training=True, statistics="batch").logits, y))
+    inference = float(net.loss(net(x, training=False).logits, y))
+    losses = {v: float(steps[v](x, y)) for v in breakdown.VARIANTS[2:]}
+    for value, variable in zip(before, net.variables):  # nothing trains, nothing moves
+      self.assertAllEqual(variable, value)
+    losses["no_optimizer"] = float(steps["no_optimizer"](x, y))  # moves the statistics only
+    for value, variable in zip(before, net.variables):
+      if variable.trainable:
+        self.assertAllEqual(variable, value)
+    self.assertNotAllEqual(net.batch_norms[0].moving_mean, before[2])
+    self.assertAllClose(losses["no_optimizer"], batch, rtol=1e-5)
+    self.assertAllClose(losses["no_moving_update"], batch, rtol=1e-5)
+    self.assertAllClose(losses["fixed_statistics"], inference, rtol=1e-5)
+    h = x
+    for layer in net.layers:
+      if not isinstance(layer, BatchNorm):
+        h = layer(h, training=True)
+    self.assertAllClose(losses["no_bn"], float(net.loss(h, y)), rtol=1e-5)
+    self.assertAllClose(float(steps["step"](x, y)["loss"]), batch, rtol=1e-5)
+    self.assertEqual(int(optimizer.iterations), 1)  # the real step, and it alone, trains
+
+
 class ProfileScriptTest(tf.test.TestCase):
 
   def test_tiny_profile_run(self):
@@ -99,7 +136,8 @@ class ProfileScriptTest(tf.test.TestCase):
       result = subprocess.run(
           [sys.executable, os.path.join(ROOT, "scripts", "profile_xla.py"), "--widths=1/64",
            "--batch_size=32", "--steps=2", "--warmup=0", "--rounds=1",
-           "--raw_modes=xla", "--keras_jit=false", f"--out_dir={out}",
+           "--raw_modes=xla,auto", "--keras_jit=false,auto", "--steps_per_execution=1,2",
+           "--nobreakdown", f"--out_dir={out}",
            f"--profile_dir={out}/trace",
            f"--hlo_dir={out}/hlo"], capture_output=True, text=True, env=env, timeout=600)
       self.assertEqual(result.returncode, 0, result.stderr)
@@ -108,9 +146,19 @@ class ProfileScriptTest(tf.test.TestCase):
       self.assertGreater(profile["matmul_peak_gflops"], 0)
       self.assertIn("device", profile)
       rows = profile["results"]
-      self.assertEqual([(r["impl"], r["mode"], r["fast_conv"], r["traced"]) for r in rows],
-                       [("raw", "xla", False, False), ("raw", "xla", True, False),
-                        ("raw", "xla", False, True), ("keras", "fit", False, False)])
+      self.assertEqual([(r["impl"], r["mode"], r["fast_conv"], r["traced"],
+                         r["steps_per_execution"]) for r in rows],
+                       [("raw", "xla", False, False, 1), ("raw", "xla", True, False, 1),
+                        ("raw", "xla", False, True, 1), ("raw", "xla", False, False, 2),
+                        ("raw", "auto", False, False, 1), ("keras", "fit", False, False, 1),
+                        ("keras", "fit", False, False, 2), ("keras", "fit_auto", False, False, 1)])
+      auto = rows[4]
+      self.assertEqual(auto["chosen"], auto["autotune"]["choice"])
+      self.assertEqual(auto["compile_s"], auto["autotune"]["seconds"])
+      self.assertEqual(profile["ratios"][0]["auto"]["chosen"], auto["chosen"])
+      self.assertEqual(set(profile["ratios"][0]["steps_per_execution_over_one"]),
+                       {"raw xla k=2", "keras fit k=2"})
+      self.assertNotIn("breakdown", profile)
       for row in rows:
         for key in ("width", "batch_size", "compile_s", "step_s_median", "images_per_s",
                     "gflops", "peak_fraction"):

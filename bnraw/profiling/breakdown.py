@@ -1,0 +1,98 @@
+"""Where a training step's time goes, by timed sub-steps: the step with one block taken away
+at a time, each variant compiled in the same mode and timed round-robin.
+
+The chain, each variant the previous one minus one block::
+
+  step              the real train step (make_train_step: optimizer, accuracy, NaN guard)
+  no_optimizer      forward + gradients only (each gradient reduced to a scalar, so none is
+                    pruned): optimizer  = step - no_optimizer
+  no_moving_update  and BN normalising with batch moments without writing the moving
+                    statistics:               moving update  = no_optimizer - no_moving_update
+  fixed_statistics  and BN normalising with fixed statistics (no moments, forward or back):
+                                              BN statistics  = no_moving_update - fixed_statistics
+  no_bn             and no BN layers at all:  normalisation  = fixed_statistics - no_bn
+                    what is left is the convolutions, matmuls, ReLUs and the loss: conv and rest
+
+Works in every mode, XLA included (no profiler needed). The blocks telescope to the step's time
+by construction; each is a difference of two medians, so on a noisy machine a small block can
+come out slightly negative, and under XLA taking a block away can change how the rest fuses.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import tensorflow as tf
+
+from bnraw.core import ops
+from bnraw.core.graph import BATCH, Model
+from bnraw.core.layers import BatchNorm
+from bnraw.core.step import compile_fn, make_train_step
+
+VARIANTS = ("step", "no_optimizer", "no_moving_update", "fixed_statistics", "no_bn")
+BLOCKS = ("optimizer", "moving_update", "bn_statistics", "normalisation", "conv_and_rest")
+
+
+def variant_steps(model: Model, optimizer, mode: str) -> dict[str, Callable]:
+  """``{variant: step(images, labels)}`` for :data:`VARIANTS`, compiled in ``mode``."""
+  no_bn = Model(f"{model.name}_no_bn", [l for l in model.layers if not isinstance(l, BatchNorm)],
+                l2=model.l2)
+
+  def ablated(level: str) -> Callable:
+    def step(images, labels):
+      net = no_bn if level == "no_bn" else model
+      statistics = {"no_optimizer": None, "no_moving_update": BATCH,
+                    "fixed_statistics": {l.name: ops.Moments(l.moving_mean, l.moving_variance)
+                                         for l in model.batch_norms},
+                    "no_bn": None}[level]
+      with tf.GradientTape() as tape:
+        loss = net.loss(net(images, training=True, statistics=statistics).logits, labels)
+      gradients = tape.gradient(loss, net.trainable_variables)
+      return loss + tf.add_n([tf.reduce_sum(g) for g in gradients]) * 0.0
+    return compile_fn(step, mode)
+
+  steps = {"step": make_train_step(model, optimizer, mode=mode, trace=False)}
+  steps.update({level: ablated(level) for level in VARIANTS[1:]})
+  return steps
+
+
+def blocks(step_ms: dict[str, float]) -> dict[str, float]:
+  """Per block, the difference of consecutive variants' median step times (ms)."""
+  chain = [step_ms[v] for v in VARIANTS]
+  out = {block: chain[i] - chain[i + 1] for i, block in enumerate(BLOCKS[:-1])}
+  out[BLOCKS[-1]] = chain[-1]
+  return out
+
+
+def measure(model: Model, optimizer, images: tf.Tensor, labels: tf.Tensor, *, mode: str,
+            steps: int, warmup: int, rounds: int) -> dict:
+  """Times every variant (compile, ``warmup`` untimed, then ``rounds`` x ``steps`` timed,
+  round-robin); returns ``{"mode", "step_ms": {variant: median}, "blocks_ms": {block: ms}}``.
+  The model's variables are put back afterwards (the real step trains)."""
+  import time
+  saved = [v.numpy() for v in (*model.variables, *[s for g in optimizer.slots for s in g],
+                               optimizer.iterations)]
+  fns = variant_steps(model, optimizer, mode)
+  times = {v: [] for v in VARIANTS}
+  run = lambda v: float(tf.nest.flatten(fns[v](images, labels))[0])  # waits for the step
+  for v in VARIANTS:
+    for _ in range(1 + warmup):
+      run(v)
+  for _ in range(rounds):
+    for v in VARIANTS:
+      for _ in range(steps):
+        start = time.perf_counter()
+        run(v)
+        times[v].append(time.perf_counter() - start)
+  for variable, value in zip((*model.variables, *[s for g in optimizer.slots for s in g],
+                              optimizer.iterations), saved):
+    variable.assign(value)
+  step_ms = {v: statistics.median(times[v]) * 1e3 for v in VARIANTS}
+  return {"mode": mode, "step_ms": step_ms, "blocks_ms": blocks(step_ms)}
+
+
+def format_breakdown(width: float, table: dict) -> str:
+  total = table["step_ms"]["step"]
+  parts = "  ".join(f"{b} {ms:.1f} ({ms / total:.0%})" for b, ms in table["blocks_ms"].items())
+  return f"width {width:g}, raw {table['mode']} step {total:.1f} ms: {parts}"
