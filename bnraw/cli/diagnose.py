@@ -32,6 +32,11 @@ flags.register_multi_flags_validator(
 flags.register_multi_flags_validator(
     ["trace", "impl"], lambda f: not (f["trace"] and f["impl"] != "raw"),
     message="--trace records the raw step's statistics: it needs --impl=raw")
+flags.register_multi_flags_validator(
+    ["steps_per_execution", "impl"],
+    lambda f: not (f["steps_per_execution"] > 1 and f["impl"] == "keras"),
+    message="--steps_per_execution > 1 needs --impl=raw (Keras's diagnosis reads the model "
+    "before each epoch's last step, which a multi-step execution hides)")
 FLAGS = flags.FLAGS
 
 

@@ -95,6 +95,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   """
   if impl not in ("raw", "keras"):
     raise UsageError("impl", f"must be raw or keras, got {impl!r}")
+  if impl == "keras" and train.steps_per_execution > 1:
+    raise UsageError("steps_per_execution", "> 1 needs impl raw: Keras's diagnosis reads the "
+                     "model before each epoch's last step, which a multi-step execution hides")
   if trace and impl != "raw":
     raise UsageError("trace", "records the raw step's statistics: it needs impl raw")
   if fix not in (None, "precise_bn"):

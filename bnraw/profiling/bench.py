@@ -180,7 +180,8 @@ def result_row(bench: Bench, model_config: ModelConfig, batch_size: int, peak: f
   gflops = train_step_flops(model_config, batch_size) / median / 1e9
   return {**bench.row, "width": model_config.width, "batch_size": batch_size,
           "fast_conv": model_config.fast_conv, "compile_s": bench.compile_s,
-          "step_s_median": median, "steps_timed": len(bench.times),
+          "step_s_median": median, "step_s_min": min(bench.times),
+          "steps_timed": len(bench.times),
           "images_per_s": batch_size / median, "gflops": gflops, "peak_fraction": gflops / peak}
 
 
@@ -360,14 +361,16 @@ def report(result: dict) -> str:
   """The table the command prints, with the per-width ratios under it."""
   lines = [f"device {result['device']}; matmul ceiling {result['matmul_peak_gflops']:.0f} GFLOP/s",
            f"{'impl':5} {'mode':13} {'k':>2} {'fast':>4} {'width':>7} {'batch':>5} {'trace':>5} "
-           f"{'compile s':>9} {'step ms':>9} {'img/s':>8} {'GFLOP/s':>8} {'of peak':>7}"]
+           f"{'compile s':>9} {'step ms':>9} {'min ms':>8} {'img/s':>8} {'GFLOP/s':>8} "
+           f"{'of peak':>7}"]
   for r in result["results"]:
     mode = f"auto:{r['chosen']}" if r["mode"] == "auto" else r["mode"]
     lines.append(f"{r['impl']:5} {mode:13} {r['steps_per_execution']:>2} "
                  f"{'yes' if r['fast_conv'] else 'no':>4} "
                  f"{r['width']:>7.4g} {r['batch_size']:>5} "
                  f"{'on' if r['traced'] else 'off':>5} {r['compile_s']:>9.2f} "
-                 f"{r['step_s_median'] * 1e3:>9.1f} {r['images_per_s']:>8.0f} "
+                 f"{r['step_s_median'] * 1e3:>9.1f} {r['step_s_min'] * 1e3:>8.1f} "
+                 f"{r['images_per_s']:>8.0f} "
                  f"{r['gflops']:>8.1f} {r['peak_fraction']:>7.1%}")
   for entry in result["ratios"]:
     parts = [f"width {entry['width']:g}:"]

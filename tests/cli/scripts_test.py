@@ -128,6 +128,12 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("diagnose_keras_trace", "diagnose.py", ["--impl=keras", "--trace"], "--impl=raw"),
+      ("diagnose_keras_multi_step", "diagnose.py", ["--impl=keras", "--steps_per_execution=2"],
+       "--steps_per_execution > 1 needs --impl=raw"),
+      ("train_zero_steps_per_execution", "train.py", ["--steps_per_execution=0"],
+       "--steps_per_execution=0: 0 is not a positive integer"),
+      ("profile_keras_auto_alone", "profile_xla.py", ["--raw_modes=function", "--keras_jit=auto"],
+       "keras_jit: auto follows the raw auto mode's choice"),
       ("compare_has_no_trace", "compare.py", ["--trace"], "Unknown command line flag 'trace'"),
       ("perturb_synced", "compare.py", ["--perturb=1e-6"], "--perturb needs --nosynced"),
       ("seed_flag_with_keras_model", "diagnose.py",

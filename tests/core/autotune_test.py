@@ -39,7 +39,8 @@ class AutotuneTest(tf.test.TestCase):
     timings = {mode: c["step_ms"] for mode, c in record["candidates"].items()}
     self.assertEqual(record["choice"], min(timings, key=timings.get))
     self.assertEqual(choice.mode, record["choice"])
-    self.assertGreater(record["seconds"], sum(timings.values()) * 2 / 1e3)  # 2 timed steps each
+    self.assertIn(record["steps_timed"], (1, 2))  # eager is clearly slower: it may stop at 1
+    self.assertGreater(record["seconds"], sum(timings.values()) * record["steps_timed"] / 1e3)
     self.assertRegex(autotune.describe(record),
                      r"^auto mode: (eager|function) \(eager [0-9.]+ ms/step, function [0-9.]+ "
                      r"ms/step; [0-9.]+ s to measure\)$")
