@@ -40,9 +40,11 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_diagnose_prints_report_and_writes_contract(self):
     with tempfile.TemporaryDirectory() as out:
-      result = run_script("diagnose.py", *TINY, "--epochs=3", "--momentum=0",
-                          "--fix=precise_bn", f"--out_dir={out}")
+      result = run_script("diagnose.py", "--width=1/64", "--mode=auto", "--epochs=3",
+                          "--momentum=0", "--fix=precise_bn", f"--out_dir={out}")
       self.assertEqual(result.returncode, 0, result.stderr)
+      self.assertRegex(result.stderr, r"auto mode: (function|xla) \(function [0-9.]+ ms/step, "
+                       r"xla [0-9.]+ ms/step; [0-9.]+ s to measure\)")
       for needle in ("fit printed", "evaluate gives", "stale_statistics", "dominant cause:",
                      "fix:", "fixed model: evaluate loss"):
         self.assertIn(needle, result.stdout)
@@ -50,6 +52,7 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         d = json.load(f)
       for key in ("losses", "attribution", "per_layer", "accuracy"):
         self.assertIn(key, d)
+      self.assertEqual(d["resolved"]["mode"], d["autotune"]["choice"])
       self.assertEqual(set(d["accuracy"]), {"fit", "train_mode_final", "precise_bn",
                                             "last_batch_stats", "no_bessel", "evaluate"})
 
@@ -78,7 +81,9 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       for momentum in ("0", "0.9"):
         self.assertIn(f"case 2, momentum {momentum}, width 1/64: 2 seeds", result.stdout)
       with open(os.path.join(out, "sweep.json")) as f:
-        self.assertLen(json.load(f)["runs"], 4)
+        swept = json.load(f)
+      self.assertLen(swept["runs"], 4)
+      self.assertEqual(swept["modes"], ["function"])
 
   def test_user_model_failure_is_one_line(self):
     with tempfile.TemporaryDirectory() as tmp:
