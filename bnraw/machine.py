@@ -58,9 +58,10 @@ def _key(workload: dict) -> str:
 def _load(path: str) -> dict:
   try:
     with open(path) as f:
-      return json.load(f)
+      cache = json.load(f)
   except (OSError, ValueError):  # absent or unreadable: measure again
     return {}
+  return cache if isinstance(cache, dict) else {}
 
 
 def choose_mode(model, optimizer, images, labels, *, mode: str, batch_size: int, trace: bool,
@@ -77,7 +78,7 @@ def choose_mode(model, optimizer, images, labels, *, mode: str, batch_size: int,
                            trace=trace)
   key = _key({**workload, "batch_size": batch_size, "trace": trace, "examples": len(images)})
   known = _load(path).get(key)
-  if known is not None:
+  if isinstance(known, dict) and known.get("choice") in autotune.CANDIDATES:
     step_fn = make_train_step(model, optimizer, mode=known["choice"], trace=trace,
                               relax_batch=relaxed_batch(len(images), batch_size))
     return autotune.Choice(known["choice"], step_fn, {**known, "cached": True})

@@ -110,8 +110,9 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
                     "How the step runs: eager, tf.function, tf.function(jit_compile=True), or "
                     "auto = time function and xla on this machine first, keep the faster.")
   flags.DEFINE_integer("steps_per_execution", train.steps_per_execution, "Optimizer steps per "
-                       "compiled call, within an epoch (Keras's name); every step's loss and "
-                       "trace still come back.", lower_bound=1)
+                       "compiled call, within an epoch (Keras's name; at the seed's batch 256 an "
+                       "epoch is one step); every step's loss and trace still come back.",
+                       lower_bound=1)
   if trace:
     flags.DEFINE_bool("trace", False, "Record every BN layer's batch and moving statistics at "
                       "every step (trace.npz + TensorBoard in --out_dir).")

@@ -12,6 +12,7 @@ time per block (optimizer, moving update, BN statistics, normalisation, convolut
 from absl import flags
 
 from bnraw.cli import app
+from bnraw.config import NUM_IMAGES
 from bnraw.cli import flags as common
 from bnraw.errors import UsageError
 
@@ -46,6 +47,9 @@ def check(argv):
       raise UsageError("widths", str(e)) from None
   if FLAGS.hlo_dir and "xla" not in FLAGS.raw_modes:
     raise UsageError("hlo_dir", "needs xla in --raw_modes (HLO is the xla step's)")
+  if FLAGS.hlo_dir and NUM_IMAGES % FLAGS.batch_size:
+    raise UsageError("hlo_dir", f"needs a batch size that divides the {NUM_IMAGES} images (the "
+                     "step is otherwise traced for an unknown batch size, as Keras does)")
   for value in FLAGS.keras_jit:
     if value not in ("false", "true", "auto"):
       raise UsageError("keras_jit", f"expected false, true or auto, got {value!r}")

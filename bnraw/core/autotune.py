@@ -56,15 +56,23 @@ def measure(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, 
   variables = _state(model, optimizer)
   saved = [v.numpy() for v in variables]
   x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
-  compiled, compile_s, times = {}, {}, {mode: [] for mode in candidates}
+  compiled, compile_s, failed = {}, {}, {}
   try:
     for mode in candidates:
-      compiled[mode] = make_train_step(model, optimizer, mode=mode, trace=trace,
-                                       relax_batch=relax_batch)
+      step = make_train_step(model, optimizer, mode=mode, trace=trace, relax_batch=relax_batch)
       start = time.perf_counter()
-      float(compiled[mode](x, y)["loss"])  # the compile; float() waits for the step
+      try:
+        float(step(x, y)["loss"])  # the compile; float() waits for the step
+      except (tf.errors.OpError, ValueError) as e:  # e.g. an op XLA cannot compile
+        failed[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        continue
       compile_s[mode] = time.perf_counter() - start
-      float(compiled[mode](x, y)["loss"])
+      float(step(x, y)["loss"])
+      compiled[mode] = step
+    if not compiled:
+      raise RuntimeError(f"auto mode: no candidate mode runs here: {failed}")
+    candidates = list(compiled)
+    times = {mode: [] for mode in candidates}
     for _ in range(steps):
       for mode in candidates:
         start = time.perf_counter()
@@ -81,6 +89,7 @@ def measure(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, 
   record = {"choice": choice, "steps_timed": len(times[choice]),
             "candidates": {mode: {"compile_s": compile_s[mode], "step_ms": step_ms[mode]}
                            for mode in candidates},
+            **({"failed": failed} if failed else {}),
             "seconds": time.perf_counter() - started}
   return Choice(choice, compiled[choice], record)
 

@@ -99,6 +99,8 @@ class History:
   state: FitState = dataclasses.field(default_factory=FitState)
   error: Optional[NonFiniteError] = None
   seconds: float = 0.0  # wall time of this call's training loop
+  mode: str = ""  # the mode the steps ran in (mode="auto": the measured choice)
+  autotune: Optional[dict] = None  # what mode="auto" measured (bnraw.core.autotune)
 
 
 def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
@@ -129,6 +131,12 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   if steps_per_execution < 1:
     raise ValueError(f"steps_per_execution must be >= 1, got {steps_per_execution}")
   relax = relaxed_batch(len(images), batch_size)
+  tuning = None
+  if step_fn is None and mode == "auto":  # measured here, on this state (which it puts back)
+    from bnraw.core import autotune
+    choice = autotune.choose(model, optimizer, images, labels, mode=mode,
+                             batch_size=batch_size, trace=trace)
+    mode, step_fn, tuning = choice.mode, choice.step_fn, choice.record
   step_fn = step_fn or make_train_step(model, optimizer, mode=mode, trace=trace, relax_batch=relax)
   multi_fn = (make_multi_step(step_fn, mode, relax_batch=relax) if steps_per_execution > 1
               else None)
@@ -138,7 +146,8 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   rng = np.random.default_rng(seed)
   state = resume or FitState(rng_state=rng.bit_generator.state)
   rng.bit_generator.state = state.rng_state
-  history = History(loss=list(state.loss), accuracy=list(state.accuracy), state=state)
+  history = History(loss=list(state.loss), accuracy=list(state.accuracy), state=state,
+                    mode=mode, autotune=tuning)
   global_step = int(optimizer.iterations.numpy())
   started = time.perf_counter()
   for epoch in range(state.epoch, epochs):

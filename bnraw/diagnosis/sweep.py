@@ -146,9 +146,13 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
       config = dataclasses.replace(model, width=width, momentum=momentum)
       parts = seed_setup.build(dataclasses.replace(data, case=todo[0][0]), config,
                                dataclasses.replace(train, seed=todo[0][1]))
-      # auto: measured once per network shape, on the first run's initial state (put back)
+      # auto: measured once per (width, momentum) group on its first run's initial state (put
+      # back; the cache makes the next momentum free); a resumed sweep keeps the group's mode
+      earlier = next((r["mode"] for r in done if "mode" in r and r["width"] == width
+                      and r["momentum"] == momentum), None)
+      chosen = earlier if train.mode == "auto" and earlier else train.mode
       choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
-                                   parts.data.labels, mode=train.mode,
+                                   parts.data.labels, mode=chosen,
                                    batch_size=train.batch_size, trace=True,
                                    workload=seed_setup.workload(config, train))
       mode = choice.mode
@@ -218,8 +222,9 @@ def _previous_runs(out_dir: str, record: dict) -> list:
     saved = json.load(f)
   current = json.loads(json.dumps(outputs.jsonable(record)))
   for section in ("data", "model", "train"):
-    fixed = {k: v for k, v in current[section].items() if k not in ("case", "momentum",
-                                                                     "width", "seed")}
+    # steps_per_execution is bit-identical to one step per call: it may change
+    fixed = {k: v for k, v in current[section].items() if k not in (
+        "case", "momentum", "width", "seed", "steps_per_execution")}
     old = {k: v for k, v in saved["config"][section].items() if k in fixed}
     if old != fixed:
       raise UsageError("resume", f"the sweep in {out_dir} was made with other {section} "

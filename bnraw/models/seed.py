@@ -16,7 +16,6 @@ works.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import numpy as np
@@ -54,8 +53,10 @@ class Setup(NamedTuple):
 
 def workload(model: ModelConfig, train: TrainConfig) -> dict:
   """What decides the seed's step time (the auto mode's cache key, with the machine): the
-  network's shape and the optimizer, not the data or the seeds."""
-  return {"network": "seed", "model": dataclasses.asdict(model), "optimizer": train.optimizer}
+  network's shape, the block-7 matmul, the L2 term and the optimizer; not the data, seeds,
+  momentum or learning rate."""
+  return {"network": "seed", "width": model.resolved().width, "fast_conv": model.fast_conv,
+          "l2": model.l2 > 0, "optimizer": train.optimizer}
 
 
 def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
@@ -66,6 +67,8 @@ def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
   check_block(data.block)
   if data.image is not None:
     load_image(data.image)
+  if train.steps_per_execution < 1:
+    raise UsageError("steps_per_execution", f"must be >= 1, got {train.steps_per_execution}")
   if not 1 <= train.batch_size <= NUM_IMAGES:
     raise UsageError("batch_size", f"must be in [1, {NUM_IMAGES}] (the dataset has "
                      f"{NUM_IMAGES} images)")

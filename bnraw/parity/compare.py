@@ -27,9 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw import config as configs
-from bnraw import outputs
+from bnraw import machine, outputs
 from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
-from bnraw import machine
 from bnraw.core import loop, step
 from bnraw.errors import UsageError
 from bnraw.models import keras_bridge, seed
@@ -161,7 +160,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   choice = machine.choose_mode(raw, optimizer, images, labels, mode=train.mode,
                                batch_size=train.batch_size, trace=False,
                                workload=seed.workload(model, train))
-  mode, step_fn = step.resolve_mode(choice.mode), choice.step_fn
+  mode, step_fn = choice.mode, choice.step_fn
   multi_fn = step.make_multi_step(
       step_fn, mode, relax_batch=step.relaxed_batch(len(images), train.batch_size))
   keras = keras_bridge.keras_module(reference)

@@ -88,20 +88,22 @@ def raw_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray,
   times per step."""
   from bnraw.core import autotune
   from bnraw.core.optim import Adam
-  from bnraw.core.step import make_multi_step, make_train_step
+  from bnraw.core.step import make_multi_step, make_train_step, relaxed_batch
   from bnraw.models.seed import seed_network
+  relax = relaxed_batch(len(images), batch_size)  # the graph a run over these images traces
   net = seed_network(model_config)
   optimizer = Adam(net.trainable_variables)
   x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
   row = {"impl": "raw", "mode": mode, "traced": trace, "steps_per_execution": steps_per_execution}
   if mode == "auto":
-    choice = autotune.measure(net, optimizer, images, labels, batch_size=batch_size, trace=trace)
+    choice = autotune.measure(net, optimizer, images, labels, batch_size=batch_size, trace=trace,
+                              relax_batch=relax)
     step, row["chosen"], row["autotune"] = choice.step_fn, choice.mode, choice.record
   else:
-    step = make_train_step(net, optimizer, mode=mode, trace=trace)
+    step = make_train_step(net, optimizer, mode=mode, trace=trace, relax_batch=relax)
   k = steps_per_execution
   if k > 1:
-    multi = make_multi_step(step, mode)
+    multi = make_multi_step(step, mode, relax_batch=relax)
     xs, ys = tf.stack([x] * k), tf.stack([y] * k)
     run = lambda: float(multi(xs, ys)["loss"][-1])
   else:
@@ -111,7 +113,7 @@ def raw_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray,
   compile_s = time.perf_counter() - start
   if mode == "auto":
     compile_s = choice.record["seconds"]
-  if hlo_dir and mode == "xla" and k == 1:
+  if hlo_dir and mode == "xla" and k == 1 and not relax:
     write_hlo(step, x, y, hlo_dir, f"raw_w{model_config.width:g}_trace{int(trace)}")
   measure = lambda steps, warmup: [t / k for t in _timed(run, steps, warmup)]
   return Bench(row, compile_s, measure, run)
@@ -279,7 +281,8 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
         table = blocks.measure(net, Adam(net.trainable_variables),
                                tf.constant(data.images[:batch_size]),
                                tf.constant(data.labels[:batch_size]), mode=best_mode,
-                               steps=steps, warmup=warmup, rounds=rounds)
+                               steps=steps, warmup=warmup, rounds=rounds,
+                               relax_batch=len(data.images) % batch_size != 0)
         breakdowns.append({"width": width, "gflop_per_step": train_step_flops(config, batch_size)
                            / 1e9, **table})
     if profile_dir:  # the fastest raw step whose ops keep their TF names (not XLA), if any

@@ -36,8 +36,10 @@ VARIANTS = ("step", "no_optimizer", "no_moving_update", "fixed_statistics", "no_
 BLOCKS = ("optimizer", "moving_update", "bn_statistics", "normalisation", "conv_and_rest")
 
 
-def variant_steps(model: Model, optimizer, mode: str) -> dict[str, Callable]:
-  """``{variant: step(images, labels)}`` for :data:`VARIANTS`, compiled in ``mode``."""
+def variant_steps(model: Model, optimizer, mode: str, *,
+                  relax_batch: bool = False) -> dict[str, Callable]:
+  """``{variant: step(images, labels)}`` for :data:`VARIANTS`, compiled in ``mode`` (and
+  ``relax_batch``, as the run's step would be: :func:`bnraw.core.step.relaxed_batch`)."""
   no_bn = Model(f"{model.name}_no_bn", [l for l in model.layers if not isinstance(l, BatchNorm)],
                 l2=model.l2)
 
@@ -52,15 +54,16 @@ def variant_steps(model: Model, optimizer, mode: str) -> dict[str, Callable]:
         loss = net.loss(net(images, training=True, statistics=statistics).logits, labels)
       gradients = tape.gradient(loss, net.trainable_variables)
       return loss + tf.add_n([tf.reduce_sum(g) for g in gradients]) * 0.0
-    return compile_fn(step, mode)
+    return compile_fn(step, mode, relax_batch=relax_batch)
 
-  steps = {"step": make_train_step(model, optimizer, mode=mode, trace=False)}
+  steps = {"step": make_train_step(model, optimizer, mode=mode, trace=False,
+                                   relax_batch=relax_batch)}
   steps.update({level: ablated(level) for level in VARIANTS[1:]})
   return steps
 
 
 def blocks(step_ms: dict[str, float]) -> dict[str, float]:
-  """Per block, the difference of consecutive variants' median step times (ms)."""
+  """Per block, the difference of consecutive variants' step times (ms; fastest or median)."""
   chain = [step_ms[v] for v in VARIANTS]
   out = {block: chain[i] - chain[i + 1] for i, block in enumerate(BLOCKS[:-1])}
   out[BLOCKS[-1]] = chain[-1]
@@ -68,29 +71,30 @@ def blocks(step_ms: dict[str, float]) -> dict[str, float]:
 
 
 def measure(model: Model, optimizer, images: tf.Tensor, labels: tf.Tensor, *, mode: str,
-            steps: int, warmup: int, rounds: int) -> dict:
+            steps: int, warmup: int, rounds: int, relax_batch: bool = False) -> dict:
   """Times every variant (compile, ``warmup`` untimed, then ``rounds * steps`` timed, one step of
   each variant in turn); returns ``{"mode", "step_ms": {variant: fastest}, "blocks_ms": {block:
   ms}, "median_ms", "blocks_median_ms"}`` (the same from the medians: when the two disagree by
   more than a few percent of the step, the machine was too noisy for that block).
   The model's variables are put back afterwards (the real step trains)."""
   import time
-  saved = [v.numpy() for v in (*model.variables, *[s for g in optimizer.slots for s in g],
-                               optimizer.iterations)]
-  fns = variant_steps(model, optimizer, mode)
+  state = (*model.variables, *[s for g in optimizer.slots for s in g], optimizer.iterations)
+  saved = [v.numpy() for v in state]
+  fns = variant_steps(model, optimizer, mode, relax_batch=relax_batch)
   times = {v: [] for v in VARIANTS}
   run = lambda v: float(tf.nest.flatten(fns[v](images, labels))[0])  # waits for the step
-  for v in VARIANTS:
-    for _ in range(1 + warmup):
-      run(v)
-  for _ in range(rounds * steps):
+  try:
     for v in VARIANTS:
-      start = time.perf_counter()
-      run(v)
-      times[v].append(time.perf_counter() - start)
-  for variable, value in zip((*model.variables, *[s for g in optimizer.slots for s in g],
-                              optimizer.iterations), saved):
-    variable.assign(value)
+      for _ in range(1 + warmup):
+        run(v)
+    for _ in range(rounds * steps):
+      for v in VARIANTS:
+        start = time.perf_counter()
+        run(v)
+        times[v].append(time.perf_counter() - start)
+  finally:
+    for variable, value in zip(state, saved):
+      variable.assign(value)
   step_ms = {v: min(times[v]) * 1e3 for v in VARIANTS}
   median_ms = {v: statistics.median(times[v]) * 1e3 for v in VARIANTS}
   return {"mode": mode, "step_ms": step_ms, "blocks_ms": blocks(step_ms),

@@ -57,7 +57,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict (DESIGN.md section 4).
   """
   from bnraw import machine
-  from bnraw.core import autotune, loop
+  from bnraw.core import autotune, loop, step
   from bnraw.models import seed
   from bnraw.training.checkpoint import Checkpointer, read_state
   if histogram_every < 1:
@@ -91,6 +91,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   # auto measures the modes on this state (and puts it back); a resumed auto run keeps the
   # mode it was measured to have, so it repeats the uninterrupted run.
   earlier = (saved or {}).get("resolved", {})
+  if saved is not None and train.mode == "auto" and "mode" not in earlier:
+    earlier = {"mode": step.resolve_mode("auto")}  # a run from before auto measured
   chosen = earlier["mode"] if train.mode == "auto" and "mode" in earlier else train.mode
   choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
                                parts.data.labels, mode=chosen, batch_size=train.batch_size,

@@ -1,6 +1,8 @@
 """auto mode: it measures on a snapshot of the state, picks the fastest, and the run it hands
 its step to is the one that mode would run anyway."""
 
+from unittest import mock
+
 import numpy as np
 import tensorflow as tf
 
@@ -57,6 +59,25 @@ class AutotuneTest(tf.test.TestCase):
     self.assertEqual(tuned.loss, plain.loss)
     for a, b in zip(tuned_vars, net.variables):
       self.assertAllEqual(b, a)
+
+  def test_a_mode_that_cannot_run_here_is_dropped(self):
+    x, y = data()
+    net = seed_network(CONFIG, seed=4)
+    real = autotune.make_train_step
+
+    def make(model, optimizer, *, mode, **kwargs):
+      if mode != "xla":
+        return real(model, optimizer, mode=mode, **kwargs)
+      def broken(images, labels):
+        raise tf.errors.InvalidArgumentError(None, None, "no XLA kernel for Foo\nand more")
+      return broken
+
+    with mock.patch.object(autotune, "make_train_step", make):
+      choice = autotune.measure(net, Adam(net.trainable_variables), x, y, batch_size=16,
+                                trace=False, steps=1)
+    self.assertEqual(choice.mode, "function")
+    self.assertEqual(set(choice.record["candidates"]), {"function"})
+    self.assertEqual(choice.record["failed"], {"xla": "InvalidArgumentError: no XLA kernel for Foo"})
 
   def test_explicit_mode_is_not_measured(self):
     x, y = data()

@@ -90,8 +90,13 @@ class LoopTest(tf.test.TestCase):
       self.assertAllEqual(value, var)
 
   def test_steps_per_execution_is_bit_identical_to_one_step_per_call(self):
-    x, y = data(40)  # batches 16, 16, 8: one chunk of 2, then the partial batch alone
+    # 40 examples: batches 16, 16, 8 (one chunk of 2, then the partial batch alone), the batch
+    # dimension traced unknown; 64: four batches of 16 in one call, the batch size known.
+    for examples, steps in ((40, 6), (64, 8)):
+      with self.subTest(examples=examples):
+        self.check_steps_per_execution(*data(examples), steps)
 
+  def check_steps_per_execution(self, x, y, steps):
     def run(per_execution):
       net = seed_network(CONFIG, seed=3)
       opt = Adam(net.trainable_variables)
@@ -100,16 +105,16 @@ class LoopTest(tf.test.TestCase):
                          trace=True, on_step=records.append, steps_per_execution=per_execution)
       return history, records, [v.numpy() for v in net.variables]
 
-    (one, one_steps, one_vars), (three, three_steps, three_vars) = run(1), run(3)
-    self.assertEqual(three.loss, one.loss)
-    self.assertEqual([r.step for r in three_steps], list(range(6)))  # every step seen, in order
-    for a, b in zip(one_steps, three_steps):
+    (one, one_steps, one_vars), (many, many_steps, many_vars) = run(1), run(4)
+    self.assertEqual(many.loss, one.loss)
+    self.assertEqual([r.step for r in many_steps], list(range(steps)))  # every step, in order
+    for a, b in zip(one_steps, many_steps):
       self.assertEqual(b.loss, a.loss)
       self.assertAllEqual(b.batch, a.batch)
       for key in a.trace:
         for p, q in zip(a.trace[key], b.trace[key]):
           self.assertAllEqual(q, p, msg=f"step {a.step} {key}")
-    for a, b in zip(one_vars, three_vars):
+    for a, b in zip(one_vars, many_vars):
       self.assertAllEqual(b, a)
 
   def test_steps_per_execution_stops_where_one_step_per_call_stops(self):
