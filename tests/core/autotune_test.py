@@ -3,21 +3,19 @@ its step to is the one that mode would run anyway."""
 
 from unittest import mock
 
-import numpy as np
 import tensorflow as tf
 
 from bnraw.config import ModelConfig
 from bnraw.core import autotune, loop
 from bnraw.core.optim import Adam
 from bnraw.models.seed import seed_network
+from tests.core.examples import random_examples
 
 CONFIG = ModelConfig(width=1 / 64)
 
 
 def data(n=40, seed=0):
-  rng = np.random.default_rng(seed)
-  return (rng.uniform(0, 1, (n, 29, 29, 3)).astype(np.float32),
-          rng.permutation(256)[:n].astype(np.int32))
+  return random_examples(n, seed)
 
 
 class AutotuneTest(tf.test.TestCase):

@@ -8,15 +8,14 @@ from bnraw.core import loop, ops
 from bnraw.core.step import make_train_step, relaxed_batch, resolve_mode
 from bnraw.config import ModelConfig
 from bnraw.models.seed import seed_network
+from tests.core.examples import random_examples
 from bnraw.core.optim import Adam, SGD
 
 CONFIG = ModelConfig(width=1 / 32)
 
 
 def data(n=32, seed=0):
-  rng = np.random.default_rng(seed)
-  return (rng.uniform(0, 1, (n, 29, 29, 3)).astype(np.float32),
-          rng.permutation(256)[:n].astype(np.int32))
+  return random_examples(n, seed)
 
 
 class LoopTest(tf.test.TestCase):
