@@ -9,6 +9,7 @@ same machine reuses it at no cost. Delete the file to measure again.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -71,7 +72,6 @@ def choose_mode(model, optimizer, images, labels, *, mode: str, batch_size: int,
   compile is the only cost. ``workload``: whatever decides the step's cost (model config,
   optimizer, batch size...); ``trace`` and the number of examples are added here."""
   from bnraw.core import autotune
-  from bnraw.core.step import make_train_step, relaxed_batch
   path = cache_path() if mode == "auto" else None
   if path is None:
     return autotune.choose(model, optimizer, images, labels, mode=mode, batch_size=batch_size,
@@ -79,9 +79,9 @@ def choose_mode(model, optimizer, images, labels, *, mode: str, batch_size: int,
   key = _key({**workload, "batch_size": batch_size, "trace": trace, "examples": len(images)})
   known = _load(path).get(key)
   if isinstance(known, dict) and known.get("choice") in autotune.CANDIDATES:
-    step_fn = make_train_step(model, optimizer, mode=known["choice"], trace=trace,
-                              relax_batch=relaxed_batch(len(images), batch_size))
-    return autotune.Choice(known["choice"], step_fn, {**known, "cached": True})
+    remembered = autotune.choose(model, optimizer, images, labels, mode=known["choice"],
+                                 batch_size=batch_size, trace=trace)
+    return dataclasses.replace(remembered, record={**known, "cached": True})
   choice = autotune.choose(model, optimizer, images, labels, mode=mode, batch_size=batch_size,
                            trace=trace)
   choice.record["measured_at"] = datetime.datetime.now().isoformat(timespec="seconds")

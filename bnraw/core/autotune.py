@@ -17,6 +17,7 @@ The winner's compiled step is handed back for the run to reuse (its compile is n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable, Optional, Sequence
@@ -42,9 +43,18 @@ class Choice:
   record: Optional[dict] = None
 
 
-def _state(model: Model, optimizer) -> list[tf.Variable]:
-  slots = [v for group in optimizer.slots for v in group]
-  return [*model.variables, *slots, optimizer.iterations]
+@contextlib.contextmanager
+def state_restored(model: Model, optimizer):
+  """Every model variable, optimizer slot and the iteration count are put back exactly as they
+  were when the block ends (also on error): steps run inside it for timing leave no trace."""
+  variables = [*model.variables, *[v for group in optimizer.slots for v in group],
+               optimizer.iterations]
+  saved = [v.numpy() for v in variables]
+  try:
+    yield
+  finally:
+    for variable, value in zip(variables, saved):
+      variable.assign(value)
 
 
 def measure(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
@@ -53,11 +63,9 @@ def measure(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, 
   """Times each candidate mode's train step on the first ``batch_size`` examples and returns the
   fastest (by its fastest timed step); the model and optimizer end exactly as they began."""
   started = time.perf_counter()
-  variables = _state(model, optimizer)
-  saved = [v.numpy() for v in variables]
   x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
   compiled, compile_s, failed = {}, {}, {}
-  try:
+  with state_restored(model, optimizer):
     for mode in candidates:
       step = make_train_step(model, optimizer, mode=mode, trace=trace, relax_batch=relax_batch)
       start = time.perf_counter()
@@ -81,9 +89,6 @@ def measure(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, 
       fastest = [min(times[mode]) for mode in candidates]
       if max(fastest) > CLEAR * min(fastest):
         break
-  finally:
-    for variable, value in zip(variables, saved):
-      variable.assign(value)
   step_ms = {mode: min(times[mode]) * 1e3 for mode in candidates}
   choice = min(candidates, key=lambda mode: step_ms[mode])
   record = {"choice": choice, "steps_timed": len(times[choice]),

@@ -121,10 +121,10 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   the hook (after it, eager rounding may let it drift: ~1e-7 from function, ~1e-4 from xla).
   ``step_fn``: a train step already compiled for this model, optimizer, mode, trace and batch
   relaxation (a sweep reuses it across runs that re-initialise the same variables).
-  ``steps_per_execution``: up to this many consecutive full batches of an epoch run in one
-  compiled call (:func:`bnraw.core.step.make_multi_step`; as Keras, never across epochs), their
+  ``steps_per_execution``: up to this many consecutive batches of an epoch run as one execution
+  (:func:`run_chunk`: one compiled call per batch size; as Keras, never across epochs), their
   per-step outputs returned stacked, so ``on_step`` still sees every step; ``should_stop`` is
-  asked after each call, and the hook's step always runs alone.
+  asked after each execution, and the hook's step always runs alone.
   """
   if (hook is None) != (hook_step is None):
     raise ValueError("hook and hook_step go together: the hook runs at that one step")
@@ -197,10 +197,25 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
 
 def run_chunk(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor, y: tf.Tensor,
               chunk: list[np.ndarray]) -> list[dict]:
-  """Runs one train step per batch of ``chunk`` (example indices into ``x``/``y``, all of one
-  size): in one call of ``multi_fn`` (:func:`bnraw.core.step.make_multi_step`) when there are
-  several, else ``step_fn``. Returns each step's outputs as numpy, up to the first non-finite
-  one."""
+  """Runs one train step per batch of ``chunk`` (example indices into ``x``/``y``), in order:
+  each run of consecutive batches of one size (a graph has one batch shape) in one call of
+  ``multi_fn`` (:func:`bnraw.core.step.make_multi_step`) when it has several, else ``step_fn``.
+  Returns each step's outputs as numpy, up to and including the first non-finite one."""
+  outs, start = [], 0
+  while start < len(chunk):
+    end = start + 1
+    while end < len(chunk) and len(chunk[end]) == len(chunk[start]):
+      end += 1
+    outs += _run_one_size(step_fn, multi_fn, x, y, chunk[start:end])
+    last = outs[-1]
+    if not (np.all(last["finite"]) and np.isfinite(last["loss"])):
+      break
+    start = end
+  return outs
+
+
+def _run_one_size(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor, y: tf.Tensor,
+                  chunk: list[np.ndarray]) -> list[dict]:
   if len(chunk) == 1:
     index = tf.constant(chunk[0])
     return [tf.nest.map_structure(lambda t: t.numpy(),
@@ -215,16 +230,14 @@ def run_chunk(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor, y: 
 
 def _chunk(epoch_batches: list, number: int, global_step: int, most: int,
            hook_step: Optional[int]) -> list[np.ndarray]:
-  """The batches one compiled call runs, from ``epoch_batches[number]`` on: at most ``most``,
-  all of one size, the hook's step alone."""
-  chunk = [epoch_batches[number]]
+  """The batches one execution runs (:func:`run_chunk`), from ``epoch_batches[number]`` on: at
+  most ``most``, the hook's step alone."""
   if global_step == hook_step:
-    return chunk
-  while (len(chunk) < most and number + len(chunk) < len(epoch_batches)
-         and len(epoch_batches[number + len(chunk)]) == len(chunk[0])
-         and global_step + len(chunk) != hook_step):
-    chunk.append(epoch_batches[number + len(chunk)])
-  return chunk
+    return [epoch_batches[number]]
+  end = min(number + most, len(epoch_batches))
+  if hook_step is not None and global_step < hook_step < global_step + end - number:
+    end = number + hook_step - global_step
+  return epoch_batches[number:end]
 
 
 def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks) -> tuple[float, float]:

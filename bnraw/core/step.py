@@ -56,15 +56,21 @@ def compile_fn(fn: Callable, mode: str, *, relax_batch: bool = False) -> Callabl
     # Not reduce_retracing: its shape-relaxed graph would take over depending on call history,
     # so a resumed run would not repeat an uninterrupted one exactly.
     return tf.function(fn, jit_compile=(mode == "xla"))
+  return _traced_for(fn, lambda shape: [None, *shape[1:]], jit_compile=(mode == "xla"))
+
+
+def _traced_for(fn: Callable, dims: Callable, *, jit_compile: bool = False) -> Callable:
+  """``fn(images, labels)`` under one tf.function whose input signature is made at the first
+  call: each argument's shape passed through ``dims`` (None for a dimension left unknown)."""
   compiled = []
 
-  def relaxed(images: tf.Tensor, labels: tf.Tensor):
+  def call(images: tf.Tensor, labels: tf.Tensor):
     if not compiled:
-      signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in (images, labels)]
-      compiled.append(tf.function(fn, jit_compile=(mode == "xla"), input_signature=signature))
+      signature = [tf.TensorSpec(dims(t.shape), t.dtype) for t in (images, labels)]
+      compiled.append(tf.function(fn, jit_compile=jit_compile, input_signature=signature))
     return compiled[0](images, labels)
 
-  return relaxed
+  return call
 
 
 def _moving(model: Model) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
@@ -165,13 +171,5 @@ def make_multi_step(step_fn: Callable, mode: str, *, relax_batch: bool = False) 
     _, _, *arrays = tf.while_loop(cond, body, (tf.constant(1), ok(first), *arrays))
     return tf.nest.pack_sequence_as(first, [a.stack() for a in arrays])
 
-  compiled = []
-
-  def multi_call(images: tf.Tensor, labels: tf.Tensor):
-    if not compiled:  # the number of steps is never part of the graph
-      signature = [tf.TensorSpec([None, None if relax_batch else t.shape[1], *t.shape[2:]],
-                                 t.dtype) for t in (images, labels)]
-      compiled.append(tf.function(multi, input_signature=signature))
-    return compiled[0](images, labels)
-
-  return multi_call
+  # the number of steps is never part of the graph; the batch size as in step_fn's
+  return _traced_for(multi, lambda shape: [None, None if relax_batch else shape[1], *shape[2:]])

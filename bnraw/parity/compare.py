@@ -191,11 +191,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
       self.raw_before = keras_bridge.raw_state(raw, optimizer)
       group = loop.batches(self.order, train.batch_size)[batch:batch + train.steps_per_execution]
       self.executed = len(group)
-      same = [b for b in group if len(b) == len(group[0])]
-      outs = loop.run_chunk(step_fn, multi_fn, x, y, same)
-      if len(same) < len(group):  # the partial last batch: its own graph shape
-        outs += loop.run_chunk(step_fn, multi_fn, x, y, group[len(same):])
-      self.raw_loss = float(outs[-1]["loss"])
+      self.raw_loss = float(loop.run_chunk(step_fn, multi_fn, x, y, group)[-1]["loss"])
 
     def on_train_batch_end(self, batch, logs=None):
       keras_loss = float(kmodel.get_metrics_result()["batch_loss"])

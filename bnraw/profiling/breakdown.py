@@ -28,6 +28,7 @@ from typing import Callable
 import tensorflow as tf
 
 from bnraw.core import ops
+from bnraw.core.autotune import state_restored
 from bnraw.core.graph import BATCH, Model
 from bnraw.core.layers import BatchNorm
 from bnraw.core.step import compile_fn, make_train_step
@@ -78,12 +79,10 @@ def measure(model: Model, optimizer, images: tf.Tensor, labels: tf.Tensor, *, mo
   more than a few percent of the step, the machine was too noisy for that block).
   The model's variables are put back afterwards (the real step trains)."""
   import time
-  state = (*model.variables, *[s for g in optimizer.slots for s in g], optimizer.iterations)
-  saved = [v.numpy() for v in state]
   fns = variant_steps(model, optimizer, mode, relax_batch=relax_batch)
   times = {v: [] for v in VARIANTS}
   run = lambda v: float(tf.nest.flatten(fns[v](images, labels))[0])  # waits for the step
-  try:
+  with state_restored(model, optimizer):
     for v in VARIANTS:
       for _ in range(1 + warmup):
         run(v)
@@ -92,9 +91,6 @@ def measure(model: Model, optimizer, images: tf.Tensor, labels: tf.Tensor, *, mo
         start = time.perf_counter()
         run(v)
         times[v].append(time.perf_counter() - start)
-  finally:
-    for variable, value in zip(state, saved):
-      variable.assign(value)
   step_ms = {v: min(times[v]) * 1e3 for v in VARIANTS}
   median_ms = {v: statistics.median(times[v]) * 1e3 for v in VARIANTS}
   return {"mode": mode, "step_ms": step_ms, "blocks_ms": blocks(step_ms),

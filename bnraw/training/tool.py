@@ -90,10 +90,11 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                        f"({done})")
   # auto measures the modes on this state (and puts it back); a resumed auto run keeps the
   # mode it was measured to have, so it repeats the uninterrupted run.
+  # (A run from before auto measured has no record: it ran the old static guess.)
   earlier = (saved or {}).get("resolved", {})
-  if saved is not None and train.mode == "auto" and "mode" not in earlier:
-    earlier = {"mode": step.resolve_mode("auto")}  # a run from before auto measured
-  chosen = earlier["mode"] if train.mode == "auto" and "mode" in earlier else train.mode
+  chosen = train.mode
+  if saved is not None and train.mode == "auto":
+    chosen = earlier.get("mode") or step.resolve_mode("auto")
   choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
                                parts.data.labels, mode=chosen, batch_size=train.batch_size,
                                trace=trace, workload=seed.workload(model, train))
