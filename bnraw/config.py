@@ -16,6 +16,9 @@ CPU_WIDTH = 1 / 16  # the default width without a GPU (full width is a GPU workl
 # Trace histograms every this many steps (scalars: every step). Histograms at every step made a
 # 500-epoch width-1/16 traced run take 122 s instead of 46 s (measured in issue 14).
 HISTOGRAM_EVERY = 10
+# Keras dtype policies: variables float32 always; layers compute in float32, float16 or bfloat16.
+DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+KERAS_INITIAL_LOSS_SCALE = 2.0 ** 15  # keras.optimizers.LossScaleOptimizer's initial_scale
 
 
 def scaled(channels: int, width: float) -> int:
@@ -47,6 +50,9 @@ class ModelConfig:
   # Compute block 7's conv (its 3x3 kernel covers its 3x3 input) as one matmul: same maths,
   # much faster on CPU, no longer bit-identical to Keras (ops.conv2d_as_matmul).
   fast_conv: bool = False
+  # Keras's dtype policy: "mixed_*" computes convs, matmuls and activations in float16/bfloat16
+  # with float32 variables; BN upcasts to float32 (bnraw.core.layers).
+  dtype_policy: str = "float32"
 
   def resolved(self) -> "ModelConfig":
     """This config with ``width`` decided: 1 with a GPU, 1/16 without (imports TensorFlow)."""
@@ -55,6 +61,11 @@ class ModelConfig:
     import tensorflow as tf
     width = 1.0 if tf.config.list_physical_devices("GPU") else CPU_WIDTH
     return dataclasses.replace(self, width=width)
+
+  @property
+  def compute_dtype(self) -> str:
+    """``"float32"``, ``"float16"`` or ``"bfloat16"``: what the policy computes layers in."""
+    return self.dtype_policy.replace("mixed_", "")
 
   def conv_channels(self) -> list[int]:
     return [scaled(c, self.resolved().width) for _, c in CONV_BLOCKS]
@@ -77,6 +88,15 @@ class TrainConfig:
   mode: str = "auto"  # "eager" | "function" | "xla" | "auto" (measures: bnraw.core.autotune)
   # Optimizer steps per compiled call (Keras's name); within an epoch, as Keras.
   steps_per_execution: int = 1
+  # mixed_float16 only: the initial dynamic loss scale (None: Keras's 2**15). Keras's compile
+  # wraps the optimizer in a LossScaleOptimizer exactly under that policy (bnraw.core.optim).
+  loss_scale: Optional[float] = None
+
+  def initial_loss_scale(self, model: "ModelConfig") -> Optional[float]:
+    """The loss scale a run starts with: None (no loss scaling) unless mixed_float16."""
+    if model.dtype_policy != "mixed_float16":
+      return None
+    return self.loss_scale if self.loss_scale is not None else KERAS_INITIAL_LOSS_SCALE
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}

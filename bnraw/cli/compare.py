@@ -10,6 +10,7 @@ from absl import flags
 
 from bnraw.cli import app
 from bnraw.cli import flags as common
+from bnraw.errors import UsageError
 
 common.define_common_flags(out_dir="runs/compare", trace=False)
 flags.FLAGS.set_default("epochs", 20)
@@ -32,6 +33,9 @@ def check(argv):
   if FLAGS.reference == "tf_keras":
     common.refuse_present(("bessel", "bessel_scope"), "--reference=tf_keras sets it (its fused "
                           "conv BN is Bessel-corrected, its dense BN is not)")
+    if FLAGS.dtype_policy != "float32":
+      raise UsageError("dtype_policy", "mixed precision compares against Keras 3 only (tf_keras "
+                       "has another loss scale optimizer)")
 
 
 def main(argv):

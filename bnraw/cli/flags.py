@@ -10,7 +10,8 @@ from typing import Callable
 
 from absl import flags
 
-from bnraw.config import HISTOGRAM_EVERY, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
+from bnraw.config import (DTYPE_POLICIES, HISTOGRAM_EVERY, KERAS_INITIAL_LOSS_SCALE, NUM_IMAGES,
+                          DataConfig, ModelConfig, TrainConfig)
 from bnraw.errors import UsageError
 from bnraw.models.seed import check_block
 
@@ -18,7 +19,7 @@ FLAGS = flags.FLAGS
 # The flags that describe the seed setup: with --keras_model they have no meaning.
 SEED_FLAGS = ("case", "image", "block", "width", "momentum", "epsilon", "bessel",
               "bessel_scope", "l2", "fast_conv", "epochs", "optimizer", "lr", "sgd_momentum",
-              "nesterov", "seed", "mode", "steps_per_execution")
+              "nesterov", "seed", "mode", "steps_per_execution", "dtype_policy", "loss_scale")
 
 
 def parse_width(text: str) -> float:
@@ -96,6 +97,12 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   flags.DEFINE_float("l2", model.l2, "L2 factor on every kernel (seed: 0).")
   flags.DEFINE_bool("fast_conv", model.fast_conv, "Compute block 7's conv (kernel covers the "
                     "input) as one matmul: same maths, faster on CPU, not bit-identical to Keras.")
+  flags.DEFINE_enum("dtype_policy", model.dtype_policy, list(DTYPE_POLICIES),
+                    "Keras dtype policy: mixed_* computes convs, matmuls and activations in "
+                    "float16/bfloat16 with float32 variables; BN upcasts to float32.")
+  flags.DEFINE_float("loss_scale", None, "With --dtype_policy=mixed_float16: the initial dynamic "
+                     f"loss scale (Keras's default: {KERAS_INITIAL_LOSS_SCALE:g}); a step whose "
+                     "scaled gradients overflow is skipped and the scale halved.")
   flags.DEFINE_integer("batch_size", train.batch_size, f"Batch size (the seed's dataset has "
                        f"{NUM_IMAGES} images).")
   flags.DEFINE_integer("epochs", train.epochs, "Epochs.")
@@ -128,6 +135,7 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   _bound("batch_size", lambda v: v >= 1, "must be >= 1")
   _bound("epochs", lambda v: v >= 1, "must be >= 1")
   _bound("lr", lambda v: v > 0, "must be > 0")
+  _bound("loss_scale", lambda v: 0 < v < float("inf"), "must be a finite number > 0")
   _bound("sgd_momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 
@@ -189,11 +197,12 @@ def configs(announce_width: bool = True, resolve: bool = True
            parse_width(FLAGS.width) if FLAGS.width is not None else None)
   model = ModelConfig(width=width, momentum=FLAGS.momentum, epsilon=FLAGS.epsilon,
                       bessel=FLAGS.bessel, bessel_scope=FLAGS.bessel_scope, l2=FLAGS.l2,
-                      fast_conv=FLAGS.fast_conv)
+                      fast_conv=FLAGS.fast_conv, dtype_policy=FLAGS.dtype_policy)
   train = TrainConfig(batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, optimizer=FLAGS.optimizer,
                       lr=FLAGS.lr, sgd_momentum=FLAGS.sgd_momentum, nesterov=FLAGS.nesterov,
                       seed=FLAGS.seed, mode=FLAGS.mode,
-                      steps_per_execution=FLAGS.steps_per_execution)
+                      steps_per_execution=FLAGS.steps_per_execution,
+                      loss_scale=FLAGS.loss_scale)
   return data, model, train
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from bnraw.core import optim
 from bnraw.core.graph import Model
 from bnraw.core.step import make_train_step, relaxed_batch
 
@@ -45,10 +46,10 @@ class Choice:
 
 @contextlib.contextmanager
 def state_restored(model: Model, optimizer):
-  """Every model variable, optimizer slot and the iteration count are put back exactly as they
-  were when the block ends (also on error): steps run inside it for timing leave no trace."""
-  variables = [*model.variables, *[v for group in optimizer.slots for v in group],
-               optimizer.iterations]
+  """Every model variable and the optimizer's whole state (slots, iteration count, loss scale)
+  are put back exactly as they were when the block ends (also on error): steps run inside it
+  for timing leave no trace."""
+  variables = [*model.variables, *optim.state_variables(optimizer)]
   saved = [v.numpy() for v in variables]
   try:
     yield

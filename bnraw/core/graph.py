@@ -2,7 +2,11 @@
 
 The seed network (bnraw.models.seed) is one instance. The model's last layer produces logits;
 the softmax lives in the loss, as Keras's categorical cross-entropy on a Softmax output computes
-it (:func:`ops.softmax_cross_entropy`). NHWC throughout.
+it (:func:`ops.cross_entropy`). NHWC throughout.
+
+``compute_dtype`` is Keras's dtype policy made explicit: the input is cast to it first, and every
+layer computes in it (float32 variables cast on read; BN in float32 inside, see
+:class:`bnraw.core.layers.BatchNorm`); the logits come out in it.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ class Model:
   """Layers in order; ``model(x, training=...)`` is Keras's ``model(x, training=...)``, state
   changes included."""
 
-  def __init__(self, name: str, layers: Sequence, *, l2: float = 0.0):
+  def __init__(self, name: str, layers: Sequence, *, l2: float = 0.0,
+               compute_dtype: str = "float32"):
     names = [layer.name for layer in layers]
     if len(set(names)) != len(names):
       raise ValueError(f"layer names must be unique: {names}")
     self.name, self.layers, self.l2 = name, list(layers), l2
+    self.compute_dtype = tf.as_dtype(compute_dtype)
     self.batch_norms: list[BatchNorm] = [l for l in self.layers if isinstance(l, BatchNorm)]
 
   @property
@@ -73,7 +79,7 @@ class Model:
       if unknown:
         raise KeyError(f"no BN layer {sorted(unknown)}")
     used, counts = [], []
-    h = x
+    h = tf.cast(x, self.compute_dtype)  # Keras casts a model's float inputs to its policy
     for layer in self.layers:
       if isinstance(layer, BatchNorm):
         chosen = (statistics if statistics is None or isinstance(statistics, str)
@@ -87,8 +93,9 @@ class Model:
     return Forward(h, used, counts)
 
   def loss(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """What fit and evaluate report: cross-entropy, plus the L2 penalty when l2 > 0."""
-    loss = ops.softmax_cross_entropy(logits, labels)
+    """What fit and evaluate report: cross-entropy (float32, :func:`ops.cross_entropy`), plus
+    the L2 penalty when l2 > 0."""
+    loss = ops.cross_entropy(logits, labels)
     if self.l2 == 0:  # Keras then adds no loss term at all
       return loss
     return tf.add_n([loss, ops.l2_penalty(self.kernels, self.l2)])

@@ -11,7 +11,9 @@ BatchNorm, training branch (``training=True`` on a trainable layer)::
     moving_mean     <- moving_mean     * m + mean      * (1 - m)
     moving_variance <- moving_variance * m + variance' * (1 - m)
 
-with ``variance' = variance * n / (n - 1)`` in the legacy ("bessel") variant. Inference branch
+with ``variance' = variance * n / (n - 1)`` in the legacy ("bessel") variant. Under a mixed
+policy BN casts ``x`` to float32, does all of the above in float32 (its variables stay float32)
+and casts ``y`` back to ``x``'s dtype, as Keras 3's ``BatchNormalization.call``. Inference branch
 (``training=False``, or a frozen layer, as Keras 3's ``training and self.trainable``): the same
 normalisation with the moving statistics, no state change.
 
@@ -48,6 +50,12 @@ def glorot_uniform(shape: Sequence[int], seed: tuple[int, int]) -> tf.Tensor:
   return tf.random.stateless_uniform(shape, seed, -limit, limit, dtype=tf.float32)
 
 
+def _autocast(variable: tf.Variable, x: tf.Tensor) -> tf.Tensor:
+  """The float32 variable in ``x``'s dtype, as Keras's autocast scope reads it under a mixed
+  policy (float32: the variable itself, no op)."""
+  return variable if x.dtype == variable.dtype else tf.cast(variable, x.dtype)
+
+
 class _Linear:
   """Kernel and bias (Keras initial values: glorot-uniform kernel, zero bias)."""
 
@@ -73,9 +81,10 @@ class Conv2D(_Linear):
 
   def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
     del training  # same in both branches
+    kernel, bias = _autocast(self.kernel, x), _autocast(self.bias, x)
     if self.as_matmul and tuple(x.shape[1:3]) == tuple(self.kernel.shape[:2]):
-      return ops.conv2d_as_matmul(x, self.kernel, self.bias)
-    return ops.conv2d(x, self.kernel, self.bias)
+      return ops.conv2d_as_matmul(x, kernel, bias)
+    return ops.conv2d(x, kernel, bias)
 
 
 class Dense(_Linear):
@@ -86,7 +95,7 @@ class Dense(_Linear):
 
   def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
     del training
-    return ops.dense(x, self.kernel, self.bias)
+    return ops.dense(x, _autocast(self.kernel, x), _autocast(self.bias, x))
 
 
 class _Stateless:
@@ -153,6 +162,8 @@ class BatchNorm:
     """
     with tf.name_scope(self.name):  # op names "bn_3/moments/..." survive into XLA's HLO
       update = statistics is None and training and self.trainable
+      compute_dtype = x.dtype
+      x = tf.cast(x, tf.float32)  # Keras upcasts float16/bfloat16 inputs (no op for float32)
       count = ops.elements_per_channel(x)
       if statistics is None:
         statistics = BATCH if update else self.moving
@@ -160,7 +171,8 @@ class BatchNorm:
         if statistics != BATCH:
           raise ValueError(f"statistics must be BATCH, Moments or None, got {statistics!r}")
         statistics = ops.moments(x)
-      y = ops.normalize(x, statistics, self.gamma, self.beta, self.epsilon)
+      y = tf.cast(ops.normalize(x, statistics, self.gamma, self.beta, self.epsilon),
+                  compute_dtype)
     if update:
       self._update_moving_statistics(statistics, count, hook)
     return BatchNormOutput(y, statistics, count)

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from bnraw.core import optim
 from bnraw.core.graph import Model
 from bnraw.core.layers import UpdateHook
 from bnraw.core.step import make_eval_step, make_multi_step, make_train_step, relaxed_batch
@@ -58,6 +59,8 @@ class StepRecord:
   loss: float
   accuracy: float
   trace: Optional[dict]  # TRACE_KEYS -> list (per BN layer) of arrays, when tracing
+  loss_scale: Optional[float] = None  # with loss scaling: the scale this step used
+  skipped: Optional[bool] = None  # with loss scaling: gradients not finite, no weight update
 
 
 class NonFiniteError(RuntimeError):
@@ -100,6 +103,7 @@ class History:
   error: Optional[NonFiniteError] = None
   seconds: float = 0.0  # wall time of this call's training loop
   mode: str = ""  # the mode the steps ran in (mode="auto": the measured choice)
+  skipped: list = dataclasses.field(default_factory=list)  # steps loss scaling skipped (this call)
   autotune: Optional[dict] = None  # what mode="auto" measured (bnraw.core.autotune)
 
 
@@ -148,7 +152,7 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   rng.bit_generator.state = state.rng_state
   history = History(loss=list(state.loss), accuracy=list(state.accuracy), state=state,
                     mode=mode, autotune=tuning)
-  global_step = int(optimizer.iterations.numpy())
+  global_step = optim.steps_run(optimizer)
   started = time.perf_counter()
   for epoch in range(state.epoch, epochs):
     resuming = state.order is not None and epoch == state.epoch
@@ -172,9 +176,14 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
           return history
         loss_mean.update(loss, len(batch))
         accuracy_mean.update(correct / len(batch), len(batch))
+        scaled = "skipped" in out
+        if scaled and out["skipped"]:
+          history.skipped.append(global_step)
         if on_step is not None:
           on_step(StepRecord(epoch, global_step, batch, loss, correct / len(batch),
-                             out["trace"] if trace else None))
+                             out["trace"] if trace else None,
+                             float(out["loss_scale"]) if scaled else None,
+                             bool(out["skipped"]) if scaled else None))
         global_step += 1
       number += len(chunk)
       if should_stop is not None and should_stop():

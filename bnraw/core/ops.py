@@ -9,7 +9,10 @@ layer, in the same order, so that the raw path reproduces Keras bit for bit wher
   the broadcast-add gradient.
 * BatchNormalization: ``tf.nn.moments`` (biased) and ``tf.nn.batch_normalization``.
 * categorical cross-entropy on a softmax output: ``softmax_cross_entropy_with_logits`` on the
-  logits, reduced as "sum over batch size".
+  logits, reduced as "sum over batch size"; under a mixed policy, from the probabilities
+  (:func:`cross_entropy`).
+* Mixed precision: layers cast inputs, kernels and biases to the compute dtype (a ``tf.cast`` to
+  the same dtype is no op, so float32 graphs are unchanged); BN works in float32.
 """
 
 from __future__ import annotations
@@ -119,6 +122,29 @@ def bessel_variance(variance: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
   return variance * (n / (n - 1.0))
 
 
+def cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+  """The seed's loss as Keras computes it for this logits dtype: float32 logits take
+  :func:`softmax_cross_entropy`; float16/bfloat16 ones (a mixed policy) go through the softmax in
+  that dtype and :func:`cross_entropy_from_probabilities`, because Keras's loss casts the
+  softmax output to float32 and the cast drops the logits it would otherwise recover."""
+  if logits.dtype == tf.float32:
+    return softmax_cross_entropy(logits, labels)
+  return cross_entropy_from_probabilities(tf.cast(tf.nn.softmax(logits), tf.float32), labels)
+
+
+def cross_entropy_from_probabilities(probabilities: tf.Tensor, labels: tf.Tensor,
+                                     epsilon: float = 1e-7) -> tf.Tensor:
+  """Keras's categorical cross-entropy from probabilities ``[N, K]`` (float32), integer
+  ``labels [N]``: ``p / sum(p)``, clipped to ``[eps, 1 - eps]``, ``-sum(one_hot * log p)`` per
+  example, then ``sum / N`` (backend/tensorflow/nn.py, losses/loss.py)."""
+  one_hot = tf.one_hot(labels, tf.shape(probabilities)[-1], dtype=probabilities.dtype)
+  p = probabilities / tf.reduce_sum(probabilities, -1, keepdims=True)
+  p = tf.clip_by_value(p, epsilon, 1.0 - epsilon)
+  per_example = -tf.reduce_sum(one_hot * tf.math.log(p), -1)
+  return tf.math.divide_no_nan(tf.reduce_sum(per_example),
+                               tf.cast(tf.size(per_example), probabilities.dtype))
+
+
 def softmax_cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
   """Mean categorical cross-entropy of integer ``labels [N]`` under ``softmax(logits [N, K])``.
 
@@ -140,5 +166,6 @@ def correct_predictions(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
 
 
 def l2_penalty(kernels: list[tf.Tensor], l2: float) -> tf.Tensor:
-  """Keras's L2 regulariser summed over kernels: ``sum_k l2 * sum(k^2)``."""
+  """Keras's L2 regulariser summed over kernels: ``sum_k l2 * sum(k^2)`` (on the float32
+  variables, under any policy)."""
   return tf.add_n([tf.cast(l2, k.dtype) * tf.reduce_sum(tf.square(k)) for k in kernels])

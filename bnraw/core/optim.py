@@ -12,11 +12,17 @@ Adam (t = iterations + 1)::
 SGD with momentum mu (Nesterov)::
 
     m = m * mu - g * lr;  w += m * mu - g * lr       (plain momentum: w += m)
+
+LossScale (Keras's LossScaleOptimizer under mixed_float16) wraps either: the step multiplies
+the loss by ``scale`` before differentiating; then, if every gradient is finite, the inner
+optimizer gets ``g / scale`` and ``counter += 1`` (at ``growth_steps`` in a row: ``scale *= 2``,
+``counter = 0``); otherwise the step is skipped (no weight, slot or ``iterations`` change) and
+``scale *= 0.5``, ``counter = 0``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
@@ -85,11 +91,76 @@ class SGD:
     self.iterations.assign_add(1)
 
 
+class LossScale:
+  """Keras 3's ``LossScaleOptimizer`` (optimizers/loss_scale_optimizer.py) around ``inner``,
+  with the dynamic loss scale as explicit state: ``dynamic_scale`` (float32) and
+  ``step_counter`` (int64), Keras's names, plus ``skipped_steps``, which Keras does not keep:
+  ``iterations`` (the inner optimizer's) counts applied steps only."""
+
+  def __init__(self, inner, initial_scale: float = 2.0 ** 15, growth_steps: int = 2000):
+    self.inner, self.initial_scale, self.growth_steps = inner, initial_scale, growth_steps
+    self.variables, self.iterations = inner.variables, inner.iterations
+    self.dynamic_scale = tf.Variable(initial_scale, dtype=tf.float32, trainable=False,
+                                     name="dynamic_scale")
+    self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_counter")
+    self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+
+  @property
+  def slots(self) -> list[list[tf.Variable]]:
+    return self.inner.slots
+
+  def scale_loss(self, loss: tf.Tensor) -> tf.Tensor:
+    """``loss * scale``: what the step differentiates."""
+    return tf.multiply(loss, self.dynamic_scale)
+
+  def apply(self, gradients: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Gradients of the *scaled* loss in; returns whether this step was skipped (a bool tensor).
+    The branches are a ``tf.cond`` on the data, as Keras's (eager: plain Python)."""
+    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in gradients]))
+
+    def apply_unscaled():
+      scale = tf.identity(self.dynamic_scale)
+      self.inner.apply([tf.divide(g, scale) for g in gradients])
+      tf.cond(tf.equal(self.step_counter, self.growth_steps - 1), grow, count)
+
+    def grow():
+      self.step_counter.assign(0)
+      self.dynamic_scale.assign(tf.multiply(self.dynamic_scale, 2.0))
+
+    def count():
+      self.step_counter.assign_add(1)
+
+    def skip():
+      self.step_counter.assign(0)
+      self.dynamic_scale.assign(tf.multiply(self.dynamic_scale, 0.5))
+      self.skipped_steps.assign_add(1)
+
+    tf.cond(finite, apply_unscaled, skip)
+    return tf.logical_not(finite)
+
+
+def state_variables(optimizer) -> list[tf.Variable]:
+  """Every variable of an optimizer's state (iterations, slots, a loss scale's), fixed order."""
+  own = ([optimizer.dynamic_scale, optimizer.step_counter, optimizer.skipped_steps]
+         if isinstance(optimizer, LossScale) else [])
+  return [optimizer.iterations, *[v for group in optimizer.slots for v in group], *own]
+
+
+def steps_run(optimizer) -> int:
+  """Optimizer steps taken so far, skipped ones included (``iterations`` leaves them out)."""
+  skipped = optimizer.skipped_steps.numpy() if isinstance(optimizer, LossScale) else 0
+  return int(optimizer.iterations.numpy() + skipped)
+
+
 def make_optimizer(name: str, variables: Sequence[tf.Variable], lr: float,
-                   sgd_momentum: float = 0.9, nesterov: bool = True):
-  """``"adam"`` or ``"sgd"`` over ``variables``."""
+                   sgd_momentum: float = 0.9, nesterov: bool = True,
+                   loss_scale: Optional[float] = None):
+  """``"adam"`` or ``"sgd"`` over ``variables``; wrapped in :class:`LossScale` starting at
+  ``loss_scale`` when one is given (Keras: the mixed_float16 policy)."""
   if name == "adam":
-    return Adam(variables, lr=lr)
-  if name == "sgd":
-    return SGD(variables, lr=lr, momentum=sgd_momentum, nesterov=nesterov)
-  raise ValueError(f"unknown optimizer {name!r}")
+    optimizer = Adam(variables, lr=lr)
+  elif name == "sgd":
+    optimizer = SGD(variables, lr=lr, momentum=sgd_momentum, nesterov=nesterov)
+  else:
+    raise ValueError(f"unknown optimizer {name!r}")
+  return optimizer if loss_scale is None else LossScale(optimizer, loss_scale)

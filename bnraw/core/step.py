@@ -15,6 +15,7 @@ import tensorflow as tf
 from bnraw.core import ops
 from bnraw.core.graph import Model
 from bnraw.core.layers import UpdateHook
+from bnraw.core.optim import LossScale
 
 MODES = ("eager", "function", "xla", "auto")
 TRACE_KEYS = ("batch_mean", "batch_variance", "moving_mean_before", "moving_variance_before",
@@ -80,9 +81,12 @@ def _moving(model: Model) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
 
 def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
                     hook: Optional[UpdateHook] = None, relax_batch: bool = False) -> Callable:
-  """``step(images, labels) -> {"loss", "correct", "finite"[, "trace"]}``: one optimizer step.
+  """``step(images, labels) -> {"loss", "correct", "finite"[, "loss_scale", "skipped"][,
+  "trace"]}``: one optimizer step.
 
-  ``loss`` is the training-branch loss (plus L2) *before* the update, as fit reports it;
+  ``loss`` is the training-branch loss (plus L2) *before* the update, as fit reports it
+  (unscaled: with a :class:`LossScale` optimizer the tape differentiates ``loss * scale``, and
+  ``loss_scale`` is the scale this step used, ``skipped`` whether its gradients were not finite);
   ``correct`` counts arg-max hits in that same forward pass; ``finite`` is the per-layer NaN/Inf
   guard (:func:`layers_finite`). ``hook`` (eager mode only) is called in each BN layer just
   before its moving update: the step debugger uses it. ``relax_batch``: see :func:`compile_fn`.
@@ -92,13 +96,19 @@ def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
 
   def train_step(images: tf.Tensor, labels: tf.Tensor) -> dict:
     before = _moving(model) if trace else None
+    scaling = isinstance(optimizer, LossScale)
     with tf.GradientTape() as tape:
       out = model(images, training=True, hook=hook)
       loss = model.loss(out.logits, labels)
-    gradients = tape.gradient(loss, model.trainable_variables)
-    optimizer.apply(gradients)
+      if scaling:
+        loss_scale = tf.identity(optimizer.dynamic_scale)
+        scaled_loss = optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled_loss if scaling else loss, model.trainable_variables)
+    skipped = optimizer.apply(gradients)
     result = {"loss": loss, "correct": ops.correct_predictions(out.logits, labels),
               "finite": layers_finite(model, out.statistics)}
+    if scaling:
+      result.update(loss_scale=loss_scale, skipped=skipped)
     if trace:
       result["trace"] = dict(zip(TRACE_KEYS, (
           [s.mean for s in out.statistics], [s.variance for s in out.statistics], *before,

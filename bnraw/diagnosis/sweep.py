@@ -35,13 +35,15 @@ SUMMARY_LOSSES = ("fit", "train_mode_final", "precise_bn", "evaluate")
 
 def _reinitialise(parts, model: ModelConfig, seed: int) -> None:
   """The weights a fresh ``seed_network(model, seed)`` would have; optimizer state zeroed."""
+  import tensorflow as tf
+  from bnraw.core import optim
   from bnraw.models.seed import seed_network
   for variable, value in zip(parts.model.variables, seed_network(model, seed).variables):
     variable.assign(value)
-  for group in parts.optimizer.slots:
-    for slot in group:
-      slot.assign(np.zeros(slot.shape, np.float32))
-  parts.optimizer.iterations.assign(0)
+  for variable in optim.state_variables(parts.optimizer):
+    variable.assign(tf.zeros_like(variable))
+  if isinstance(parts.optimizer, optim.LossScale):
+    parts.optimizer.dynamic_scale.assign(parts.optimizer.initial_scale)
 
 
 def dominant(run: dict) -> str:

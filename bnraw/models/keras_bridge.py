@@ -9,6 +9,10 @@ transfer is by position (shapes are checked). The raw side's BN layers are writt
 variable here: state transfer copies whole variables, it does not run either model.
 
 ``reference="tf_keras"`` builds the same model with the optional ``tf_keras`` package (Keras 2).
+
+A mixed dtype policy is given to every layer as the seed's user would: the global policy set
+while the model is built (and put back after); ``compile`` then wraps the optimizer in a
+``LossScaleOptimizer`` under mixed_float16, whose scale and counter travel with the state.
 """
 
 from __future__ import annotations
@@ -34,8 +38,17 @@ def keras_module(reference: str = "keras3"):
 
 
 def build_model(config: ModelConfig, reference: str = "keras3"):
-  """The seed's Sequential ``model_toy`` at ``config.width``."""
+  """The seed's Sequential ``model_toy`` at ``config.width``, under ``config.dtype_policy``."""
   keras = keras_module(reference)
+  before = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy(config.dtype_policy)
+  try:
+    return _build_model(keras, config)
+  finally:
+    keras.mixed_precision.set_global_policy(before)
+
+
+def _build_model(keras, config: ModelConfig):
   layers = keras.layers
   regularizer = keras.regularizers.l2(config.l2) if config.l2 else None
   bn = dict(momentum=config.momentum, epsilon=config.epsilon)
@@ -62,17 +75,23 @@ def make_optimizer(train: TrainConfig, reference: str = "keras3"):
 
 def compile_model(model, train: TrainConfig, *, jit_compile: bool, reference: str = "keras3",
                   metrics: Sequence = ()) -> None:
-  """``model.compile`` as the seed did, with the optimizer built so its slots exist now."""
+  """``model.compile`` as the seed did, with the optimizer built so its slots exist now (under
+  mixed_float16 compile wraps it in a LossScaleOptimizer; ``train.loss_scale`` sets its start)."""
+  keras = keras_module(reference)
   optimizer = make_optimizer(train, reference)
+  if train.loss_scale is not None:
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=train.loss_scale)
   model.compile(optimizer=optimizer, loss="categorical_crossentropy",
                 metrics=["accuracy", *metrics], jit_compile=jit_compile,
                 steps_per_execution=train.steps_per_execution)
-  optimizer.build(model.trainable_variables)
+  model.optimizer.build(model.trainable_variables)
 
 
 def optimizer_slots(optimizer) -> list[list]:
   """A Keras optimizer's slot lists, in the same layout as ``bnraw.core.optim``'s ``slots``
-  (Keras 3's and tf_keras's optimizers name them alike; order = trainable variables)."""
+  (Keras 3's and tf_keras's optimizers name them alike; order = trainable variables; a loss
+  scale optimizer's are its inner optimizer's)."""
+  optimizer = getattr(optimizer, "inner_optimizer", optimizer)
   if hasattr(optimizer, "_momentums") and hasattr(optimizer, "_velocities"):  # Adam
     return [list(optimizer._momentums), list(optimizer._velocities)]
   if hasattr(optimizer, "momentums"):  # SGD
@@ -111,12 +130,32 @@ def _assign_all(targets: Sequence, values: Sequence[np.ndarray], what: str) -> N
     target.assign(value)
 
 
+def loss_scale_variables(optimizer) -> list:
+  """``[dynamic_scale, step_counter]`` of a (raw or Keras) loss scale optimizer, else []."""
+  if hasattr(optimizer, "dynamic_scale"):
+    return [optimizer.dynamic_scale, optimizer.step_counter]
+  return []
+
+
 def get_state(variables: Sequence, optimizer) -> dict:
-  """Numpy copies of weights (Keras order), optimizer slots and iteration count."""
+  """Numpy copies of weights (Keras order), optimizer slots, iteration count and, with loss
+  scaling, ``loss_scale``: [scale, counter]."""
   slots = optimizer.slots if hasattr(optimizer, "slots") else optimizer_slots(optimizer)
-  return {"weights": [np.array(v.numpy()) for v in variables],
-          "slots": [[np.array(s.numpy()) for s in group] for group in slots],
-          "iterations": int(np.asarray(optimizer.iterations.numpy()))}
+  state = {"weights": [np.array(v.numpy()) for v in variables],
+           "slots": [[np.array(s.numpy()) for s in group] for group in slots],
+           "iterations": int(np.asarray(optimizer.iterations.numpy()))}
+  if loss_scale_variables(optimizer):
+    state["loss_scale"] = [np.array(v.numpy()) for v in loss_scale_variables(optimizer)]
+  return state
+
+
+def _assign_loss_scale(optimizer, state: dict) -> None:
+  targets = loss_scale_variables(optimizer)
+  if bool(targets) != ("loss_scale" in state):
+    raise ValueError("loss scale: one side scales the loss and the other does not")
+  for target, value in zip(targets, state.get("loss_scale", ())):
+    target.assign(np.asarray(value).astype(target.dtype.name if hasattr(target.dtype, "name")
+                                           else target.dtype))
 
 
 def keras_state(model) -> dict:
@@ -133,6 +172,7 @@ def set_raw_state(raw, optimizer, state: dict) -> None:
   for group, values in zip(optimizer.slots, state["slots"]):
     _assign_all(group, values, "optimizer slots")
   optimizer.iterations.assign(state["iterations"])
+  _assign_loss_scale(optimizer, state)
 
 
 def set_keras_state(model, state: dict) -> None:
@@ -141,6 +181,7 @@ def set_keras_state(model, state: dict) -> None:
   for group, values in zip(optimizer_slots(model.optimizer), state["slots"]):
     _assign_all(group, values, "optimizer slots")
   model.optimizer.iterations.assign(state["iterations"])
+  _assign_loss_scale(model.optimizer, state)
 
 
 def fit_replaying(model, images: np.ndarray, one_hot: np.ndarray, orders, *, batch_size: int,

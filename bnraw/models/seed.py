@@ -21,8 +21,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from bnraw.config import (CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, DataConfig, ModelConfig,
-                          TrainConfig)
+from bnraw.config import (CONV_BLOCKS, DTYPE_POLICIES, IMAGE_SIZE, NUM_IMAGES, DataConfig,
+                          ModelConfig, TrainConfig)
 from bnraw.errors import UsageError
 
 
@@ -42,7 +42,7 @@ def seed_network(config: ModelConfig, seed: int = 0):
              ReLU("relu_8"),
              BatchNorm("bn_8", units, bessel=config.bessel and config.bessel_scope == "all", **bn),
              Dense("dense_9", units, NUM_IMAGES, (seed, 9))]
-  return Model("model_toy", layers, l2=config.l2)
+  return Model("model_toy", layers, l2=config.l2, compute_dtype=config.compute_dtype)
 
 
 class Setup(NamedTuple):
@@ -56,7 +56,7 @@ def workload(model: ModelConfig, train: TrainConfig) -> dict:
   network's shape, the block-7 matmul, the L2 term and the optimizer; not the data, seeds,
   momentum or learning rate."""
   return {"network": "seed", "width": model.resolved().width, "fast_conv": model.fast_conv,
-          "l2": model.l2 > 0, "optimizer": train.optimizer}
+          "l2": model.l2 > 0, "optimizer": train.optimizer, "dtype_policy": model.dtype_policy}
 
 
 def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
@@ -78,6 +78,15 @@ def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
     raise UsageError("momentum", f"must be in [0, 1], got {model.momentum}")
   if model.width is not None and not model.width > 0:
     raise UsageError("width", f"must be > 0, got {model.width}")
+  if model.dtype_policy not in DTYPE_POLICIES:
+    raise UsageError("dtype_policy", f"must be one of {', '.join(DTYPE_POLICIES)}, got "
+                     f"{model.dtype_policy!r}")
+  if train.loss_scale is not None:
+    if model.dtype_policy != "mixed_float16":
+      raise UsageError("loss_scale", "only applies with --dtype_policy=mixed_float16 (Keras "
+                       "scales the loss under that policy only)")
+    if not 0 < train.loss_scale < float("inf"):
+      raise UsageError("loss_scale", f"must be a finite number > 0, got {train.loss_scale}")
   if train.optimizer not in ("adam", "sgd"):
     raise UsageError("optimizer", f"must be adam or sgd, got {train.optimizer!r}")
 
@@ -89,7 +98,8 @@ def build(data: DataConfig, model: ModelConfig, train: TrainConfig) -> Setup:
   dataset = make_dataset(data)
   net = seed_network(model, seed=train.seed)
   optimizer = make_optimizer(train.optimizer, net.trainable_variables, train.lr,
-                             train.sgd_momentum, train.nesterov)
+                             train.sgd_momentum, train.nesterov,
+                             loss_scale=train.initial_loss_scale(model))
   return Setup(dataset, net, optimizer)
 
 

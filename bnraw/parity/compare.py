@@ -57,11 +57,13 @@ def step_metrics(raw_before: dict, raw_after: dict, keras_before: dict, keras_af
   pick = lambda mask: [i for i, m in enumerate(mask) if m]
   dw_raw = _flat(raw_w, trainable) - _flat(raw_before["weights"], trainable)
   dw_keras = _flat(keras_w, trainable) - _flat(keras_before["weights"], trainable)
+  update_diff, update = np.linalg.norm(dw_raw - dw_keras), np.linalg.norm(dw_keras)
   return {
       "moving_mean_max_rel_diff": max(max_rel(raw_w[i], keras_w[i]) for i in pick(moving_mean)),
       "moving_variance_max_rel_diff": max(max_rel(raw_w[i], keras_w[i])
                                           for i in pick(moving_variance)),
-      "update_rel_l2_diff": float(np.linalg.norm(dw_raw - dw_keras) / np.linalg.norm(dw_keras)),
+      # a step both sides skipped (loss scaling) moved no weight: no difference
+      "update_rel_l2_diff": float(update_diff / update if update else update_diff and np.inf),
       "weights_max_rel_diff": max(max_rel(raw_w[i], keras_w[i]) for i in pick(trainable)),
       "weights_max_abs_diff": max(float(np.abs(raw_w[i] - keras_w[i]).max())
                                   for i in pick(trainable)),
@@ -145,6 +147,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   if importlib.util.find_spec(keras_bridge.PACKAGE[reference]) is None:
     raise UsageError("reference", f"{keras_bridge.PACKAGE[reference]} is not installed "
                      f"(pip install {keras_bridge.PACKAGE[reference]})")
+  if reference == "tf_keras" and model.dtype_policy != "float32":
+    raise UsageError("dtype_policy", "mixed precision compares against Keras 3 only (tf_keras "
+                     "has another loss scale optimizer)")
   if not 0 <= perturbation < 1:
     raise UsageError("perturb", f"must be in [0, 1), got {perturbation}")
   if perturbation and synced:
@@ -191,7 +196,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
       self.raw_before = keras_bridge.raw_state(raw, optimizer)
       group = loop.batches(self.order, train.batch_size)[batch:batch + train.steps_per_execution]
       self.executed = len(group)
-      self.raw_loss = float(loop.run_chunk(step_fn, multi_fn, x, y, group)[-1]["loss"])
+      outs = loop.run_chunk(step_fn, multi_fn, x, y, group)
+      self.raw_loss = float(outs[-1]["loss"])
+      self.raw_skipped = sum(int(out.get("skipped", False)) for out in outs)
 
     def on_train_batch_end(self, batch, logs=None):
       keras_loss = float(kmodel.get_metrics_result()["batch_loss"])
@@ -200,8 +207,14 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
              "loss_rel_diff": abs(self.raw_loss - keras_loss) / abs(keras_loss)}
       if self.executed > 1:
         row["first_step"] = done
+      keras_after = keras_bridge.keras_state(kmodel)
+      if "loss_scale" in keras_after:  # skipped steps do not advance Keras's iterations
+        row.update(loss_scale=float(self.keras_before["loss_scale"][0]),
+                   skipped_raw=self.raw_skipped,
+                   skipped_keras=self.executed - (keras_after["iterations"]
+                                                  - self.keras_before["iterations"]))
       row.update(step_metrics(self.raw_before, keras_bridge.raw_state(raw, optimizer),
-                              self.keras_before, keras_bridge.keras_state(kmodel), trainable,
+                              self.keras_before, keras_after, trainable,
                               moving_mean, moving_variance))
       steps.append(row)
       if progress is not None:
@@ -214,7 +227,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   raw_eval = loop.evaluate(raw, images, labels, batch_size=train.batch_size, mode=mode)
   keras_eval = kmodel.evaluate(images, one_hot, batch_size=train.batch_size, verbose=0,
                                return_dict=True)
-  gated = lambda s: any(s[key] > tol for key, tol in TOLERANCE.items())
+  gated = lambda s: (any(s[key] > tol for key, tol in TOLERANCE.items())
+                     or s.get("skipped_raw") != s.get("skipped_keras"))
   result = {
       "reference": reference,
       "reference_version": reference_version(reference),
@@ -234,6 +248,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
       "tolerance": TOLERANCE,
       "bit_identical_steps": sum(s["bit_identical"] and s["loss_rel_diff"] == 0 for s in steps),
   }
+  if steps and "loss_scale" in steps[0]:
+    result["skipped_steps"] = {"raw": sum(s["skipped_raw"] for s in steps),
+                               "keras": sum(s["skipped_keras"] for s in steps)}
   if not synced:
     result["free_running"] = growth_report(steps)
   if out_dir is not None:
@@ -248,22 +265,32 @@ def report(result: dict) -> str:
 
 def format_table(steps: list[dict]) -> str:
   """The per-step table."""
+  scaled = bool(steps) and "loss_scale" in steps[0]
   head = (f"{'step':>4}  {'loss raw':>11}  {'loss keras':>11}  {'loss rel':>8}  {'mmean':>8}  "
-          f"{'mvar':>8}  {'update':>8}  {'weights':>8}")
+          f"{'mvar':>8}  {'update':>8}  {'weights':>8}"
+          + (f"  {'scale':>8}  skipped raw/keras" if scaled else ""))
   lines = [head]
   for s in steps:
     lines.append(f"{s['step']:>4}  {s['loss_raw']:>11.7g}  {s['loss_keras']:>11.7g}  "
                  f"{s['loss_rel_diff']:>8.1e}  {s['moving_mean_max_rel_diff']:>8.1e}  "
                  f"{s['moving_variance_max_rel_diff']:>8.1e}  {s['update_rel_l2_diff']:>8.1e}  "
-                 f"{s['weights_max_rel_diff']:>8.1e}")
+                 f"{s['weights_max_rel_diff']:>8.1e}"
+                 + (f"  {s['loss_scale']:>8g}  {s['skipped_raw']}/{s['skipped_keras']}"
+                    if scaled else ""))
   return "\n".join(lines)
 
 
 def summary_lines(result: dict) -> str:
   """The verdict under the table."""
   steps = result["steps"]
+  policy = result["config"]["model"].get("dtype_policy", "float32")
   lines = [f"reference {result['reference']} {result['reference_version']}, "
-           f"{'synced' if result['synced'] else 'free-running'}, raw mode {result['mode']}"]
+           f"{'synced' if result['synced'] else 'free-running'}, raw mode {result['mode']}, "
+           f"dtype policy {policy}"]
+  if "skipped_steps" in result:
+    lines.append("loss scaling: steps skipped (non-finite gradients; BN statistics still "
+                 f"moved): raw {result['skipped_steps']['raw']}, keras "
+                 f"{result['skipped_steps']['keras']}")
   if result.get("autotune"):
     from bnraw.core.autotune import describe
     lines.append(describe(result["autotune"]))

@@ -15,8 +15,6 @@ import pdb
 import sys
 from typing import Callable, Optional
 
-import tensorflow as tf
-
 
 def writer_frame():
   """The innermost frame of ``BatchNorm._update_moving_statistics`` on the current stack."""
@@ -31,11 +29,12 @@ def writer_frame():
 
 class BreakAt:
   """A BN update hook that runs ``action(layer, moving, batch)`` once, at ``layer`` and ``step``
-  (0-based optimizer step, read from ``iterations`` before the update)."""
+  (0-based optimizer step: ``steps_run()`` before the update, e.g.
+  ``lambda: bnraw.core.optim.steps_run(optimizer)``, which counts loss-scale-skipped steps)."""
 
-  def __init__(self, layer: str, step: int, iterations: tf.Variable,
+  def __init__(self, layer: str, step: int, steps_run: Callable[[], int],
                action: Optional[Callable] = None):
-    self.layer, self.step, self.iterations = layer, step, iterations
+    self.layer, self.step, self.steps_run = layer, step, steps_run
     self.action = action or self.debugger
     self.hits = 0
 
@@ -49,6 +48,6 @@ class BreakAt:
     pdb.Pdb().set_trace(writer_frame())
 
   def __call__(self, layer, moving, batch) -> None:
-    if layer.name == self.layer and int(self.iterations.numpy()) == self.step:
+    if layer.name == self.layer and self.steps_run() == self.step:
       self.hits += 1
       self.action(layer, moving, batch)

@@ -12,6 +12,9 @@ update. :class:`TraceRecorder` collects them; ``trace.npz`` holds one array per 
 * ``max_amplification``: ``max 1/sqrt(batch_variance + eps)``, the factor by which a stale mean
   shift is magnified.
 
+With loss scaling (mixed_float16) also, per step, ``loss_scale`` (the scale the step used) and
+``skipped`` (1: gradients not finite, weights untouched, BN statistics moved all the same).
+
 Size: ``6 * sum(channels) * 4`` bytes per step: 220 KB at full width (sum 9,152 channels), so a
 500-step full-width run is about 110 MB; 14 KB per step at width 1/16.
 """
@@ -54,6 +57,8 @@ class TraceRecorder:
     self.epochs: list[int] = []
     self.loss: list[float] = []
     self.accuracy: list[float] = []
+    self.loss_scale: list[float] = []  # with loss scaling only (mixed_float16)
+    self.skipped: list[bool] = []
     self.columns = {(layer, key): [] for layer in self.layer_names for key in TRACE_KEYS}
 
   def extend_from(self, trace: "Trace", before_step: int) -> None:
@@ -64,6 +69,9 @@ class TraceRecorder:
     self.epochs += trace.arrays["epoch"][rows].tolist()
     self.loss += trace.arrays["loss"][rows].tolist()
     self.accuracy += trace.arrays["accuracy"][rows].tolist()
+    if "loss_scale" in trace.arrays:
+      self.loss_scale += trace.arrays["loss_scale"][rows].tolist()
+      self.skipped += trace.arrays["skipped"][rows].astype(bool).tolist()
     for (layer, key), column in self.columns.items():
       column += list(trace.series(layer, key)[rows])
 
@@ -72,6 +80,9 @@ class TraceRecorder:
     self.epochs.append(record.epoch)
     self.loss.append(record.loss)
     self.accuracy.append(record.accuracy)
+    if record.loss_scale is not None:
+      self.loss_scale.append(record.loss_scale)
+      self.skipped.append(record.skipped)
     for key in TRACE_KEYS:
       for layer, value in zip(self.layer_names, record.trace[key]):
         self.columns[(layer, key)].append(np.asarray(value, np.float32))
@@ -84,6 +95,9 @@ class TraceRecorder:
            # the training step always runs the training branch; 1 = training, 0 = inference
            "branch": np.ones(len(self.steps), np.int8),
            "epsilon": np.asarray(self.epsilon), "layers": np.asarray(self.layer_names)}
+    if self.loss_scale:
+      out["loss_scale"] = np.asarray(self.loss_scale, np.float32)
+      out["skipped"] = np.asarray(self.skipped, np.int8)
     for layer in self.layer_names:
       layer_arrays = {key: np.stack(self.columns[(layer, key)]) if self.steps else
                       np.zeros((0, 0), np.float32) for key in TRACE_KEYS}
@@ -168,6 +182,12 @@ def describe(trace: "Trace", layer: str, step: int, limit: int = 6) -> str:
     m = (v["moving_mean_after"] - v["batch_mean"]) / delta
     momentum_hint = f"  (implied momentum {np.median(m):.6g})"
   lines = [f"{layer} at step {step} (epoch {at.epoch + 1}), branch: {at.branch}{momentum_hint}"]
+  if "loss_scale" in trace.arrays:
+    row = trace._row(step)
+    skipped = bool(trace.arrays["skipped"][row])
+    lines.append(f"  loss scale {float(trace.arrays['loss_scale'][row]):g}: " + (
+        "step SKIPPED (gradients not finite): the weights did not move, this update did"
+        if skipped else "gradients finite, step applied"))
   for key in ("batch_mean", "moving_mean_before", "moving_mean_after", "batch_variance",
               "moving_variance_before", "moving_variance_after"):
     lines.append(f"  {key:24} {_shown(v[key], limit)}")

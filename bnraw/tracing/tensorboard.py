@@ -3,7 +3,8 @@
 Per step and BN layer: scalars ``{layer}/mean_gap``, ``variance_gap``, ``min_batch_variance``,
 ``max_amplification``; histograms of the batch and moving (after update) means and variances
 every ``histogram_every`` steps;
-``train/loss`` and ``train/accuracy`` per step, ``evaluate/loss`` and ``evaluate/accuracy`` at the
+``train/loss`` and ``train/accuracy`` per step (with loss scaling also ``train/loss_scale`` and
+``train/skipped``), ``evaluate/loss`` and ``evaluate/accuracy`` at the
 end. The diagnose tool writes its own tags through the same writer (bnraw.diagnosis.board: losses,
 parts, the report, the per-layer chart, amplification histograms; epochs on their x-axis).
 ``tensorboard --logdir OUT_DIR/tensorboard`` shows them.
@@ -88,6 +89,9 @@ class TensorBoardWriter:
 
   def _write_step(self, record: StepRecord) -> None:
     scalars = {"train/loss": record.loss, "train/accuracy": record.accuracy}
+    if record.loss_scale is not None:
+      scalars.update({"train/loss_scale": record.loss_scale,
+                      "train/skipped": float(record.skipped)})
     layers = []
     if record.trace is not None:
       for i, layer in enumerate(self.layer_names):

@@ -16,6 +16,7 @@ import os
 import tensorflow as tf
 
 from bnraw import outputs
+from bnraw.core import optim
 from bnraw.core.loop import FitState
 from bnraw.errors import UsageError
 
@@ -30,7 +31,10 @@ def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
   named = {v.name.split(":")[0].replace("/", "."): v for v in model.variables}
   slots = {f"slot{g}.{i}": v for g, group in enumerate(optimizer.slots)
            for i, v in enumerate(group)}
-  return tf.train.Checkpoint(iterations=optimizer.iterations, **named, **slots)
+  loss_scale = ({"dynamic_scale": optimizer.dynamic_scale, "step_counter": optimizer.step_counter,
+                 "skipped_steps": optimizer.skipped_steps}
+                if hasattr(optimizer, "dynamic_scale") else {})
+  return tf.train.Checkpoint(iterations=optimizer.iterations, **named, **slots, **loss_scale)
 
 
 class Checkpointer:
@@ -40,12 +44,13 @@ class Checkpointer:
     self.out_dir = out_dir
     self.config = config
     self.checkpoint = _checkpoint(model, optimizer)
+    self.optimizer = optimizer
     self.resolved: dict = {}  # what the run decided (its mode, the autotune record): kept on resume
     self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(out_dir, "checkpoints"),
                                               max_to_keep=max_to_keep)
 
   def save(self, state: FitState, status: str) -> str:
-    path = self.manager.save(checkpoint_number=int(self.checkpoint.iterations.numpy()))
+    path = self.manager.save(checkpoint_number=optim.steps_run(self.optimizer))
     outputs.write_json(os.path.join(self.out_dir, STATE_FILE),
                        {"checkpoint": os.path.basename(path), "status": status,
                         "config": self.config, "resolved": self.resolved,

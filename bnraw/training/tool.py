@@ -57,7 +57,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict (DESIGN.md section 4).
   """
   from bnraw import machine
-  from bnraw.core import autotune, loop, step
+  from bnraw.core import autotune, loop, optim, step
   from bnraw.models import seed
   from bnraw.training.checkpoint import Checkpointer, read_state
   if histogram_every < 1:
@@ -75,7 +75,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     steps = train.epochs * loop.steps_per_epoch(len(parts.data.images), train.batch_size)
     if not 0 <= break_at[1] < steps:
       raise UsageError("break_at", f"step {break_at[1]} is not in this run (steps 0..{steps - 1})")
-    hook = BreakAt(*break_at, parts.optimizer.iterations, break_action)
+    hook = BreakAt(*break_at, lambda: optim.steps_run(parts.optimizer), break_action)
   saved = read_state(out_dir) if resume else None  # nothing to resume: refused here
   outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
   checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record)
@@ -84,7 +84,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     if train.epochs < resume_state.epoch:
       raise UsageError("epochs", f"the run has done {resume_state.epoch} epochs already; "
                        f"resume with epochs >= {resume_state.epoch}")
-    done = int(parts.optimizer.iterations.numpy())
+    done = optim.steps_run(parts.optimizer)
     if break_at is not None and break_at[1] < done:
       raise UsageError("break_at", f"step {break_at[1]} is before the resumed run's next step "
                        f"({done})")
@@ -113,7 +113,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
       from bnraw.tracing.tensorboard import TensorBoardWriter
       recorder = TraceRecorder(names, model.epsilon)
       if resume_state is not None and os.path.exists(os.path.join(out_dir, TRACE_FILE)):
-        recorder.extend_from(Trace.load(out_dir), int(parts.optimizer.iterations.numpy()))
+        recorder.extend_from(Trace.load(out_dir), optim.steps_run(parts.optimizer))
       board = stack.enter_context(TensorBoardWriter(out_dir, names, model.epsilon,
                                                     histogram_every))
       recorders += [recorder, board.step]
@@ -148,9 +148,14 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
         "parameters": parts.model.count_parameters(),
         "history": {"loss": history.loss, "accuracy": history.accuracy},
         "evaluate": {"loss": None, "accuracy": None},
-        "steps_done": int(parts.optimizer.iterations.numpy()),
+        "steps_done": optim.steps_run(parts.optimizer),
         "train_seconds": time.perf_counter() - start,
     }
+    if isinstance(parts.optimizer, optim.LossScale):  # counted over the whole run, resumes too
+      summary["loss_scaling"] = {
+          "initial_scale": parts.optimizer.initial_scale,
+          "final_scale": float(parts.optimizer.dynamic_scale.numpy()),
+          "skipped_steps": int(parts.optimizer.skipped_steps.numpy())}
     if history.status == "complete":
       eval_loss, eval_accuracy = loop.evaluate(parts.model, parts.data.images, parts.data.labels,
                                                batch_size=train.batch_size, mode=mode)
@@ -187,6 +192,12 @@ def resume(out_dir: str, *, epochs: Optional[int] = None, **kwargs) -> dict:
 def report(summary: dict) -> str:
   """What fit printed last and what evaluate gives."""
   history, evaluate = summary["history"], summary["evaluate"]
-  return (f"fit loss (last epoch) {history['loss'][-1]:.6g}  accuracy "
+  text = (f"fit loss (last epoch) {history['loss'][-1]:.6g}  accuracy "
           f"{history['accuracy'][-1]:.4f}\n"
           f"evaluate loss         {evaluate['loss']:.6g}  accuracy {evaluate['accuracy']:.4f}")
+  scaling = summary.get("loss_scaling")
+  if scaling:
+    text += (f"\nloss scaling: {scaling['skipped_steps']} of {summary['steps_done']} steps "
+             f"skipped (weights kept, BN statistics moved); scale {scaling['initial_scale']:g} "
+             f"-> {scaling['final_scale']:g}")
+  return text

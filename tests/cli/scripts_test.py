@@ -118,6 +118,8 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       ("optimizer", ["--optimizer=rmsprop"], "--optimizer"),
       ("block", ["--block=20:40"], "--block"),
       ("bessel_batch_of_one", ["--bessel", "--batch_size=5"], "--bessel"),
+      ("dtype_policy", ["--dtype_policy=float64"], "--dtype_policy"),
+      ("loss_scale_zero", ["--dtype_policy=mixed_float16", "--loss_scale=0"], "--loss_scale"),
       ("stray_argument", ["extra"], "unexpected arguments"),
   )
   def test_bad_flag(self, args, needle):
@@ -159,6 +161,11 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       ("resume_and_overwrite", "train.py", ["--resume", "--overwrite"], "--overwrite: --resume"),
       ("tf_keras_sets_bessel", "compare.py", ["--reference=tf_keras", "--bessel"],
        "--bessel: --reference=tf_keras sets it"),
+      ("loss_scale_without_float16", "train.py", ["--dtype_policy=mixed_bfloat16",
+                                                  "--loss_scale=1024"],
+       "--loss_scale: only applies with --dtype_policy=mixed_float16"),
+      ("tf_keras_mixed", "compare.py", ["--reference=tf_keras", "--dtype_policy=mixed_float16"],
+       "--dtype_policy: mixed precision compares against Keras 3 only"),
   )
   def test_meaningless_flags_are_refused_before_any_work(self, script, args, needle):
     with tempfile.TemporaryDirectory() as tmp:

@@ -91,6 +91,31 @@ class SyncedParityTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(result["evaluate"]["loss_rel_diff"], 0.0)
 
 
+class MixedPrecisionParityTest(tf.test.TestCase):
+
+  def test_float16_loss_scaling_and_skipped_steps_are_bit_identical(self):
+    # Keras's default scale 2**15 overflows float16 gradients at first: the scale halves over
+    # several skipped steps (statistics moved, weights kept) before steps apply, on both sides.
+    result = compare.run(DataConfig(), ModelConfig(width=1 / 64, dtype_policy="mixed_float16"),
+                         train_config("adam", 64, epochs=2), out_dir=None)
+    table = compare.format_table(result["steps"])
+    self.assertEqual(result["bit_identical_steps"], 8, table)
+    for row in result["steps"]:
+      self.assertEqual(row["skipped_raw"], row["skipped_keras"], table)
+    skipped = result["skipped_steps"]["keras"]
+    self.assertTrue(0 < skipped < 8, table)
+    self.assertEqual(result["steps"][0]["loss_scale"], 2.0 ** 15)
+    self.assertEqual(result["evaluate"]["loss_rel_diff"], 0.0)
+
+  def test_bfloat16_partial_batches_and_steps_per_execution_are_bit_identical(self):
+    train = TrainConfig(batch_size=48, epochs=1, mode="function", steps_per_execution=2)
+    result = compare.run(DataConfig(), ModelConfig(width=1 / 64, dtype_policy="mixed_bfloat16"),
+                         train, out_dir=None)
+    self.assertEqual(result["bit_identical_steps"], 3, compare.format_table(result["steps"]))
+    self.assertNotIn("skipped_steps", result)  # no loss scaling under bfloat16, as Keras
+    self.assertEqual(result["evaluate"]["loss_rel_diff"], 0.0)
+
+
 class FreeRunningTest(tf.test.TestCase):
 
   def test_perturbation_grows_and_is_reported(self):

@@ -132,7 +132,7 @@ class DebugHookTest(tf.test.TestCase):
 
   def test_hook_needs_eager(self):
     parts = seed.build(DataConfig(), MODEL, TRAIN)
-    hook = BreakAt("bn_1", 0, parts.optimizer.iterations, lambda *a: None)
+    hook = BreakAt("bn_1", 0, lambda: int(parts.optimizer.iterations.numpy()), lambda *a: None)
     with self.assertRaisesRegex(ValueError, "eager"):
       make_train_step(parts.model, parts.optimizer, mode="function", trace=False, hook=hook)
 
