@@ -12,6 +12,12 @@ All losses are on the full training set, at the final weights W_f unless said ot
 =================  ============================================================  ==========
 
 The attribution telescopes, so its five parts sum exactly to ``evaluate - fit``.
+
+With loss scaling (mixed_float16) a skipped step still updated the moving statistics (they are
+assigned in the forward pass) but not the weights. ``loss_scaling`` prices those statistics-only
+updates: ``evaluate`` against the loss with the moving statistics replayed without them
+(``evaluate_without_skipped_updates``); the difference is part of ``stale_statistics`` +
+``ema_lag``, a look inside them rather than another term of the sum.
 """
 
 from __future__ import annotations
@@ -46,13 +52,26 @@ def attribution(losses: dict) -> dict:
 
 class StatisticsWatcher:
   """``on_step`` callback keeping what the decomposition needs from a traced run: the last
-  batch's statistics, and the moving variance replayed *without* the Bessel factor (the same
-  float32 update, fed the biased batch variance)."""
+  batch's statistics; the moving variance replayed *without* the Bessel factor (the same
+  float32 update, fed the biased batch variance); and, with loss scaling, the skipped steps
+  and the moving statistics replayed without their updates (the training writer's update,
+  Bessel factor included, on applied steps only).
 
-  def __init__(self, model):
+  ``example``: one input example, to count each layer's values per channel for the Bessel
+  factor's n (needed only with loss scaling and a Bessel layer)."""
+
+  def __init__(self, model, example: Optional[np.ndarray] = None):
     self.momentum = [layer.momentum for layer in model.batch_norms]
     self.no_bessel_variance = [layer.moving_variance.numpy() for layer in model.batch_norms]
     self.last: Optional[list[ops.Moments]] = None
+    self.steps = 0
+    self.skipped_steps = 0
+    self.without_skipped = [layer.moving for layer in model.batch_norms]
+    self.bessel_counts = None  # values per channel of one example, per Bessel layer (else None)
+    if any(layer.bessel for layer in model.batch_norms) and example is not None:
+      counts = model(tf.constant(example[:1]), training=False, statistics=BATCH).counts
+      self.bessel_counts = [float(c) if layer.bessel else None
+                            for c, layer in zip(counts, model.batch_norms)]
 
   def __call__(self, record: StepRecord) -> None:
     trace = record.trace
@@ -61,6 +80,26 @@ class StatisticsWatcher:
         ops.moving_average(tf.constant(moving), tf.constant(batch), m).numpy()
         for moving, batch, m in zip(self.no_bessel_variance, trace["batch_variance"],
                                     self.momentum)]
+    if record.skipped is None:
+      return
+    self.steps += 1
+    if record.skipped:
+      self.skipped_steps += 1
+    elif not self.skipped_steps:  # nothing skipped yet: the replay is the real thing
+      self.without_skipped = [ops.Moments(tf.constant(m), tf.constant(v)) for m, v in
+                              zip(trace["moving_mean_after"], trace["moving_variance_after"])]
+    else:
+      self.without_skipped = [self._update(k, moving, batch, len(record.batch))
+                              for k, (moving, batch) in enumerate(zip(self.without_skipped,
+                                                                      self.last))]
+
+  def _update(self, k: int, moving: ops.Moments, batch: ops.Moments, rows: int) -> ops.Moments:
+    variance = tf.constant(batch.variance)
+    if self.bessel_counts is not None and self.bessel_counts[k] is not None:
+      variance = ops.bessel_variance(variance, tf.constant(rows * self.bessel_counts[k]))
+    m = self.momentum[k]
+    return ops.Moments(ops.moving_average(moving.mean, tf.constant(batch.mean), m),
+                       ops.moving_average(moving.variance, variance, m))
 
 
 def batch_chunks(n: int, batch_size: int, order: Optional[np.ndarray]) -> list[np.ndarray]:
@@ -131,13 +170,21 @@ def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: i
       "evaluate": loss(per_layer(moving)),
   }
   losses = {key: results[key][0] for key in LOSS_KEYS}
-  return {
+  out = {
       "losses": losses,
       "attribution": attribution(losses),
       "per_layer": per_layer_split(lambda stats: loss(stats)[0], names, moving, precise),
       "accuracy": {key: results[key][1] for key in LOSS_KEYS},
       "precise_statistics": precise,
   }
+  if watcher.steps:  # loss scaling
+    without = (loss(per_layer(watcher.without_skipped)) if watcher.skipped_steps
+               else results["evaluate"])
+    out["loss_scaling"] = {
+        "steps": watcher.steps, "skipped_steps": watcher.skipped_steps,
+        "evaluate_without_skipped_updates": without[0],
+        "skipped_updates_cost": losses["evaluate"] - without[0]}
+  return out
 
 
 # -- Keras models ---------------------------------------------------------------------------------

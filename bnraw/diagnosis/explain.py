@@ -67,6 +67,31 @@ def parts_of(diagnosis: dict) -> tuple[dict, str]:
   return parts, dominant if abs(parts[dominant]) >= NO_GAP * max(abs(evaluate), 1e-12) else "none"
 
 
+def mixed_precision_lines(diagnosis: dict) -> list[str]:
+  """The loss scaling and rounding paragraphs of a mixed-precision run (none otherwise)."""
+  lines = []
+  scaling = diagnosis.get("loss_scaling")
+  if scaling:
+    lines += ["", f"loss scaling: {scaling['skipped_steps']} of {scaling['steps']} steps skipped "
+              "(gradients not finite: the weights stayed, the BN statistics moved all the same)."]
+    cost = scaling["skipped_updates_cost"]
+    if scaling["skipped_steps"] and cost is not None:
+      lines.append(f"  evaluate without those statistics-only updates "
+                   f"{scaling['evaluate_without_skipped_updates']:.4f}: they cost {cost:+.4f} "
+                   "(inside stale_statistics + ema_lag).")
+    elif scaling["skipped_steps"]:
+      lines.append("  their cost needs the per-step history: --impl=raw prices it.")
+  precision = diagnosis.get("precision")
+  if precision:
+    rows = precision["statistics_vs_float32"]
+    lines += ["", f"{precision['dtype_policy']}: PreciseBN statistics at the final weights "
+              "against a float32 run of the same weights, max relative difference "
+              "(mean / variance):"]
+    lines.append("  " + "  ".join(f"{r['layer']} {r['mean_max_rel']:.1e}/"
+                                  f"{r['variance_max_rel']:.1e}" for r in rows))
+  return lines
+
+
 def report(diagnosis: dict, title: str = "") -> str:
   """The gap, the table, the attribution, the per-layer split, the dominant cause and the fix."""
   losses, accuracy = diagnosis["losses"], diagnosis["accuracy"]
@@ -104,6 +129,7 @@ def report(diagnosis: dict, title: str = "") -> str:
   lines += ["", "the moving-statistics part (evaluate - precise_bn) by BN layer, first to last:"]
   lines.append("  " + "  ".join(f"{p['layer']} {p['contribution']:+.4f}"
                                 for p in diagnosis["per_layer"]))
+  lines += mixed_precision_lines(diagnosis)
   if dominant == "none":
     lines += ["", f"no gap to explain: every part is below {NO_GAP:g} of the loss, so fit, "
               "evaluate and PreciseBN agree."]

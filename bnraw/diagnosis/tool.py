@@ -5,6 +5,7 @@ into ``out_dir``); :mod:`bnraw.diagnosis.explain` turns it into text."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fractions
 import os
 import sys
@@ -16,7 +17,7 @@ import tensorflow as tf
 from bnraw import config as configs
 from bnraw import machine, outputs
 from bnraw.config import HISTOGRAM_EVERY, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
-from bnraw.core import autotune, loop, step
+from bnraw.core import autotune, loop, optim, step
 from bnraw.core.layers import BATCH
 from bnraw.diagnosis import board as diagnosis_board
 from bnraw.diagnosis import decompose as dg
@@ -175,6 +176,15 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
           parts, model, train, mode, one_hot, on_epoch,
           need_last_batch=lambda e: e + 1 == train.epochs or wants(e))
       result = keras_diagnosis(kmodel, history, last_batch)
+    if impl == "keras" and isinstance(parts.optimizer, optim.LossScale):  # skips: no history
+      steps = train.epochs * loop.steps_per_epoch(len(parts.data.images), train.batch_size)
+      result["loss_scaling"] = {
+          "steps": steps, "skipped_steps": steps - int(kmodel.optimizer.iterations.numpy()),
+          "evaluate_without_skipped_updates": None, "skipped_updates_cost": None}
+    if model.dtype_policy != "float32":
+      weights = (parts.model.variables if impl == "raw" else keras_bridge.model_weights(kmodel))
+      result["precision"] = _precision(model, train, weights, result["precise_statistics"],
+                                       parts.data.images)
     if board is not None and tensorboard:
       layers = parts.model.batch_norms if impl == "raw" else keras_bn_layers(kmodel)
       diagnosis_board.write(board, result, epoch=train.epochs, title=title,
@@ -195,6 +205,18 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                                 out_dir)
   outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)
   return out
+
+
+def _precision(model: ModelConfig, train: TrainConfig, weights, precise, images) -> dict:
+  """How far the policy's rounding moves the statistics: this run's PreciseBN statistics
+  against a float32 twin's with the same ``weights`` (:mod:`bnraw.diagnosis.precision`)."""
+  from bnraw.diagnosis.precision import statistics_vs_float32
+  twin = seed.seed_network(dataclasses.replace(model, dtype_policy="float32"), seed=train.seed)
+  for target, value in zip(twin.variables, weights):
+    target.assign(value.numpy())
+  return {"dtype_policy": model.dtype_policy,
+          "statistics_vs_float32": statistics_vs_float32(precise, twin, images,
+                                                         train.batch_size)}
 
 
 class Compiled(NamedTuple):
@@ -222,7 +244,7 @@ def diagnose_raw_training(parts: seed.Setup, train: TrainConfig, mode: str, *,
   """Raw training with what the decomposition needs watched, then the decomposition at the
   end; returns ``(result, history)``. ``on_epoch(epoch, history, diagnose_now)`` may call
   ``diagnose_now()`` for the decomposition at that epoch. A non-finite step raises."""
-  watcher = dg.StatisticsWatcher(parts.model)
+  watcher = dg.StatisticsWatcher(parts.model, example=parts.data.images[:1])
   compiled = compiled or compile_raw(parts, mode, train.batch_size)
 
   def diagnose_now(history):

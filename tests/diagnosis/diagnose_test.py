@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw import diagnosis, training
-from bnraw.core import ops
+from bnraw.core import loop, ops
 from bnraw.models import seed
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.diagnosis.decompose import ATTRIBUTION, LOSS_KEYS
@@ -90,6 +90,56 @@ class DecompositionTest(tf.test.TestCase):
       events = read_events(os.path.join(tmp, "tensorboard"))
       for key, value in d["over_time"][0]["losses"].items():
         self.assertAllClose(events[f"diagnosis/{key}"][2], value, msg=key)
+
+
+class MixedPrecisionDiagnosisTest(tf.test.TestCase):
+
+  def test_watcher_replays_the_statistics_without_skipped_steps(self):
+    from bnraw.core.loop import StepRecord
+    from bnraw.diagnosis.decompose import StatisticsWatcher
+    net = seed.seed_network(ModelConfig(width=1 / 64, momentum=0.5))
+    watcher = StatisticsWatcher(net)
+    rng = np.random.default_rng(0)
+    sizes = [layer.moving_mean.shape[0] for layer in net.batch_norms]
+    real = [(np.zeros(c), np.ones(c)) for c in sizes]  # what the writer does: every step
+    without = [(np.zeros(c), np.ones(c)) for c in sizes]  # the oracle: applied steps only
+    for step, skipped in enumerate([False, True, False, True, True, False]):
+      batch = [(rng.normal(size=c), rng.uniform(0.5, 2, size=c)) for c in sizes]
+      ema = lambda old, new: [(0.5 * m + 0.5 * bm, 0.5 * v + 0.5 * bv)
+                              for (m, v), (bm, bv) in zip(old, new)]
+      real = ema(real, batch)
+      if not skipped:
+        without = ema(without, batch)
+      trace = {"batch_mean": [b[0].astype(np.float32) for b in batch],
+               "batch_variance": [b[1].astype(np.float32) for b in batch],
+               "moving_mean_after": [r[0].astype(np.float32) for r in real],
+               "moving_variance_after": [r[1].astype(np.float32) for r in real]}
+      watcher(StepRecord(0, step, np.arange(4), 1.0, 0.0, trace, 1.0, skipped))
+    self.assertEqual((watcher.steps, watcher.skipped_steps), (6, 3))
+    for replayed, (mean, variance) in zip(watcher.without_skipped, without):
+      self.assertAllClose(replayed.mean, mean, rtol=1e-6, atol=1e-7)
+      self.assertAllClose(replayed.variance, variance, rtol=1e-6)
+
+  def test_every_step_skipped_prices_the_statistics_against_the_untouched_model(self):
+    # A scale of 1e30 overflows every float16 gradient: the weights never move, so without the
+    # skipped steps' statistics the model is the untrained one, evaluated independently here.
+    model = ModelConfig(width=1 / 64, dtype_policy="mixed_float16")
+    train = TrainConfig(batch_size=128, epochs=2, mode="function", loss_scale=1e30)
+    with tempfile.TemporaryDirectory() as tmp:
+      d = diagnosis.run(DataConfig(), model, train, out_dir=tmp, progress=False,
+                        tensorboard=False)
+    scaling = d["loss_scaling"]
+    self.assertEqual((scaling["steps"], scaling["skipped_steps"]), (4, 4))
+    fresh = seed.build(DataConfig(), model, train)
+    untrained, _ = loop.evaluate(fresh.model, fresh.data.images, fresh.data.labels,
+                                 batch_size=128, mode="function")
+    self.assertAllClose(scaling["evaluate_without_skipped_updates"], untrained, rtol=1e-6)
+    self.assertNotAllClose(d["losses"]["evaluate"], untrained, rtol=1e-4)  # the stats moved
+    rows = d["precision"]["statistics_vs_float32"]
+    self.assertLen(rows, 8)
+    for row in rows:  # float16 rounding: visible, and far below 1
+      self.assertBetween(row["mean_max_rel"], 1e-7, 0.05)
+      self.assertBetween(row["variance_max_rel"], 1e-7, 0.05)
 
 
 class PreciseBNTest(tf.test.TestCase):
