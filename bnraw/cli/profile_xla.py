@@ -12,7 +12,7 @@ time per block (optimizer, moving update, BN statistics, normalisation, convolut
 from absl import flags
 
 from bnraw.cli import app
-from bnraw.config import NUM_IMAGES
+from bnraw.config import DTYPE_POLICIES, NUM_IMAGES
 from bnraw.cli import flags as common
 from bnraw.errors import UsageError
 
@@ -28,6 +28,9 @@ flags.DEFINE_list("keras_jit", ["false", "true", "auto"], "Keras fit jit_compile
                   "(auto: jit on when the raw auto mode picked xla).")
 flags.DEFINE_list("steps_per_execution", ["1", "4"], "Steps per compiled call: each K > 1 adds "
                   "raw function/xla and Keras rows running K steps per call.")
+flags.DEFINE_list("dtype_policy", ["float32"], "Keras dtype policies to time, comma-separated "
+                  "(float32, mixed_float16, mixed_bfloat16): every row again under each (float16 "
+                  "with loss scaling from 1, so no timed step is skipped).")
 flags.DEFINE_bool("breakdown", True, "Time the best exact raw mode's step with one block taken "
                   "away at a time: the time per block.")
 flags.DEFINE_string("profile_dir", None, "Write a TensorFlow profiler trace of a few steady raw "
@@ -59,6 +62,10 @@ def check(argv):
   for value in FLAGS.raw_modes:
     if value not in ("eager", "function", "xla", "auto"):
       raise UsageError("raw_modes", f"expected some of eager, function, xla, auto; got {value!r}")
+  for value in FLAGS.dtype_policy:
+    if value not in DTYPE_POLICIES:
+      raise UsageError("dtype_policy", f"expected some of {', '.join(DTYPE_POLICIES)}; got "
+                       f"{value!r}")
   for value in FLAGS.steps_per_execution:
     if not value.isdigit() or int(value) < 1:
       raise UsageError("steps_per_execution", f"expected integers >= 1, got {value!r}")
@@ -71,7 +78,7 @@ def main(argv):
       steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, raw_modes=FLAGS.raw_modes,
       keras_jit=[{"true": True, "false": False}.get(v, v) for v in FLAGS.keras_jit],
       steps_per_execution=[int(k) for k in FLAGS.steps_per_execution],
-      breakdown=FLAGS.breakdown, out_dir=FLAGS.out_dir,
+      breakdown=FLAGS.breakdown, dtype_policies=FLAGS.dtype_policy, out_dir=FLAGS.out_dir,
       profile_dir=FLAGS.profile_dir, hlo_dir=FLAGS.hlo_dir, progress=True,
       overwrite=FLAGS.overwrite)
   print(profiling.report(result))

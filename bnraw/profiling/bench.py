@@ -16,8 +16,21 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from bnraw.config import CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, ModelConfig
+from bnraw.config import (CONV_BLOCKS, DTYPE_POLICIES, IMAGE_SIZE, NUM_IMAGES, ModelConfig,
+                          TrainConfig)
 from bnraw.profiling import op_stats
+
+# Under mixed_float16 both sides start from this loss scale, so no timed step is one that loss
+# scaling skips (a skipped step saves the optimizer update): the steady state of a long run.
+PROFILE_LOSS_SCALE = 1.0
+
+
+def profile_train_config(model_config: ModelConfig, steps_per_execution: int = 1) -> TrainConfig:
+  """The training settings both sides are timed with: Adam, and under mixed_float16 loss
+  scaling from :data:`PROFILE_LOSS_SCALE`."""
+  scaled = model_config.dtype_policy == "mixed_float16"
+  return TrainConfig(steps_per_execution=steps_per_execution,
+                     loss_scale=PROFILE_LOSS_SCALE if scaled else None)
 
 
 def forward_flops(config: ModelConfig, batch_size: int) -> int:
@@ -87,12 +100,14 @@ def raw_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray,
   measurement. ``steps_per_execution`` K > 1: K steps per call (the same batch K times), the
   times per step."""
   from bnraw.core import autotune
-  from bnraw.core.optim import Adam
+  from bnraw.core.optim import make_optimizer
   from bnraw.core.step import make_multi_step, make_train_step, relaxed_batch
   from bnraw.models.seed import seed_network
   relax = relaxed_batch(len(images), batch_size)  # the graph a run over these images traces
   net = seed_network(model_config)
-  optimizer = Adam(net.trainable_variables)
+  train = profile_train_config(model_config)
+  optimizer = make_optimizer(train.optimizer, net.trainable_variables, train.lr,
+                             loss_scale=train.initial_loss_scale(model_config))
   x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
   row = {"impl": "raw", "mode": mode, "traced": trace, "steps_per_execution": steps_per_execution}
   if mode == "auto":
@@ -127,11 +142,11 @@ def keras_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarra
   K it fires once per K steps, and the time is divided by K), warm-up executions dropped; the
   first ``fit`` call's first execution is the compile."""
   import keras
-  from bnraw.config import TrainConfig
   from bnraw.models import keras_bridge
   model = keras_bridge.build_model(model_config)
   k = steps_per_execution
-  keras_bridge.compile_model(model, TrainConfig(steps_per_execution=k), jit_compile=jit_compile)
+  keras_bridge.compile_model(model, profile_train_config(model_config, k),
+                             jit_compile=jit_compile)
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
 
   def fit_stamps(n_executions):
@@ -180,7 +195,8 @@ def capture_profile(run: Callable[[], None], profile_dir: str, steps: int) -> No
 def result_row(bench: Bench, model_config: ModelConfig, batch_size: int, peak: float) -> dict:
   median = statistics.median(bench.times)
   gflops = train_step_flops(model_config, batch_size) / median / 1e9
-  return {**bench.row, "width": model_config.width, "batch_size": batch_size,
+  return {**bench.row, "width": model_config.width, "dtype_policy": model_config.dtype_policy,
+          "batch_size": batch_size,
           "fast_conv": model_config.fast_conv, "compile_s": bench.compile_s,
           "step_s_median": median, "step_s_min": min(bench.times),
           "steps_timed": len(bench.times),
@@ -191,7 +207,8 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
         raw_modes: list[str], keras_jit: list, out_dir: Optional[str],
         profile_dir: Optional[str] = None, hlo_dir: Optional[str] = None,
         progress: bool = False, overwrite: bool = False,
-        steps_per_execution: Sequence[int] = (1,), breakdown: bool = True) -> dict:
+        steps_per_execution: Sequence[int] = (1,), breakdown: bool = True,
+        dtype_policies: Sequence[str] = ("float32",)) -> dict:
   """Every configuration of a width is built once, then timed round-robin ``rounds`` times
   (``steps`` steps each after ``warmup``), so drift on a noisy machine hits all alike; the
   reported step time is the median of all timed steps. Writes ``profile.json`` into ``out_dir``
@@ -201,7 +218,9 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
   measurement) and ``keras_jit`` ``"auto"`` (fit with jit on when the raw auto choice is xla).
   Each K > 1 in ``steps_per_execution`` adds raw function/xla rows and Keras rows running K
   steps per call. ``breakdown``: the best exact raw mode's time per block
-  (:mod:`bnraw.profiling.breakdown`)."""
+  (:mod:`bnraw.profiling.breakdown`). ``dtype_policies``: every configuration again under each
+  policy (rows carry ``dtype_policy``; mixed_float16 with the loss scale of
+  :func:`profile_train_config`); the breakdown and the profiler capture are float32's."""
   import sys
   from bnraw import outputs
   from bnraw.config import DataConfig
@@ -218,6 +237,9 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
     raise UsageError("steps_per_execution", f"need integers >= 1, got {steps_per_execution}")
   if not all(w > 0 for w in widths) or not widths:
     raise UsageError("widths", f"need one or more widths > 0, got {widths}")
+  if not dtype_policies or not set(dtype_policies) <= set(DTYPE_POLICIES):
+    raise UsageError("dtype_policies", f"need some of {', '.join(DTYPE_POLICIES)}, got "
+                     f"{list(dtype_policies)}")
   if out_dir is not None:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   data = make_dataset(DataConfig())
@@ -225,8 +247,9 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
   peak = matmul_peak_gflops()
   rows = []
   say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
-  for width in widths:
-    config = ModelConfig(width=width)
+  for width, policy in ((w, p) for w in widths for p in dtype_policies):
+    config = ModelConfig(width=width, dtype_policy=policy)
+    label = f"{width:g}" + ("" if policy == "float32" else f" {policy}")
     benches = []
     auto_choice = None
     for mode in raw_modes:
@@ -259,7 +282,7 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
             config, data.images, data.labels, jit_compile=on, batch_size=batch_size,
             steps_per_execution=k, label="fit_auto" if jit == "auto" else None)))
     for r in range(rounds):
-      say(f"width {width:g}: round {r + 1}/{rounds}")
+      say(f"width {label}: round {r + 1}/{rounds}")
       for _, bench in benches:
         bench.times += bench.measure(steps, warmup)
     for variant, bench in benches:
@@ -267,7 +290,7 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
       say(f"  {bench.row['impl']:5} {bench.row['mode']:9} fast={int(variant.fast_conv)} "
           f"trace={int(bench.row['traced'])} k={bench.row['steps_per_execution']}  "
           f"{rows[-1]['step_s_median'] * 1e3:8.1f} ms/step")
-    if breakdown:  # the fastest exact raw mode that compiles (function or xla), one step a call
+    if breakdown and policy == "float32":  # the fastest exact compiled raw mode, one step a call
       exact = [r for r in rows[-len(benches):] if r["impl"] == "raw" and r["mode"] in
                ("function", "xla") and not r["fast_conv"] and not r["traced"]
                and r["steps_per_execution"] == 1]
@@ -285,7 +308,7 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
                                relax_batch=len(data.images) % batch_size != 0)
         breakdowns.append({"width": width, "gflop_per_step": train_step_flops(config, batch_size)
                            / 1e9, **table})
-    if profile_dir:  # the fastest raw step whose ops keep their TF names (not XLA), if any
+    if profile_dir and policy == "float32":  # the fastest raw step keeping TF op names, if any
       raw = [(v, b) for v, b in benches if b.row["impl"] == "raw" and not b.row["traced"]
              and b.row["mode"] != "auto" and b.row["steps_per_execution"] == 1]
       named = [(v, b) for v, b in raw if b.row["mode"] != "xla"] or raw
@@ -312,15 +335,19 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
 
 
 def ratios(result: dict) -> list[dict]:
-  """Per width: best raw / best Keras step time, and trace on/off for raw xla."""
+  """Per width and dtype policy: best raw / best Keras step time, and trace on/off for raw
+  xla; for a mixed policy also its best raw and best Keras time over float32's."""
   out = []
-  for width in sorted({r["width"] for r in result["results"]}):
-    every = [r for r in result["results"] if r["width"] == width]
+  groups = sorted({(r["width"], r.get("dtype_policy", "float32")) for r in result["results"]},
+                  key=lambda g: (g[0], DTYPE_POLICIES.index(g[1])))
+  for width, policy in groups:
+    every = [r for r in result["results"] if r["width"] == width
+             and r.get("dtype_policy", "float32") == policy]
     rows = [r for r in every if r["steps_per_execution"] == 1 and "auto" not in r["mode"]]
     raw = [r for r in rows if r["impl"] == "raw" and not r["traced"]]
     exact = [r for r in raw if not r["fast_conv"]]
     keras = [r for r in rows if r["impl"] == "keras"]
-    entry = {"width": width}
+    entry = {"width": width, "dtype_policy": policy}
     if raw and keras:
       best_keras = min(keras, key=lambda r: r["step_s_median"])
       for label, candidates in (("", raw), ("exact_", exact)):
@@ -360,26 +387,49 @@ def ratios(result: dict) -> list[dict]:
     if per_call:
       entry["steps_per_execution_over_one"] = per_call
     out.append(entry)
+  for entry in out:  # each mixed policy against float32 at the same width
+    base = next((e for e in out if e["width"] == entry["width"]
+                 and e["dtype_policy"] == "float32"), None)
+    if entry["dtype_policy"] != "float32" and base is not None and "best_keras" in entry \
+        and "best_keras" in base:
+      best = lambda e, impl, mode: next(r["step_s_median"] for r in result["results"]
+                                        if r["width"] == e["width"] and r["impl"] == impl
+                                        and r.get("dtype_policy", "float32") == e["dtype_policy"]
+                                        and r["mode"] == mode.split("+")[0]
+                                        and r["fast_conv"] == mode.endswith("+fast_conv")
+                                        and not r["traced"] and r["steps_per_execution"] == 1)
+      entry["over_float32"] = {
+          "exact_raw": (best(entry, "raw", entry["best_exact_raw"])
+                        / best(base, "raw", base["best_exact_raw"])),
+          "keras": best(entry, "keras", entry["best_keras"]) / best(base, "keras",
+                                                                     base["best_keras"])}
   return out
+
+
+def _short(policy: str) -> str:
+  return {"mixed_float16": "mixed16", "mixed_bfloat16": "mixedb16"}.get(policy, policy)
 
 
 def report(result: dict) -> str:
   """The table the command prints, with the per-width ratios under it."""
   lines = [f"device {result['device']}; matmul ceiling {result['matmul_peak_gflops']:.0f} GFLOP/s",
-           f"{'impl':5} {'mode':13} {'k':>2} {'fast':>4} {'width':>7} {'batch':>5} {'trace':>5} "
+           f"{'impl':5} {'mode':13} {'k':>2} {'fast':>4} {'width':>7} {'dtype':>8} {'batch':>5} "
+           f"{'trace':>5} "
            f"{'compile s':>9} {'step ms':>9} {'min ms':>8} {'img/s':>8} {'GFLOP/s':>8} "
            f"{'of peak':>7}"]
   for r in result["results"]:
     mode = f"auto:{r['chosen']}" if r["mode"] == "auto" else r["mode"]
     lines.append(f"{r['impl']:5} {mode:13} {r['steps_per_execution']:>2} "
                  f"{'yes' if r['fast_conv'] else 'no':>4} "
-                 f"{r['width']:>7.4g} {r['batch_size']:>5} "
+                 f"{r['width']:>7.4g} {_short(r.get('dtype_policy', 'float32')):>8} "
+                 f"{r['batch_size']:>5} "
                  f"{'on' if r['traced'] else 'off':>5} {r['compile_s']:>9.2f} "
                  f"{r['step_s_median'] * 1e3:>9.1f} {r['step_s_min'] * 1e3:>8.1f} "
                  f"{r['images_per_s']:>8.0f} "
                  f"{r['gflops']:>8.1f} {r['peak_fraction']:>7.1%}")
   for entry in result["ratios"]:
-    parts = [f"width {entry['width']:g}:"]
+    policy = entry.get("dtype_policy", "float32")
+    parts = [f"width {entry['width']:g}" + ("" if policy == "float32" else f" {policy}") + ":"]
     if "raw_over_keras" in entry:
       parts.append(f"best raw ({entry['best_raw']}) / best Keras ({entry['best_keras']}) = "
                    f"{entry['raw_over_keras']:.2f}; Keras-exact raw ({entry['best_exact_raw']}): "
@@ -395,6 +445,10 @@ def report(result: dict) -> str:
                    f"{a['run_500_steps_over_best']:.3f}x the best explicit mode's")
     for name, ratio in entry.get("steps_per_execution_over_one", {}).items():
       lines.append(f"  {name}: {ratio:.3f}x the time per step of k=1")
+    if "over_float32" in entry:
+      o = entry["over_float32"]
+      lines.append(f"  {policy} / float32, best of each: exact raw {o['exact_raw']:.2f}x, "
+                   f"Keras {o['keras']:.2f}x")
   if result.get("breakdown"):
     from bnraw.profiling.breakdown import format_breakdown
     for table in result["breakdown"]:

@@ -154,6 +154,26 @@ class RatiosTest(tf.test.TestCase):
                      {"raw function k=4": 0.5, "keras fit k=4": 0.75})
 
 
+  def test_each_policy_against_its_own_keras_and_float32_by_hand(self):
+    def row(impl, mode, seconds, policy):
+      return {"impl": impl, "mode": mode, "width": 0.25, "traced": False, "fast_conv": False,
+              "steps_per_execution": 1, "step_s_median": seconds, "peak_fraction": 0.5,
+              "dtype_policy": policy}
+    result = {"results": [
+        row("raw", "function", 1.0, "float32"), row("raw", "xla", 3.0, "mixed_bfloat16"),
+        row("raw", "function", 2.0, "mixed_bfloat16"), row("keras", "fit", 2.0, "float32"),
+        row("keras", "fit", 3.5, "mixed_bfloat16"), row("keras", "fit_xla", 3.0,
+                                                          "mixed_bfloat16")]}
+    plain, mixed = bench.ratios(result)
+    self.assertEqual((plain["dtype_policy"], mixed["dtype_policy"]),
+                     ("float32", "mixed_bfloat16"))
+    self.assertAllClose(plain["exact_raw_over_keras"], 0.5)
+    self.assertEqual((mixed["best_exact_raw"], mixed["best_keras"]), ("function", "fit_xla"))
+    self.assertAllClose(mixed["exact_raw_over_keras"], 2.0 / 3.0)
+    self.assertAllClose(mixed["over_float32"], {"exact_raw": 2.0, "keras": 1.5})
+    self.assertNotIn("over_float32", plain)
+
+
 class ProfileScriptTest(tf.test.TestCase):
 
   def test_tiny_profile_run(self):
@@ -162,25 +182,28 @@ class ProfileScriptTest(tf.test.TestCase):
       result = subprocess.run(
           [sys.executable, os.path.join(ROOT, "scripts", "profile_xla.py"), "--widths=1/64",
            "--batch_size=32", "--steps=2", "--warmup=0", "--rounds=1",
-           "--raw_modes=xla,auto", "--keras_jit=false,auto", "--steps_per_execution=1",
-           "--nobreakdown", f"--out_dir={out}",
-           f"--profile_dir={out}/trace",
-           f"--hlo_dir={out}/hlo"], capture_output=True, text=True, env=env, timeout=600)
+           "--raw_modes=function,auto", "--keras_jit=false,auto", "--steps_per_execution=1",
+           "--dtype_policy=float32,mixed_bfloat16", "--nobreakdown", f"--out_dir={out}",
+           f"--profile_dir={out}/trace"], capture_output=True, text=True, env=env, timeout=600)
       self.assertEqual(result.returncode, 0, result.stderr)
       with open(os.path.join(out, "profile.json")) as f:
         profile = json.load(f)
       self.assertGreater(profile["matmul_peak_gflops"], 0)
       self.assertIn("device", profile)
       rows = profile["results"]
+      one_policy = [("raw", "function", False, False, 1), ("raw", "function", True, False, 1),
+                    ("raw", "auto", False, False, 1), ("keras", "fit", False, False, 1),
+                    ("keras", "fit_auto", False, False, 1)]
       self.assertEqual([(r["impl"], r["mode"], r["fast_conv"], r["traced"],
-                         r["steps_per_execution"]) for r in rows],
-                       [("raw", "xla", False, False, 1), ("raw", "xla", True, False, 1),
-                        ("raw", "xla", False, True, 1), ("raw", "auto", False, False, 1),
-                        ("keras", "fit", False, False, 1), ("keras", "fit_auto", False, False, 1)])
-      auto = rows[3]
+                         r["steps_per_execution"]) for r in rows], one_policy * 2)
+      self.assertEqual([r["dtype_policy"] for r in rows], ["float32"] * 5 + ["mixed_bfloat16"] * 5)
+      auto = rows[2]
       self.assertEqual(auto["chosen"], auto["autotune"]["choice"])
       self.assertEqual(auto["compile_s"], auto["autotune"]["seconds"])
       self.assertEqual(profile["ratios"][0]["auto"]["chosen"], auto["chosen"])
+      self.assertEqual([e["dtype_policy"] for e in profile["ratios"]],
+                       ["float32", "mixed_bfloat16"])
+      self.assertIn("over_float32", profile["ratios"][1])
       self.assertNotIn("breakdown", profile)
       for row in rows:
         for key in ("width", "batch_size", "compile_s", "step_s_median", "images_per_s",
@@ -188,19 +211,24 @@ class ProfileScriptTest(tf.test.TestCase):
           self.assertGreater(row[key], 0, msg=key)
         self.assertAllClose(row["images_per_s"], 32 / row["step_s_median"], rtol=1e-6)
         self.assertLessEqual(row["peak_fraction"], 1.5)  # a sane share of the measured ceiling
-      self.assertIn("xla_trace_on_over_off", profile["ratios"][0])
       self.assertIn("raw_over_keras", profile["ratios"][0])
       self.assertIn("best raw", result.stdout)
       if importlib.util.find_spec("xprof") is None:  # the optional extra
         self.assertIsNone(profile["op_stats"])
-      else:  # only an xla raw step was timed: its ops are compiled into clusters
+      else:  # the float32 function step's ops keep their names: BN shows per layer
         table, = profile["op_stats"]
-        self.assertEqual(table["mode"], "xla")
+        self.assertEqual(table["mode"], "function")
         self.assertTrue(table["top_ops"])
-        self.assertIsNone(table["bn_layers"]["bn_3"])
-      hlo = sorted(os.listdir(os.path.join(out, "hlo")))
-      self.assertEqual(hlo, ["raw_w0.015625_trace0.hlo.txt",
-                             "raw_w0.015625_trace0.optimized_hlo.txt"])
+        self.assertIsNotNone(table["bn_layers"]["bn_3"])
+
+  def test_hlo_before_and_after_optimisation(self):
+    step = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)), jit_compile=True)
+    x = tf.ones((4, 4))
+    with tempfile.TemporaryDirectory() as out:
+      bench.write_hlo(step, x, x, out, "tiny")
+      self.assertEqual(sorted(os.listdir(out)), ["tiny.hlo.txt", "tiny.optimized_hlo.txt"])
+      with open(os.path.join(out, "tiny.hlo.txt")) as f:
+        self.assertIn("dot(", f.read())
 
 
 if __name__ == "__main__":
