@@ -124,15 +124,15 @@ class MixedPrecisionDiagnosisTest(tf.test.TestCase):
     # A scale of 1e30 overflows every float16 gradient: the weights never move, so without the
     # skipped steps' statistics the model is the untrained one, evaluated independently here.
     model = ModelConfig(width=1 / 64, dtype_policy="mixed_float16")
-    train = TrainConfig(batch_size=128, epochs=2, mode="function", loss_scale=1e30)
+    train = TrainConfig(batch_size=256, epochs=2, mode="function", loss_scale=1e30)
     with tempfile.TemporaryDirectory() as tmp:
       d = diagnosis.run(DataConfig(), model, train, out_dir=tmp, progress=False,
                         tensorboard=False)
     scaling = d["loss_scaling"]
-    self.assertEqual((scaling["steps"], scaling["skipped_steps"]), (4, 4))
+    self.assertEqual((scaling["steps"], scaling["skipped_steps"]), (2, 2))
     fresh = seed.build(DataConfig(), model, train)
     untrained, _ = loop.evaluate(fresh.model, fresh.data.images, fresh.data.labels,
-                                 batch_size=128, mode="function")
+                                 batch_size=256, mode="function")
     self.assertAllClose(scaling["evaluate_without_skipped_updates"], untrained, rtol=1e-6)
     self.assertNotAllClose(d["losses"]["evaluate"], untrained, rtol=1e-4)  # the stats moved
     rows = d["precision"]["statistics_vs_float32"]

@@ -58,7 +58,8 @@ class TransferTest(tf.test.TestCase, parameterized.TestCase):
 
 class SyncedParityTest(tf.test.TestCase, parameterized.TestCase):
 
-  @parameterized.product(optimizer=["adam", "sgd"], batch_size=[256, 64])
+  # (Adam at batch 256: test_adam_steps_are_bit_identical, which asks for more)
+  @parameterized.parameters(("adam", 64), ("sgd", 256), ("sgd", 64))
   def test_every_step_within_tolerance(self, optimizer, batch_size):
     result = compare.run(DataConfig(), MODEL, train_config(optimizer, batch_size, epochs=1),
                          out_dir=None)

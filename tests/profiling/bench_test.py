@@ -182,7 +182,7 @@ class ProfileScriptTest(tf.test.TestCase):
       result = subprocess.run(
           [sys.executable, os.path.join(ROOT, "scripts", "profile_xla.py"), "--widths=1/64",
            "--batch_size=32", "--steps=2", "--warmup=0", "--rounds=1",
-           "--raw_modes=function,auto", "--keras_jit=false,auto", "--steps_per_execution=1",
+           "--raw_modes=function", "--keras_jit=false", "--steps_per_execution=1",
            "--dtype_policy=float32,mixed_bfloat16", "--nobreakdown", f"--out_dir={out}",
            f"--profile_dir={out}/trace"], capture_output=True, text=True, env=env, timeout=600)
       self.assertEqual(result.returncode, 0, result.stderr)
@@ -191,16 +191,12 @@ class ProfileScriptTest(tf.test.TestCase):
       self.assertGreater(profile["matmul_peak_gflops"], 0)
       self.assertIn("device", profile)
       rows = profile["results"]
+      # (the auto rows' arithmetic is checked by hand in RatiosTest: measuring costs compiles)
       one_policy = [("raw", "function", False, False, 1), ("raw", "function", True, False, 1),
-                    ("raw", "auto", False, False, 1), ("keras", "fit", False, False, 1),
-                    ("keras", "fit_auto", False, False, 1)]
+                    ("keras", "fit", False, False, 1)]
       self.assertEqual([(r["impl"], r["mode"], r["fast_conv"], r["traced"],
                          r["steps_per_execution"]) for r in rows], one_policy * 2)
-      self.assertEqual([r["dtype_policy"] for r in rows], ["float32"] * 5 + ["mixed_bfloat16"] * 5)
-      auto = rows[2]
-      self.assertEqual(auto["chosen"], auto["autotune"]["choice"])
-      self.assertEqual(auto["compile_s"], auto["autotune"]["seconds"])
-      self.assertEqual(profile["ratios"][0]["auto"]["chosen"], auto["chosen"])
+      self.assertEqual([r["dtype_policy"] for r in rows], ["float32"] * 3 + ["mixed_bfloat16"] * 3)
       self.assertEqual([e["dtype_policy"] for e in profile["ratios"]],
                        ["float32", "mixed_bfloat16"])
       self.assertIn("over_float32", profile["ratios"][1])

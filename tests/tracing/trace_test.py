@@ -161,7 +161,7 @@ class InspectScriptTest(tf.test.TestCase):
     with tempfile.TemporaryDirectory() as out:
       train = subprocess.run([sys.executable, script("train.py"), "--width=1/32", "--epochs=2",
                               "--batch_size=128", "--mode=function", "--trace",
-                              "--histogram_every=2",
+                              "--histogram_every=2", "--dtype_policy=mixed_float16",
                               f"--out_dir={out}"], capture_output=True, text=True, env=env)
       self.assertEqual(train.returncode, 0, train.stderr)
       events = read_events(os.path.join(out, "tensorboard"))
@@ -176,6 +176,13 @@ class InspectScriptTest(tf.test.TestCase):
         for key in ("batch_mean", "batch_variance", "moving_mean_after", "moving_variance_after"):
           self.assertEqual(sorted(events[f"{layer}/{key}"]), [0, 2])  # --histogram_every=2
       self.assertAllClose([events["train/loss"][k] for k in steps], trace.arrays["loss"])
+      # float16 loss scaling: the scale and the skipped flag per step, in both places
+      self.assertEqual(trace.arrays["loss_scale"][0], 2.0 ** 15)
+      for key in ("loss_scale", "skipped"):
+        self.assertAllClose([events[f"train/{key}"][k] for k in steps], trace.arrays[key])
+      skipped = int(trace.arrays["skipped"].sum())
+      self.assertEqual(summary["loss_scaling"]["skipped_steps"], skipped)
+      self.assertIn(f"loss scaling: {skipped} of 4 steps skipped", train.stdout)
       self.assertAllClose(events["evaluate/loss"][4], summary["evaluate"]["loss"])
       shown = subprocess.run([sys.executable, script("inspect_trace.py"), f"--run_dir={out}",
                               "--layer=bn_2", "--step=3"], capture_output=True, text=True,
@@ -183,6 +190,7 @@ class InspectScriptTest(tf.test.TestCase):
       self.assertEqual(shown.returncode, 0, shown.stderr)
       self.assertIn("bn_2 at step 3 (epoch 2), branch: training", shown.stdout)
       self.assertIn("implied momentum 0.9", shown.stdout)
+      self.assertIn(f"loss scale {trace.arrays['loss_scale'][3]:g}: ", shown.stdout)
       trace = Trace.load(out)
       self.assertIn(f"{trace.at('bn_2', 3).values['batch_mean'][0]:+.6g}", shown.stdout)
       where = subprocess.run([sys.executable, script("inspect_trace.py"), f"--run_dir={out}",
