@@ -111,6 +111,14 @@ def record(data: DataConfig, model: ModelConfig, train: TrainConfig, **options: 
           "options": dict(options)}
 
 
+def normalized(saved: dict) -> dict:
+  """A stored :func:`record` as this version would write it: settings added since it was made
+  take their defaults (a run from before mixed precision was float32), unknown ones are
+  dropped. Compare records through this."""
+  data, model, train, options = from_record(saved)
+  return record(data, model, train, **options)
+
+
 def from_record(saved: dict) -> tuple[DataConfig, ModelConfig, TrainConfig, dict]:
   """The inverse of :func:`record`: the configs a stored run was made with, and its options."""
   def build(cls, values):

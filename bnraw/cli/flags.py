@@ -13,7 +13,7 @@ from absl import flags
 from bnraw.config import (DTYPE_POLICIES, HISTOGRAM_EVERY, KERAS_INITIAL_LOSS_SCALE, NUM_IMAGES,
                           DataConfig, ModelConfig, TrainConfig)
 from bnraw.errors import UsageError
-from bnraw.models.seed import check_block
+from bnraw.models.seed import check_block, loss_scale_fits
 
 FLAGS = flags.FLAGS
 # The flags that describe the seed setup: with --keras_model they have no meaning.
@@ -135,7 +135,7 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   _bound("batch_size", lambda v: v >= 1, "must be >= 1")
   _bound("epochs", lambda v: v >= 1, "must be >= 1")
   _bound("lr", lambda v: v > 0, "must be > 0")
-  _bound("loss_scale", lambda v: 0 < v < float("inf"), "must be a finite number > 0")
+  _bound("loss_scale", loss_scale_fits, "must be a float32 number > 0 (up to 3.4e38)")
   _bound("sgd_momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
 

@@ -66,6 +66,8 @@ def check(argv):
     if value not in DTYPE_POLICIES:
       raise UsageError("dtype_policy", f"expected some of {', '.join(DTYPE_POLICIES)}; got "
                        f"{value!r}")
+  if FLAGS.profile_dir and "float32" not in FLAGS.dtype_policy:
+    raise UsageError("profile_dir", "captures the float32 step: needs float32 in --dtype_policy")
   for value in FLAGS.steps_per_execution:
     if not value.isdigit() or int(value) < 1:
       raise UsageError("steps_per_execution", f"expected integers >= 1, got {value!r}")

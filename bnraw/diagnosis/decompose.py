@@ -58,20 +58,18 @@ class StatisticsWatcher:
   Bessel factor included, on applied steps only).
 
   ``example``: one input example, to count each layer's values per channel for the Bessel
-  factor's n (needed only with loss scaling and a Bessel layer)."""
+  factor's n (needed only once a step was skipped in a model with a Bessel layer)."""
 
   def __init__(self, model, example: Optional[np.ndarray] = None):
+    self.model, self.example = model, example
     self.momentum = [layer.momentum for layer in model.batch_norms]
     self.no_bessel_variance = [layer.moving_variance.numpy() for layer in model.batch_norms]
     self.last: Optional[list[ops.Moments]] = None
     self.steps = 0
     self.skipped_steps = 0
+    self.skipped_at: list[int] = []  # the skipped steps' numbers (0-based)
     self.without_skipped = [layer.moving for layer in model.batch_norms]
-    self.bessel_counts = None  # values per channel of one example, per Bessel layer (else None)
-    if any(layer.bessel for layer in model.batch_norms) and example is not None:
-      counts = model(tf.constant(example[:1]), training=False, statistics=BATCH).counts
-      self.bessel_counts = [float(c) if layer.bessel else None
-                            for c, layer in zip(counts, model.batch_norms)]
+    self._bessel_counts: Optional[list] = None
 
   def __call__(self, record: StepRecord) -> None:
     trace = record.trace
@@ -85,6 +83,7 @@ class StatisticsWatcher:
     self.steps += 1
     if record.skipped:
       self.skipped_steps += 1
+      self.skipped_at.append(record.step)
     elif not self.skipped_steps:  # nothing skipped yet: the replay is the real thing
       self.without_skipped = [ops.Moments(tf.constant(m), tf.constant(v)) for m, v in
                               zip(trace["moving_mean_after"], trace["moving_variance_after"])]
@@ -93,10 +92,25 @@ class StatisticsWatcher:
                               for k, (moving, batch) in enumerate(zip(self.without_skipped,
                                                                       self.last))]
 
+  def bessel_counts(self) -> list:
+    """Per BN layer, its values per channel for one example (Bessel layers; None for others)."""
+    if self._bessel_counts is None:
+      layers = self.model.batch_norms
+      if not any(layer.bessel for layer in layers):
+        self._bessel_counts = [None] * len(layers)
+      else:
+        if self.example is None:
+          raise ValueError("StatisticsWatcher needs an example to replay Bessel layers")
+        counts = self.model(tf.constant(self.example[:1]), training=False,
+                            statistics=BATCH).counts
+        self._bessel_counts = [float(c) if layer.bessel else None
+                               for c, layer in zip(counts, layers)]
+    return self._bessel_counts
+
   def _update(self, k: int, moving: ops.Moments, batch: ops.Moments, rows: int) -> ops.Moments:
     variance = tf.constant(batch.variance)
-    if self.bessel_counts is not None and self.bessel_counts[k] is not None:
-      variance = ops.bessel_variance(variance, tf.constant(rows * self.bessel_counts[k]))
+    if self.bessel_counts()[k] is not None:
+      variance = ops.bessel_variance(variance, tf.constant(rows * self.bessel_counts()[k]))
     m = self.momentum[k]
     return ops.Moments(ops.moving_average(moving.mean, tf.constant(batch.mean), m),
                        ops.moving_average(moving.variance, variance, m))
@@ -182,6 +196,7 @@ def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: i
                else results["evaluate"])
     out["loss_scaling"] = {
         "steps": watcher.steps, "skipped_steps": watcher.skipped_steps,
+        "skipped_at": list(watcher.skipped_at),
         "evaluate_without_skipped_updates": without[0],
         "skipped_updates_cost": losses["evaluate"] - without[0]}
   return out

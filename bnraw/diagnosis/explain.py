@@ -72,8 +72,11 @@ def mixed_precision_lines(diagnosis: dict) -> list[str]:
   lines = []
   scaling = diagnosis.get("loss_scaling")
   if scaling:
-    lines += ["", f"loss scaling: {scaling['skipped_steps']} of {scaling['steps']} steps skipped "
-              "(gradients not finite: the weights stayed, the BN statistics moved all the same)."]
+    at = scaling.get("skipped_at")
+    last = f", the last at step {at[-1]}" if at else ""
+    lines += ["", f"loss scaling: {scaling['skipped_steps']} of {scaling['steps']} steps skipped"
+              f"{last} (gradients not finite: the weights stayed, the BN statistics moved all the "
+              "same)."]
     cost = scaling["skipped_updates_cost"]
     if scaling["skipped_steps"] and cost is not None:
       lines.append(f"  evaluate without those statistics-only updates "

@@ -5,8 +5,10 @@ Under mixed_float16/bfloat16 every BN layer receives its input rounded to the co
 float32. :func:`statistics_vs_float32` compares each layer's population statistics (PreciseBN)
 at the final weights with those of a float32 twin holding the very same weights: per layer the
 max relative difference ``max|s_mixed - s_float32| / max|s_float32|`` of the mean and of the
-variance. It is what float16/bfloat16 rounding moves the stored statistics by, at most, once
-PreciseBN has recomputed them; the moving statistics carry that plus their own history.
+variance. It measures what float16/bfloat16 rounding moves the statistics by at these weights
+(as PreciseBN would store them); the moving statistics carry that plus their own history. The
+twin is a float32 raw seed network (the diagnose tool builds it) or, for a user's Keras model, a
+clone built under the float32 policy (:func:`keras_twin`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Sequence
 import numpy as np
 
 from bnraw.core import ops
-from bnraw.diagnosis.precise_bn import raw_population_statistics
 
 
 def _max_rel(a, b) -> float:
@@ -25,12 +26,34 @@ def _max_rel(a, b) -> float:
   return float(np.abs(a - b).max()) / scale if scale else float(np.abs(a - b).max())
 
 
-def statistics_vs_float32(mixed_statistics: Sequence[ops.Moments], float32_twin,
-                          images: np.ndarray, batch_size: int) -> list[dict]:
-  """Per BN layer ``{"layer", "mean_max_rel", "variance_max_rel"}``: ``mixed_statistics`` (the
-  mixed model's PreciseBN statistics) against ``float32_twin``'s, a float32 raw model already
-  holding the same weights."""
-  reference = raw_population_statistics(float32_twin, images, batch_size)
-  return [{"layer": layer.name, "mean_max_rel": _max_rel(mixed.mean, exact.mean),
-           "variance_max_rel": _max_rel(mixed.variance, exact.variance)}
-          for layer, mixed, exact in zip(float32_twin.batch_norms, mixed_statistics, reference)]
+def statistics_vs_float32(names: Sequence[str], mixed: Sequence[ops.Moments],
+                          float32: Sequence[ops.Moments]) -> list[dict]:
+  """Per BN layer ``{"layer", "mean_max_rel", "variance_max_rel"}`` of ``mixed`` against
+  ``float32`` (PreciseBN statistics of the same weights under the two policies)."""
+  return [{"layer": name, "mean_max_rel": _max_rel(m.mean, f.mean),
+           "variance_max_rel": _max_rel(m.variance, f.variance)}
+          for name, m, f in zip(names, mixed, float32)]
+
+
+def _layers(model) -> list:
+  """Every layer of ``model``, nested models' layers included."""
+  return [inner for layer in model.layers
+          for inner in ([layer] + (_layers(layer) if hasattr(layer, "layers") else []))]
+
+
+def keras_twin(model):
+  """A clone of a Keras ``model`` whose layers compute in float32, holding its weights; None
+  when a nested model keeps a mixed layer (the clone rebuilds top-level layers only)."""
+  import keras
+  before = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("float32")
+  try:
+    twin = keras.models.clone_model(
+        model, clone_function=lambda layer: layer.__class__.from_config(
+            {**layer.get_config(), "dtype": "float32"}))
+  finally:
+    keras.mixed_precision.set_global_policy(before)
+  if any(layer.compute_dtype != "float32" for layer in _layers(twin)):
+    return None
+  twin.set_weights(model.get_weights())
+  return twin

@@ -34,7 +34,8 @@ SUMMARY_LOSSES = ("fit", "train_mode_final", "precise_bn", "evaluate")
 
 
 def _reinitialise(parts, model: ModelConfig, seed: int) -> None:
-  """The weights a fresh ``seed_network(model, seed)`` would have; optimizer state zeroed."""
+  """The weights a fresh ``seed_network(model, seed)`` would have; optimizer state as new
+  (zeros; a loss scale back at its initial value)."""
   import tensorflow as tf
   from bnraw.core import optim
   from bnraw.models.seed import seed_network
@@ -184,7 +185,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
             runs.append({**run_info, "status": "complete", "losses": out["losses"],
                          "attribution": out["attribution"], "accuracy": out["accuracy"],
                          "dominant": dominant(out), "train_seconds": history.seconds,
-                         "seconds": time.perf_counter() - began})
+                         "seconds": time.perf_counter() - began,
+                         **({"loss_scaling": out["loss_scaling"]} if "loss_scaling" in out
+                            else {})})
           result = _result(record, runs, wall_before + time.perf_counter() - start)
           outputs.write_json(os.path.join(out_dir, SWEEP_FILE), result)
           if progress:
@@ -223,11 +226,12 @@ def _previous_runs(out_dir: str, record: dict) -> list:
   with open(path) as f:
     saved = json.load(f)
   current = json.loads(json.dumps(outputs.jsonable(record)))
+  saved_config = json.loads(json.dumps(outputs.jsonable(configs.normalized(saved["config"]))))
   for section in ("data", "model", "train"):
     # steps_per_execution is bit-identical to one step per call: it may change
     fixed = {k: v for k, v in current[section].items() if k not in (
         "case", "momentum", "width", "seed", "steps_per_execution")}
-    old = {k: v for k, v in saved["config"][section].items() if k in fixed}
+    old = {k: v for k, v in saved_config[section].items() if k in fixed}
     if old != fixed:
       raise UsageError("resume", f"the sweep in {out_dir} was made with other {section} "
                        f"settings: {old} vs now {fixed}")

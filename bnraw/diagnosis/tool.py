@@ -210,13 +210,15 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
 def _precision(model: ModelConfig, train: TrainConfig, weights, precise, images) -> dict:
   """How far the policy's rounding moves the statistics: this run's PreciseBN statistics
   against a float32 twin's with the same ``weights`` (:mod:`bnraw.diagnosis.precision`)."""
+  from bnraw.diagnosis.precise_bn import raw_population_statistics
   from bnraw.diagnosis.precision import statistics_vs_float32
   twin = seed.seed_network(dataclasses.replace(model, dtype_policy="float32"), seed=train.seed)
   for target, value in zip(twin.variables, weights):
     target.assign(value.numpy())
+  float32 = raw_population_statistics(twin, images, train.batch_size)
   return {"dtype_policy": model.dtype_policy,
-          "statistics_vs_float32": statistics_vs_float32(precise, twin, images,
-                                                         train.batch_size)}
+          "statistics_vs_float32": statistics_vs_float32(
+              [layer.name for layer in twin.batch_norms], precise, float32)}
 
 
 class Compiled(NamedTuple):
@@ -298,6 +300,18 @@ def run_keras_model(model_path: str, data_path: str, *, batch_size: int, out_dir
   # examples together and give batch statistics no training step ever saw)
   shuffled = np.random.default_rng(0).permutation(len(x))
   result = dg.diagnose_keras(kmodel, x, y, batch_size=batch_size, last_order=shuffled)
+  policy = next((layer.dtype_policy.name for layer in kmodel.layers
+                 if layer.compute_dtype != "float32"), "float32")
+  if policy != "float32":  # the saved policy: what its rounding does to the statistics
+    from bnraw.diagnosis.precise_bn import keras_population_statistics
+    from bnraw.diagnosis.precision import keras_twin, statistics_vs_float32
+    twin = keras_twin(kmodel)
+    if twin is not None:  # (None: a nested model: no float32 twin to compare with)
+      float32 = keras_population_statistics(twin, x, batch_size)
+      result["precision"] = {
+          "dtype_policy": policy, "statistics_vs_float32": statistics_vs_float32(
+              [layer.name for layer in keras_bn_layers(kmodel)], result["precise_statistics"],
+              float32)}
   title = f"{model_path} on {data_path}, batch {batch_size}"
   if tensorboard:
     from bnraw.tracing.tensorboard import TensorBoardWriter

@@ -59,6 +59,11 @@ def workload(model: ModelConfig, train: TrainConfig) -> dict:
           "l2": model.l2 > 0, "optimizer": train.optimizer, "dtype_policy": model.dtype_policy}
 
 
+def loss_scale_fits(value: float) -> bool:
+  """Whether ``value`` is a positive float32 (the loss scale is a float32 variable)."""
+  return 0 < value <= float(np.finfo(np.float32).max) and np.float32(value) > 0
+
+
 def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
   """Refuses settings that do not fit the seed, cheaply: builds nothing, imports no TensorFlow
   (the photo is read when one is given)."""
@@ -85,8 +90,9 @@ def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
     if model.dtype_policy != "mixed_float16":
       raise UsageError("loss_scale", "only applies with --dtype_policy=mixed_float16 (Keras "
                        "scales the loss under that policy only)")
-    if not 0 < train.loss_scale < float("inf"):
-      raise UsageError("loss_scale", f"must be a finite number > 0, got {train.loss_scale}")
+    if not loss_scale_fits(train.loss_scale):
+      raise UsageError("loss_scale", f"must be a float32 number > 0 (up to 3.4e38), got "
+                       f"{train.loss_scale}")
   if train.optimizer not in ("adam", "sgd"):
     raise UsageError("optimizer", f"must be adam or sgd, got {train.optimizer!r}")
 

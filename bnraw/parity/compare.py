@@ -58,12 +58,15 @@ def step_metrics(raw_before: dict, raw_after: dict, keras_before: dict, keras_af
   dw_raw = _flat(raw_w, trainable) - _flat(raw_before["weights"], trainable)
   dw_keras = _flat(keras_w, trainable) - _flat(keras_before["weights"], trainable)
   update_diff, update = np.linalg.norm(dw_raw - dw_keras), np.linalg.norm(dw_keras)
+  if update:
+    update_rel = float(update_diff / update)
+  else:  # Keras skipped the step (loss scaling): no difference, or the raw side moved anyway
+    update_rel = 0.0 if update_diff == 0 else float("inf")
   return {
       "moving_mean_max_rel_diff": max(max_rel(raw_w[i], keras_w[i]) for i in pick(moving_mean)),
       "moving_variance_max_rel_diff": max(max_rel(raw_w[i], keras_w[i])
                                           for i in pick(moving_variance)),
-      # a step both sides skipped (loss scaling) moved no weight: no difference
-      "update_rel_l2_diff": float(update_diff / update if update else update_diff and np.inf),
+      "update_rel_l2_diff": update_rel,
       "weights_max_rel_diff": max(max_rel(raw_w[i], keras_w[i]) for i in pick(trainable)),
       "weights_max_abs_diff": max(float(np.abs(raw_w[i] - keras_w[i]).max())
                                   for i in pick(trainable)),

@@ -129,7 +129,8 @@ def raw_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray,
   if mode == "auto":
     compile_s = choice.record["seconds"]
   if hlo_dir and mode == "xla" and k == 1 and not relax:
-    write_hlo(step, x, y, hlo_dir, f"raw_w{model_config.width:g}_trace{int(trace)}")
+    policy = "" if model_config.dtype_policy == "float32" else f"_{model_config.dtype_policy}"
+    write_hlo(step, x, y, hlo_dir, f"raw_w{model_config.width:g}{policy}_trace{int(trace)}")
   measure = lambda steps, warmup: [t / k for t in _timed(run, steps, warmup)]
   return Bench(row, compile_s, measure, run)
 
@@ -240,6 +241,8 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
   if not dtype_policies or not set(dtype_policies) <= set(DTYPE_POLICIES):
     raise UsageError("dtype_policies", f"need some of {', '.join(DTYPE_POLICIES)}, got "
                      f"{list(dtype_policies)}")
+  if profile_dir and "float32" not in dtype_policies:
+    raise UsageError("profile_dir", "captures the float32 step: needs float32 among the policies")
   if out_dir is not None:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   data = make_dataset(DataConfig())
@@ -326,8 +329,8 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
             "results": rows, "environment": outputs.environment()}
   if profile_dir:  # None: XProf (the optional extra) is not installed
     result["op_stats"] = op_tables if op_tables else None
-  if breakdown:
-    result["breakdown"] = breakdowns
+  if breakdown:  # None: no float32 step to take apart
+    result["breakdown"] = breakdowns if "float32" in dtype_policies else None
   result["ratios"] = ratios(result)
   if out_dir is not None:
     outputs.write_json(os.path.join(out_dir, "profile.json"), result)
@@ -449,6 +452,9 @@ def report(result: dict) -> str:
       o = entry["over_float32"]
       lines.append(f"  {policy} / float32, best of each: exact raw {o['exact_raw']:.2f}x, "
                    f"Keras {o['keras']:.2f}x")
+  if "breakdown" in result and result["breakdown"] is None:
+    lines.append("(no per-block breakdown: it takes the float32 step apart; add float32 to "
+                 "--dtype_policy)")
   if result.get("breakdown"):
     from bnraw.profiling.breakdown import format_breakdown
     for table in result["breakdown"]:

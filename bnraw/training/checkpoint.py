@@ -1,7 +1,8 @@
 """Checkpoints that let a run stop anywhere and continue bit for bit.
 
 A checkpoint is a ``tf.train.Checkpoint`` (every model variable by its Keras-style name, the
-optimizer slots and iteration count), written by a ``CheckpointManager`` under
+optimizer slots and iteration count, and with loss scaling the scale, its counter and the
+skipped-step count), numbered by the steps run (skipped ones included) and written by a ``CheckpointManager`` under
 ``{out_dir}/checkpoints``, plus ``run_state.json`` beside it: the loop's
 :class:`bnraw.core.loop.FitState` (epoch, position in the epoch, running means, the shuffling
 generator's state), the run's configuration and the checkpoint it belongs to. Both are written
@@ -15,6 +16,7 @@ import json
 import os
 import tensorflow as tf
 
+from bnraw import config as configs
 from bnraw import outputs
 from bnraw.core import optim
 from bnraw.core.loop import FitState
@@ -78,6 +80,7 @@ def check_config(saved: dict, current: dict) -> None:
   """Raises a UsageError naming every setting (``section.name``) whose value differs from the
   saved run's; both are :func:`bnraw.config.record` dicts."""
   current = json.loads(json.dumps(outputs.jsonable(current)))  # as it would be stored
+  saved = json.loads(json.dumps(outputs.jsonable(configs.normalized(saved))))
   differing = []
   for section in sorted(set(saved) | set(current)):
     old, new = saved.get(section, {}), current.get(section, {})

@@ -151,7 +151,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
         "steps_done": optim.steps_run(parts.optimizer),
         "train_seconds": time.perf_counter() - start,
     }
-    if isinstance(parts.optimizer, optim.LossScale):  # counted over the whole run, resumes too
+    if isinstance(parts.optimizer, optim.LossScale) and history.status != "non_finite":
+      # over the whole run, resumes included (a non-finite step's own skip is not a step done)
       summary["loss_scaling"] = {
           "initial_scale": parts.optimizer.initial_scale,
           "final_scale": float(parts.optimizer.dynamic_scale.numpy()),

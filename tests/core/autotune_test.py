@@ -3,11 +3,12 @@ its step to is the one that mode would run anyway."""
 
 from unittest import mock
 
+import numpy as np
 import tensorflow as tf
 
 from bnraw.config import ModelConfig
 from bnraw.core import autotune, loop
-from bnraw.core.optim import Adam
+from bnraw.core.optim import Adam, LossScale
 from bnraw.models.seed import seed_network
 from tests.core.examples import random_examples
 
@@ -19,6 +20,16 @@ def data(n=40, seed=0):
 
 
 class AutotuneTest(tf.test.TestCase):
+
+  def test_the_loss_scale_is_put_back_too(self):
+    # measuring times applied steps (scale 1); the run then starts from its own scale
+    net = seed_network(ModelConfig(width=1 / 64, dtype_policy="mixed_float16"))
+    opt = LossScale(Adam(net.trainable_variables), initial_scale=1e30)
+    x, y = data(16)
+    autotune.measure(net, opt, x, y, batch_size=16, trace=False, candidates=("eager",), steps=1)
+    self.assertEqual(opt.dynamic_scale.numpy(), np.float32(1e30))
+    self.assertEqual((int(opt.step_counter), int(opt.skipped_steps), int(opt.iterations)),
+                     (0, 0, 0))
 
   def test_measuring_leaves_the_state_as_it_was_and_the_run_unchanged(self):
     x, y = data()

@@ -116,6 +116,7 @@ class MixedPrecisionDiagnosisTest(tf.test.TestCase):
                "moving_variance_after": [r[1].astype(np.float32) for r in real]}
       watcher(StepRecord(0, step, np.arange(4), 1.0, 0.0, trace, 1.0, skipped))
     self.assertEqual((watcher.steps, watcher.skipped_steps), (6, 3))
+    self.assertEqual(watcher.skipped_at, [1, 3, 4])
     for replayed, (mean, variance) in zip(watcher.without_skipped, without):
       self.assertAllClose(replayed.mean, mean, rtol=1e-6, atol=1e-7)
       self.assertAllClose(replayed.variance, variance, rtol=1e-6)
@@ -140,6 +141,32 @@ class MixedPrecisionDiagnosisTest(tf.test.TestCase):
     for row in rows:  # float16 rounding: visible, and far below 1
       self.assertBetween(row["mean_max_rel"], 1e-7, 0.05)
       self.assertBetween(row["variance_max_rel"], 1e-7, 0.05)
+
+  def test_a_saved_mixed_model_is_measured_against_its_float32_twin(self):
+    from bnraw.diagnosis.precision import keras_twin
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+      keras.utils.set_random_seed(0)
+      model = user_model()
+    finally:
+      keras.mixed_precision.set_global_policy("float32")
+    twin = keras_twin(model)
+    self.assertEqual({layer.compute_dtype for layer in twin.layers}, {"float32"})
+    for a, b in zip(twin.weights, model.weights):
+      self.assertAllEqual(a, b)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, (20, 8, 8, 3)).astype(np.float32), rng.integers(0, 5, 20)
+    with tempfile.TemporaryDirectory() as tmp:
+      model.save(os.path.join(tmp, "m.keras"))
+      np.savez(os.path.join(tmp, "d.npz"), x=x, y=y)
+      d = diagnosis.run_keras_model(os.path.join(tmp, "m.keras"), os.path.join(tmp, "d.npz"),
+                                    batch_size=20, out_dir=os.path.join(tmp, "out"),
+                                    tensorboard=False)
+    self.assertEqual(d["precision"]["dtype_policy"], "mixed_bfloat16")
+    rows = d["precision"]["statistics_vs_float32"]
+    self.assertEqual([r["layer"] for r in rows], [r["layer"] for r in d["per_layer"]])
+    for row in rows:  # bfloat16 keeps 8 bits of mantissa: visible, well below 1
+      self.assertBetween(row["mean_max_rel"], 1e-6, 0.1)
 
 
 class PreciseBNTest(tf.test.TestCase):
