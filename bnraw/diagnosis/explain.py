@@ -80,7 +80,7 @@ def mixed_precision_lines(diagnosis: dict) -> list[str]:
     cost = scaling["skipped_updates_cost"]
     if scaling["skipped_steps"] and cost is not None:
       lines.append(f"  evaluate without those statistics-only updates "
-                   f"{scaling['evaluate_without_skipped_updates']:.4f}: they cost {cost:+.4f} "
+                   f"{scaling['evaluate_without_skipped_updates']:.4f}: they cost {cost:+.2g} "
                    "(inside stale_statistics + ema_lag).")
     elif scaling["skipped_steps"]:
       lines.append("  their cost needs the per-step history: --impl=raw prices it.")
