@@ -30,6 +30,10 @@ FLAGS = flags.FLAGS
 def check(argv):
   common.reject_extra_args(argv)
   common.check_seed_setup()
+  if FLAGS.l2 and FLAGS.steps_per_execution > 1:
+    raise UsageError("l2", "with --steps_per_execution > 1 cannot be compared step by step: "
+                     "fit's loss holds the L2 term of the weights before each step, which no "
+                     "callback sees inside an execution")
   if FLAGS.reference == "tf_keras":
     common.refuse_present(("bessel", "bessel_scope"), "--reference=tf_keras sets it (its fused "
                           "conv BN is Bessel-corrected, its dense BN is not)")

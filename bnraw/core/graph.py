@@ -94,11 +94,12 @@ class Model:
 
   def loss(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """What fit and evaluate report: cross-entropy (float32, :func:`ops.cross_entropy`), plus
-    the L2 penalty when l2 > 0."""
+    each kernel's L2 term when l2 > 0, summed as Keras's ``compute_loss`` sums them (one
+    ``reduce_sum`` over the stacked terms: the rounding of a stacked sum, not a chain of adds)."""
     loss = ops.cross_entropy(logits, labels)
     if self.l2 == 0:  # Keras then adds no loss term at all
       return loss
-    return tf.add_n([loss, ops.l2_penalty(self.kernels, self.l2)])
+    return tf.reduce_sum(tf.stack([loss, *ops.l2_terms(self.kernels, self.l2)]))
 
 
 __all__ = ["BATCH", "Forward", "Model", "StatisticsChoice"]

@@ -165,7 +165,8 @@ def correct_predictions(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
   return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
 
 
-def l2_penalty(kernels: list[tf.Tensor], l2: float) -> tf.Tensor:
-  """Keras's L2 regulariser summed over kernels: ``sum_k l2 * sum(k^2)`` (on the float32
-  variables, under any policy)."""
-  return tf.add_n([tf.cast(l2, k.dtype) * tf.reduce_sum(tf.square(k)) for k in kernels])
+def l2_terms(kernels: list[tf.Tensor], l2: float) -> list[tf.Tensor]:
+  """Keras's L2 regulariser per kernel: ``l2 * sum(k^2)`` (on the float32 variables, under any
+  policy)."""
+  return [tf.cast(l2, k.dtype) * tf.reduce_sum(tf.square(k)) for k in kernels]
+

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bnraw.diagnosis.decompose import ATTRIBUTION, LOSS_KEYS
-from bnraw.diagnosis.explain import CAUSE, DESCRIBE, NO_GAP, parts_of
+from bnraw.diagnosis.explain import CAUSE, DESCRIBE, NO_GAP, mixed_precision_lines, parts_of
 
 CURVES = ("fit", "train_mode_final", "precise_bn", "evaluate")
 
@@ -66,6 +66,7 @@ def markdown(diagnosis: dict, title: str = "") -> str:
               f"{', '.join(diagnosis['frozen'])}"]
   lines += ["", "| BN layer | part of evaluate - precise_bn |", "|---|---:|"]
   lines += [f"| {p['layer']} | {p['contribution']:+.4f} |" for p in diagnosis["per_layer"]]
+  lines += mixed_precision_lines(diagnosis)
   if cause == "none":
     lines += ["", f"**no gap to explain**: every part is below {NO_GAP:g} of the loss."]
   else:

@@ -93,7 +93,8 @@ def growth_report(steps: list[dict]) -> dict:
 
 
 def _batch_loss_metric(keras):
-  """A Keras metric holding the last batch's loss, computed with the compiled loss's own ops."""
+  """A Keras metric holding the last batch's compiled loss, computed with that loss's own ops
+  (the regularisation is added outside: a metric runs after the update, see Lockstep)."""
 
   class BatchLoss(keras.metrics.Metric):
 
@@ -153,6 +154,10 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   if reference == "tf_keras" and model.dtype_policy != "float32":
     raise UsageError("dtype_policy", "mixed precision compares against Keras 3 only (tf_keras "
                      "has another loss scale optimizer)")
+  if model.l2 and train.steps_per_execution > 1:
+    raise UsageError("l2", "with --steps_per_execution > 1 cannot be compared step by step: "
+                     "fit's loss holds the L2 term of the weights before each step, which no "
+                     "callback sees inside an execution")
   if not 0 <= perturbation < 1:
     raise UsageError("perturb", f"must be in [0, 1), got {perturbation}")
   if perturbation and synced:
@@ -194,6 +199,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
     def on_train_batch_begin(self, batch, logs=None):
       # Keras calls this once per execution of up to steps_per_execution steps (begin step).
       self.keras_before = keras_bridge.keras_state(kmodel)
+      # fit's loss adds each regularisation term of the weights *before* the update, as
+      # trainer.compute_loss sums them: ops.sum([loss, *model.losses])
+      self.regularization = [keras.ops.sum(term) for term in kmodel.losses]
       if synced:
         keras_bridge.set_raw_state(raw, optimizer, self.keras_before)
       self.raw_before = keras_bridge.raw_state(raw, optimizer)
@@ -204,7 +212,10 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
       self.raw_skipped = sum(int(out.get("skipped", False)) for out in outs)
 
     def on_train_batch_end(self, batch, logs=None):
-      keras_loss = float(kmodel.get_metrics_result()["batch_loss"])
+      keras_loss = kmodel.get_metrics_result()["batch_loss"]
+      if self.regularization:
+        keras_loss = keras.ops.sum([keras_loss, *self.regularization])
+      keras_loss = float(keras_loss)
       done = (steps[-1]["step"] + 1) if steps else 0
       row = {"step": done + self.executed - 1, "loss_raw": self.raw_loss, "loss_keras": keras_loss,
              "loss_rel_diff": abs(self.raw_loss - keras_loss) / abs(keras_loss)}

@@ -95,9 +95,9 @@ class OpsTest(tf.test.TestCase, parameterized.TestCase):
     logits = np.array([[0.1, 2.0], [3.0, 0.0], [0.0, 1.0]], np.float32)
     self.assertEqual(float(ops.correct_predictions(logits, np.array([1, 1, 1], np.int32))), 2.0)
 
-  def test_l2_penalty(self):
-    self.assertAllClose(ops.l2_penalty([np.ones((2, 2), np.float32), np.full(3, 2.0, np.float32)],
-                                       0.5), 0.5 * (4 + 12))
+  def test_l2_terms(self):
+    self.assertAllClose(ops.l2_terms([np.ones((2, 2), np.float32), np.full(3, 2.0, np.float32)],
+                                     0.5), [0.5 * 4, 0.5 * 12])
 
 
 if __name__ == "__main__":
