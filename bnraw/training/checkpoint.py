@@ -35,7 +35,7 @@ def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
            for i, v in enumerate(group)}
   loss_scale = ({"dynamic_scale": optimizer.dynamic_scale, "step_counter": optimizer.step_counter,
                  "skipped_steps": optimizer.skipped_steps}
-                if hasattr(optimizer, "dynamic_scale") else {})
+                if isinstance(optimizer, optim.LossScale) else {})
   return tf.train.Checkpoint(iterations=optimizer.iterations, **named, **slots, **loss_scale)
 
 
