@@ -93,6 +93,18 @@ class ResumeTest(tf.test.TestCase):
       self.assertLen(more["history"]["loss"], 5)
       self.assertEqual(more["steps_done"], 15)
 
+  def test_a_run_from_before_a_setting_existed_resumes(self):
+    from bnraw import config as configs
+    from bnraw.training.checkpoint import check_config
+    now = configs.record(DataConfig(), MODEL, TRAIN, trace=False)
+    before = json.loads(json.dumps(now))
+    del before["model"]["dtype_policy"], before["train"]["loss_scale"]  # made before they were
+    check_config(before, now)  # missing settings take their defaults: float32, no scaling
+    mixed = configs.record(DataConfig(), ModelConfig(width=1 / 32, dtype_policy="mixed_float16"),
+                           TRAIN, trace=False)
+    with self.assertRaisesRegex(UsageError, "model.dtype_policy"):
+      check_config(before, mixed)
+
   def test_mismatched_resume_is_refused(self):
     with tempfile.TemporaryDirectory() as out:
       training.run(DataConfig(), MODEL, TRAIN, out_dir=out, progress=False)
