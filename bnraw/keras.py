@@ -112,7 +112,8 @@ class BNDiagnosis(keras.callbacks.Callback):
       clone = keras.models.clone_model(model, clone_function=_without_noise)
     finally:
       random.setstate(state)
-    clone.compile(loss=model.loss)
+    from bnraw.diagnosis.decompose import compiled_metrics
+    clone.compile(loss=model.loss, metrics=compiled_metrics(model) or None)  # its own metric
     return clone
 
   def _diagnose(self) -> None:
@@ -125,9 +126,9 @@ class BNDiagnosis(keras.callbacks.Callback):
     logs = self._last_logs
     result = diagnose_keras(clone, self.x, self.y, batch_size=min(self.batch_size, len(self.x)),
                             fit_loss=logs.get("loss"),
-                            fit_accuracy=logs.get("accuracy", logs.get("sparse_categorical_"
-                                                                       "accuracy")),
                             last_order=np.random.default_rng(0).permutation(len(self.x)))
+    if result["metric"]:  # what fit logged for that same metric, under its name
+      result["accuracy"]["fit"] = logs.get(result["metric"].split(" (")[0])
     result.pop("precise_statistics")
     layers = keras_bn_layers(clone)
     result["frozen"] = [layer.name for layer in layers if not layer.trainable]

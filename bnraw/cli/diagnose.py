@@ -54,7 +54,8 @@ def main(argv):
   from bnraw import diagnosis
   if FLAGS.keras_model:
     result = diagnosis.run_keras_model(FLAGS.keras_model, FLAGS.data,
-                                       batch_size=FLAGS.batch_size, out_dir=FLAGS.out_dir,
+                                       batch_size=(FLAGS.batch_size if FLAGS["batch_size"].present
+                                                   else None), out_dir=FLAGS.out_dir,
                                        fix=FLAGS.fix, overwrite=FLAGS.overwrite,
                                        tensorboard=FLAGS.tensorboard)
     title = f"bnraw diagnosis of {result['title']}"

@@ -205,18 +205,39 @@ def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: i
 # -- Keras models ---------------------------------------------------------------------------------
 
 
-def _keras_accuracy(y, y_pred) -> np.ndarray:
-  y, y_pred = np.asarray(y), np.asarray(y_pred)
-  predicted = y_pred.argmax(-1)
-  truth = y.argmax(-1) if y.ndim == y_pred.ndim and y.shape[-1] == y_pred.shape[-1] > 1 else \
-      y.reshape(predicted.shape)
-  return (predicted == truth).astype(np.float32)
+def compiled_metrics(model) -> list:
+  """The metric identifiers ``model`` was compiled with (a single-output model's list), [] if
+  none or in a form bnraw does not read (per-output dicts)."""
+  config = model.get_compile_config() if hasattr(model, "get_compile_config") else None
+  metrics = (config or {}).get("metrics")
+  if metrics is None or isinstance(metrics, dict):
+    return []
+  metrics = metrics if isinstance(metrics, (list, tuple)) else [metrics]
+  return [m for m in metrics if m is not None]
+
+
+def metric_name(model, y, y_pred) -> Optional[str]:
+  """The report's second column: the model's first compiled metric as Keras resolves it
+  (``"accuracy"`` becomes binary, sparse-categorical or categorical accuracy from the shapes of
+  ``y`` and ``y_pred``), e.g. ``"accuracy (BinaryAccuracy)"``; None for a model with none."""
+  metric = _first_metric(model, y, y_pred)
+  if metric is None:
+    return None
+  kind = type(metric).__name__
+  return metric.name if kind == "MeanMetricWrapper" else f"{metric.name} ({kind})"
+
+
+def _first_metric(model, y, y_pred):
+  from keras.src.trainers.compile_utils import get_metric
+  metrics = compiled_metrics(model)
+  return get_metric(metrics[0], y, y_pred) if metrics else None
 
 
 def keras_loss(model, x, y, batch_size: int, *, training: bool,
                order: Optional[np.ndarray] = None) -> tuple[float, Optional[float]]:
-  """Loss (the model's compiled loss, as fit/evaluate compute it) and arg-max accuracy over the
-  data in batches. ``training=True`` runs the training branch and then restores every BN
+  """Loss (the model's compiled loss, as fit/evaluate compute it) and its first compiled metric
+  (:func:`metric_name`; None without one) over the data in batches, weighted by batch size as
+  evaluate averages. ``training=True`` runs the training branch and then restores every BN
   layer's moving statistics, so no state changes."""
   from bnraw.diagnosis.precise_bn import keras_bn_layers, keras_statistics
 
@@ -225,12 +246,23 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
     y_pred = model(xb, training=training)
     return model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=False), y_pred
 
+  found = []
+
   def one_batch(chunk):
-    loss, y_pred = forward_loss(tf.constant(x[chunk]), tf.constant(y[chunk]))
-    return loss, _keras_accuracy(y[chunk], y_pred).sum()
+    yb = tf.constant(y[chunk])
+    loss, y_pred = forward_loss(tf.constant(x[chunk]), yb)
+    if not found:
+      found.append(_first_metric(model, yb, y_pred))
+    metric = found[0]
+    if metric is None:
+      return loss, 0.0
+    metric.reset_state()
+    metric.update_state(yb, y_pred)
+    return loss, float(metric.result()) * len(chunk)
 
   with keras_statistics(keras_bn_layers(model), {}):  # restores the moving statistics
-    return mean_over_batches(one_batch, batch_chunks(len(x), batch_size, order))
+    loss, value = mean_over_batches(one_batch, batch_chunks(len(x), batch_size, order))
+  return loss, (value if found and found[0] is not None else None)
 
 
 def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
@@ -272,4 +304,6 @@ def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
       "precise_statistics": precise,
   }
   out["moving_statistics_total"] = losses["evaluate"] - losses["precise_bn"]
+  sample = slice(0, min(batch_size, len(x)))
+  out["metric"] = metric_name(model, tf.constant(y[sample]), model(x[sample], training=False))
   return out

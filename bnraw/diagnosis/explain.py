@@ -100,15 +100,21 @@ def report(diagnosis: dict, title: str = "") -> str:
   losses, accuracy = diagnosis["losses"], diagnosis["accuracy"]
   lines = [title] if title else []
   fit, evaluate = losses["fit"], losses["evaluate"]
+  # the second column: the model's own compiled metric (a user model may have another, or none)
+  name = diagnosis.get("metric", "accuracy") or "no metric"
+  short = name.split(" (")[0]
   if fit is not None:
-    lines.append(f"fit printed    loss {fit:.4f}  accuracy {_num(accuracy['fit'])}")
-  lines.append(f"evaluate gives loss {evaluate:.4f}  accuracy {_num(accuracy['evaluate'])}")
+    lines.append(f"fit printed    loss {fit:.4f}  {short} {_num(accuracy['fit'])}")
+  lines.append(f"evaluate gives loss {evaluate:.4f}  {short} {_num(accuracy['evaluate'])}")
   if fit is not None:
     accuracy_gap = (None if accuracy["fit"] is None or accuracy["evaluate"] is None
                     else accuracy["evaluate"] - accuracy["fit"])
-    lines.append(f"gap            loss {evaluate - fit:+.4f}  accuracy "
+    lines.append(f"gap            loss {evaluate - fit:+.4f}  {short} "
                  f"{_num(accuracy_gap, '{:+.4f}')}")
-  lines += ["", f"{'':18} {'loss':>9} {'accuracy':>9}  meaning"]
+  if "metric" in diagnosis:
+    lines.append(f"(second column: {name}, the model's first compiled metric)"
+                 if diagnosis["metric"] else "(the model has no compiled metric)")
+  lines += ["", f"{'':18} {'loss':>9} {short[:9]:>9}  meaning"]
   for key in LOSS_KEYS:
     lines.append(f"{key:18} {_num(losses[key]):>9} {_num(accuracy[key]):>9}  {DESCRIBE[key]}")
   parts, dominant = parts_of(diagnosis)

@@ -281,15 +281,21 @@ def _fix_keras(kmodel, precise, x, y, batch_size: int, out_dir: str) -> dict:
           "saved": path}
 
 
-def run_keras_model(model_path: str, data_path: str, *, batch_size: int, out_dir: str,
-                    fix: Optional[str] = None, overwrite: bool = False,
+KERAS_FIT_BATCH_SIZE = 32  # model.fit's batch_size when none is given
+
+
+def run_keras_model(model_path: str, data_path: str, *, batch_size: Optional[int],
+                    out_dir: str, fix: Optional[str] = None, overwrite: bool = False,
                     tensorboard: bool = True) -> dict:
   """The decomposition for a user's own trained Keras model: ``evaluate``, ``train_mode_final``,
   ``precise_bn`` and the per-layer split (the rest needs the training history); with
-  ``tensorboard`` also as TensorBoard charts, text and images."""
+  ``tensorboard`` also as TensorBoard charts, text and images. ``batch_size`` None: Keras
+  ``fit``'s default, 32 (capped at the number of examples)."""
   from bnraw.models import user
   if fix not in (None, "precise_bn"):
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
+  given = batch_size is not None
+  batch_size = batch_size if given else KERAS_FIT_BATCH_SIZE
   if batch_size < 1:
     raise UsageError("batch_size", f"must be >= 1, got {batch_size}")
   kmodel = user.load_keras_model(model_path)
@@ -300,6 +306,8 @@ def run_keras_model(model_path: str, data_path: str, *, batch_size: int, out_dir
   # examples together and give batch statistics no training step ever saw)
   shuffled = np.random.default_rng(0).permutation(len(x))
   result = dg.diagnose_keras(kmodel, x, y, batch_size=batch_size, last_order=shuffled)
+  # frozen layers ran their inference branch in fit: PreciseBN and the fix keep their statistics
+  result["frozen"] = [layer.name for layer in keras_bn_layers(kmodel) if not layer.trainable]
   policy = next((layer.dtype_policy.name for layer in kmodel.layers
                  if layer.compute_dtype != "float32"), "float32")
   if policy != "float32":  # the saved policy: what its rounding does to the statistics
@@ -312,7 +320,8 @@ def run_keras_model(model_path: str, data_path: str, *, batch_size: int, out_dir
           "dtype_policy": policy, "statistics_vs_float32": statistics_vs_float32(
               [layer.name for layer in keras_bn_layers(kmodel)], result["precise_statistics"],
               float32)}
-  title = f"{model_path} on {data_path}, batch {batch_size}"
+  title = (f"{model_path} on {data_path}, batch {batch_size}"
+           + ("" if given else " (Keras fit's default; --batch_size sets it)"))
   if tensorboard:
     from bnraw.tracing.tensorboard import TensorBoardWriter
     layers = keras_bn_layers(kmodel)

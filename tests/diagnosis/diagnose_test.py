@@ -169,6 +169,53 @@ class MixedPrecisionDiagnosisTest(tf.test.TestCase):
       self.assertBetween(row["mean_max_rel"], 1e-6, 0.1)
 
 
+class KerasModelMetricTest(tf.test.TestCase):
+  """The report's second column is the user's own compiled metric, at Keras fit's batch size."""
+
+  def diagnose(self, model, x, y, **kwargs):
+    with tempfile.TemporaryDirectory() as tmp:
+      model.save(os.path.join(tmp, "m.keras"))
+      np.savez(os.path.join(tmp, "d.npz"), x=x, y=y)
+      return diagnosis.run_keras_model(os.path.join(tmp, "m.keras"), os.path.join(tmp, "d.npz"),
+                                       out_dir=os.path.join(tmp, "out"), tensorboard=False,
+                                       **kwargs)
+
+  def test_sigmoid_head_over_a_frozen_base(self):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(48, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)[:, None]  # half ones: not the fraction of zeros
+    keras.utils.set_random_seed(1)
+    base = keras.layers.BatchNormalization(name="base_bn")
+    base.trainable = False
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), base,
+                              keras.layers.ReLU(), keras.layers.Dense(4),
+                              keras.layers.BatchNormalization(name="head_bn"),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    d = self.diagnose(model, x, y, batch_size=None)
+    self.assertIn("batch 32 (Keras fit's default", d["title"])
+    self.assertEqual(d["metric"], "accuracy (BinaryAccuracy)")
+    evaluate = model.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)
+    self.assertAllClose(d["accuracy"]["evaluate"], evaluate["accuracy"], rtol=1e-6)
+    self.assertAllClose(d["losses"]["evaluate"], evaluate["loss"], rtol=1e-5)
+    # the frozen layer ran its inference branch in fit: nothing of the gap is its own
+    self.assertEqual(d["frozen"], ["base_bn"])
+    self.assertEqual(d["per_layer"][0], {"layer": "base_bn", "contribution": 0.0})
+
+  def test_regression_model_has_no_metric(self):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20, 5)).astype(np.float32)
+    y = x.sum(1, keepdims=True)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    d = self.diagnose(model, x, y, batch_size=10)
+    self.assertIsNone(d["metric"])
+    self.assertIsNone(d["accuracy"]["evaluate"])
+    self.assertIn("(the model has no compiled metric)", diagnosis.report(d))
+
+
 class PreciseBNTest(tf.test.TestCase):
 
   def test_aggregate_closed_form(self):
