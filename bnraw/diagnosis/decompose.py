@@ -235,10 +235,11 @@ def _first_metric(model, y, y_pred):
 
 def keras_loss(model, x, y, batch_size: int, *, training: bool,
                order: Optional[np.ndarray] = None) -> tuple[float, Optional[float]]:
-  """Loss (the model's compiled loss, as fit/evaluate compute it) and its first compiled metric
-  (:func:`metric_name`; None without one) over the data in batches, weighted by batch size as
-  evaluate averages. ``training=True`` runs the training branch and then restores every BN
-  layer's moving statistics, so no state changes."""
+  """Loss (the model's compiled loss, as fit/evaluate compute it, averaged over batches by
+  size) and its first compiled metric (:func:`metric_name`; None without one), accumulated over
+  every batch as evaluate accumulates it (so AUC or precision are whole-data values too).
+  ``training=True`` runs the training branch and then restores every BN layer's moving
+  statistics, so no state changes."""
   from bnraw.diagnosis.precise_bn import keras_bn_layers, keras_statistics
 
   @tf.function
@@ -252,17 +253,14 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
     yb = tf.constant(y[chunk])
     loss, y_pred = forward_loss(tf.constant(x[chunk]), yb)
     if not found:
-      found.append(_first_metric(model, yb, y_pred))
-    metric = found[0]
-    if metric is None:
-      return loss, 0.0
-    metric.reset_state()
-    metric.update_state(yb, y_pred)
-    return loss, float(metric.result()) * len(chunk)
+      found.append(_first_metric(model, yb, y_pred))  # a fresh metric: its state starts empty
+    if found[0] is not None:
+      found[0].update_state(yb, y_pred)
+    return loss, 0.0
 
   with keras_statistics(keras_bn_layers(model), {}):  # restores the moving statistics
-    loss, value = mean_over_batches(one_batch, batch_chunks(len(x), batch_size, order))
-  return loss, (value if found and found[0] is not None else None)
+    loss, _ = mean_over_batches(one_batch, batch_chunks(len(x), batch_size, order))
+  return loss, (float(found[0].result()) if found and found[0] is not None else None)
 
 
 def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
