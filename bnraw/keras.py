@@ -102,6 +102,9 @@ class BNDiagnosis(keras.callbacks.Callback):
                        "the same, > 0")
     if getattr(model, "loss", None) is None:
       raise ValueError("BNDiagnosis: the model has no compiled loss")
+    if len(model.outputs) != 1:
+      raise ValueError(f"BNDiagnosis: the model has {len(model.outputs)} outputs; "
+                       "single-output models only")
     if len(model.inputs) != 1:
       raise ValueError(f"BNDiagnosis: the model takes {len(model.inputs)} inputs; single-input "
                        "models only")
@@ -128,7 +131,7 @@ class BNDiagnosis(keras.callbacks.Callback):
                             fit_loss=logs.get("loss"),
                             last_order=np.random.default_rng(0).permutation(len(self.x)))
     if result["metric"]:  # what fit logged for that same metric, under its name
-      result["accuracy"]["fit"] = logs.get(result["metric"].split(" (")[0])
+      result["accuracy"]["fit"] = logs.get(result["metric"]["name"])
     result.pop("precise_statistics")
     layers = keras_bn_layers(clone)
     result["frozen"] = [layer.name for layer in layers if not layer.trainable]

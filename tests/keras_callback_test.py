@@ -79,6 +79,11 @@ class BNDiagnosisTest(tf.test.TestCase):
       evaluate = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
       self.assertAllClose(result["losses"]["evaluate"], evaluate["loss"], rtol=1e-5)
       self.assertEqual(result["losses"]["fit"], model.history.history["loss"][-1])
+      # the model's own metric, read from fit's logs under its name; evaluate's value beside it
+      self.assertEqual(result["metric"], {"name": "accuracy",
+                                          "class": "SparseCategoricalAccuracy"})
+      self.assertEqual(result["accuracy"]["fit"], model.history.history["accuracy"][-1])
+      self.assertAllClose(result["accuracy"]["evaluate"], evaluate["accuracy"], rtol=1e-6)
       self.assertAllClose(result["attribution"]["weight_update"],
                           result["losses"]["train_mode_final"] - result["losses"]["fit"])
       self.assertIn("evaluate - fit, split by cause", report.getvalue())

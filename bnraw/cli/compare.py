@@ -37,6 +37,9 @@ def check(argv):
   if FLAGS.reference == "tf_keras":
     common.refuse_present(("bessel", "bessel_scope"), "--reference=tf_keras sets it (its fused "
                           "conv BN is Bessel-corrected, its dense BN is not)")
+    if FLAGS.l2:
+      raise UsageError("l2", "compares against Keras 3 only (tf_keras sums the regularisation "
+                       "into its loss in another order)")
     if FLAGS.dtype_policy != "float32":
       raise UsageError("dtype_policy", "mixed precision compares against Keras 3 only (tf_keras "
                        "has another loss scale optimizer)")

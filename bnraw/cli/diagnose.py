@@ -69,9 +69,8 @@ def main(argv):
   print()
   print(diagnosis.report(result, title))
   if "fixed" in result:
-    fixed = result["fixed"]["evaluate"]
-    print(f"fixed model: evaluate loss {fixed['loss']:.4f}  accuracy {fixed['accuracy']:.4f}  "
-          f"saved to {result['fixed']['saved']}")
+    from bnraw.diagnosis.explain import fixed_line
+    print(fixed_line(result))
   print(f"wrote {FLAGS.out_dir}/diagnosis.json")
 
 

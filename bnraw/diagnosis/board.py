@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bnraw.diagnosis.decompose import ATTRIBUTION, LOSS_KEYS
-from bnraw.diagnosis.explain import CAUSE, DESCRIBE, NO_GAP, mixed_precision_lines, parts_of
+from bnraw.diagnosis.explain import (CAUSE, DESCRIBE, NO_GAP, metric_label, mixed_precision_lines,
+                                    parts_of)
 
 CURVES = ("fit", "train_mode_final", "precise_bn", "evaluate")
 
@@ -50,7 +51,7 @@ def markdown(diagnosis: dict, title: str = "") -> str:
   fmt = lambda v, spec="{:.4f}": "n/a" if v is None else spec.format(v)
   losses, accuracy = diagnosis["losses"], diagnosis["accuracy"]
   lines = [f"**{title}**", ""] if title else []
-  lines += ["| | loss | accuracy | meaning |", "|---|---:|---:|---|"]
+  lines += [f"| | loss | {metric_label(diagnosis)} | meaning |", "|---|---:|---:|---|"]
   lines += [f"| {key} | {fmt(losses[key])} | {fmt(accuracy[key])} | {DESCRIBE[key]} |"
             for key in LOSS_KEYS]
   parts, cause = parts_of(diagnosis)

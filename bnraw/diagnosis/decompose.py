@@ -206,37 +206,51 @@ def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: i
 
 
 def compiled_metrics(model) -> list:
-  """The metric identifiers ``model`` was compiled with (a single-output model's list), [] if
-  none or in a form bnraw does not read (per-output dicts)."""
-  config = model.get_compile_config() if hasattr(model, "get_compile_config") else None
-  metrics = (config or {}).get("metrics")
-  if metrics is None or isinstance(metrics, dict):
+  """The metrics a single-output ``model`` was compiled with, flattened as Keras flattens them
+  (a list, nested lists, or a dict by output name), as the live objects or identifiers; [] if
+  none or unreadable (then the report shows no metric)."""
+  import keras
+  try:
+    live = getattr(model, "_compile_config", None)  # Keras 3 keeps compile's own arguments
+    metrics = (live.config if live is not None else model.get_compile_config()).get("metrics")
+    return [m for m in keras.tree.flatten(metrics) if m is not None] if metrics else []
+  except Exception:  # an unserialisable custom metric: the report goes without one
     return []
-  metrics = metrics if isinstance(metrics, (list, tuple)) else [metrics]
-  return [m for m in metrics if m is not None]
-
-
-def metric_name(model, y, y_pred) -> Optional[str]:
-  """The report's second column: the model's first compiled metric as Keras resolves it
-  (``"accuracy"`` becomes binary, sparse-categorical or categorical accuracy from the shapes of
-  ``y`` and ``y_pred``), e.g. ``"accuracy (BinaryAccuracy)"``; None for a model with none."""
-  metric = _first_metric(model, y, y_pred)
-  if metric is None:
-    return None
-  kind = type(metric).__name__
-  return metric.name if kind == "MeanMetricWrapper" else f"{metric.name} ({kind})"
 
 
 def _first_metric(model, y, y_pred):
+  """A fresh instance of the model's first compiled metric as Keras resolves it
+  (``"accuracy"`` becomes binary, sparse-categorical or categorical accuracy from the shapes of
+  ``y`` and ``y_pred``); None without one, or when it does not give one number."""
+  import keras
   from keras.src.trainers.compile_utils import get_metric
   metrics = compiled_metrics(model)
-  return get_metric(metrics[0], y, y_pred) if metrics else None
+  if not metrics:
+    return None
+  first = metrics[0]
+  try:
+    if isinstance(first, keras.metrics.Metric):  # a live one: a copy with its own state
+      first = type(first).from_config(first.get_config())
+    metric = get_metric(first, y, y_pred)
+    metric.update_state(y, y_pred)
+    scalar = np.size(metric.result()) == 1
+    metric.reset_state()
+  except Exception:  # e.g. a custom metric that cannot be copied
+    return None
+  return metric if scalar else None
+
+
+def metric_of(model, y, y_pred) -> Optional[dict]:
+  """``{"name", "class"}`` of the report's second column (:func:`_first_metric`), e.g.
+  ``{"name": "accuracy", "class": "BinaryAccuracy"}``; ``name`` is the key fit logs it under."""
+  metric = _first_metric(model, y, y_pred)
+  return None if metric is None else {"name": metric.name, "class": type(metric).__name__}
 
 
 def keras_loss(model, x, y, batch_size: int, *, training: bool,
                order: Optional[np.ndarray] = None) -> tuple[float, Optional[float]]:
   """Loss (the model's compiled loss, as fit/evaluate compute it, averaged over batches by
-  size) and its first compiled metric (:func:`metric_name`; None without one), accumulated over
+  size) and its first compiled metric (:func:`metric_of`; None without one), accumulated over
   every batch as evaluate accumulates it (so AUC or precision are whole-data values too).
   ``training=True`` runs the training branch and then restores every BN layer's moving
   statistics, so no state changes."""
@@ -303,5 +317,5 @@ def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
   }
   out["moving_statistics_total"] = losses["evaluate"] - losses["precise_bn"]
   sample = slice(0, min(batch_size, len(x)))
-  out["metric"] = metric_name(model, tf.constant(y[sample]), model(x[sample], training=False))
+  out["metric"] = metric_of(model, tf.constant(y[sample]), model(x[sample], training=False))
   return out

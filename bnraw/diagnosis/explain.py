@@ -67,6 +67,20 @@ def parts_of(diagnosis: dict) -> tuple[dict, str]:
   return parts, dominant if abs(parts[dominant]) >= NO_GAP * max(abs(evaluate), 1e-12) else "none"
 
 
+def metric_label(diagnosis: dict) -> str:
+  """The second column's name: the seed's accuracy, or a user model's own metric (or none)."""
+  if "metric" not in diagnosis:
+    return "accuracy"
+  return diagnosis["metric"]["name"] if diagnosis["metric"] else "no metric"
+
+
+def fixed_line(diagnosis: dict) -> str:
+  """What the fixed model evaluates to, and where it went."""
+  fixed = diagnosis["fixed"]
+  return (f"fixed model: evaluate loss {fixed['evaluate']['loss']:.4f}  {metric_label(diagnosis)} "
+          f"{_num(fixed['evaluate']['accuracy'])}  saved to {fixed['saved']}")
+
+
 def mixed_precision_lines(diagnosis: dict) -> list[str]:
   """The loss scaling and rounding paragraphs of a mixed-precision run (none otherwise)."""
   lines = []
@@ -100,9 +114,7 @@ def report(diagnosis: dict, title: str = "") -> str:
   losses, accuracy = diagnosis["losses"], diagnosis["accuracy"]
   lines = [title] if title else []
   fit, evaluate = losses["fit"], losses["evaluate"]
-  # the second column: the model's own compiled metric (a user model may have another, or none)
-  name = diagnosis.get("metric", "accuracy") or "no metric"
-  short = name.split(" (")[0]
+  short = metric_label(diagnosis)
   if fit is not None:
     lines.append(f"fit printed    loss {fit:.4f}  {short} {_num(accuracy['fit'])}")
   lines.append(f"evaluate gives loss {evaluate:.4f}  {short} {_num(accuracy['evaluate'])}")
@@ -111,9 +123,10 @@ def report(diagnosis: dict, title: str = "") -> str:
                     else accuracy["evaluate"] - accuracy["fit"])
     lines.append(f"gap            loss {evaluate - fit:+.4f}  {short} "
                  f"{_num(accuracy_gap, '{:+.4f}')}")
-  if "metric" in diagnosis:
-    lines.append(f"(second column: {name}, the model's first compiled metric)"
-                 if diagnosis["metric"] else "(the model has no compiled metric)")
+  if "metric" in diagnosis:  # a user's Keras model: its own metric, or none
+    metric = diagnosis["metric"]
+    lines.append(f"(second column: {metric['name']} ({metric['class']}), the model's first "
+                 "compiled metric)" if metric else "(the model has no compiled metric)")
   lines += ["", f"{'':18} {'loss':>9} {short[:9]:>9}  meaning"]
   for key in LOSS_KEYS:
     lines.append(f"{key:18} {_num(losses[key]):>9} {_num(accuracy[key]):>9}  {DESCRIBE[key]}")
@@ -142,8 +155,9 @@ def report(diagnosis: dict, title: str = "") -> str:
   if dominant == "none":
     lines += ["", f"no gap to explain: every part is below {NO_GAP:g} of the loss, so fit, "
               "evaluate and PreciseBN agree."]
-    chance = 1.0 / NUM_IMAGES
-    if fit is not None and accuracy["evaluate"] is not None and accuracy["evaluate"] < 2 * chance:
+    chance = 1.0 / NUM_IMAGES  # the seed's 256 classes: not a user model's metric
+    if ("metric" not in diagnosis and fit is not None and accuracy["evaluate"] is not None
+        and accuracy["evaluate"] < 2 * chance):
       lines.append("the network is at chance level: it has not learned (e.g. every ReLU of a "
                    "thin first layer dead from the start; try another --seed or width).")
   else:
@@ -151,5 +165,5 @@ def report(diagnosis: dict, title: str = "") -> str:
     lines += ["", f"dominant cause: {dominant} ({parts[dominant]:+.4f}): {why}.", f"fix: {fix}."]
     if "precise_bn" in losses and losses["precise_bn"] is not None:
       lines.append(f"with PreciseBN statistics evaluate would give loss {losses['precise_bn']:.4f}"
-                   f", accuracy {_num(accuracy['precise_bn'])}.")
+                   f", {short} {_num(accuracy['precise_bn'])}.")
   return "\n".join(lines)

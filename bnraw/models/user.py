@@ -41,6 +41,9 @@ def load_keras_model(path: str):
   if getattr(model, "loss", None) is None:
     raise UsageError("keras_model", f"{path} was saved without a compiled loss "
                      "(compile it before model.save)")
+  if len(model.outputs) != 1:
+    raise UsageError("keras_model", f"{path} has {len(model.outputs)} outputs; bnraw diagnoses "
+                     "single-output models (one array y in the data file)")
   if len(model.inputs) != 1:
     names = ", ".join(t.name for t in model.inputs)
     raise UsageError("keras_model", f"{path} takes {len(model.inputs)} inputs ({names}); "

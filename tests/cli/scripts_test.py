@@ -166,6 +166,8 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
        "--loss_scale: only applies with --dtype_policy=mixed_float16"),
       ("compare_l2_multi_step", "compare.py", ["--l2=1e-4", "--steps_per_execution=2"],
        "--l2: with --steps_per_execution > 1 cannot be compared"),
+      ("tf_keras_l2", "compare.py", ["--reference=tf_keras", "--l2=1e-4"],
+       "--l2: compares against Keras 3 only"),
       ("tf_keras_mixed", "compare.py", ["--reference=tf_keras", "--dtype_policy=mixed_float16"],
        "--dtype_policy: mixed precision compares against Keras 3 only"),
   )

@@ -195,13 +195,28 @@ class KerasModelMetricTest(tf.test.TestCase):
     model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     d = self.diagnose(model, x, y, batch_size=None)
     self.assertIn("batch 32 (Keras fit's default", d["title"])
-    self.assertEqual(d["metric"], "accuracy (BinaryAccuracy)")
+    self.assertEqual(d["metric"], {"name": "accuracy", "class": "BinaryAccuracy"})
     evaluate = model.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)
     self.assertAllClose(d["accuracy"]["evaluate"], evaluate["accuracy"], rtol=1e-6)
     self.assertAllClose(d["losses"]["evaluate"], evaluate["loss"], rtol=1e-5)
     # the frozen layer ran its inference branch in fit: nothing of the gap is its own
     self.assertEqual(d["frozen"], ["base_bn"])
     self.assertEqual(d["per_layer"][0], {"layer": "base_bn", "contribution": 0.0})
+
+  def test_a_metric_of_the_whole_data_is_accumulated_as_evaluate_does(self):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * rng.normal(size=40) > 0).astype(np.float32)[:, None]
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
+                              keras.layers.BatchNormalization(),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy", metrics=[keras.metrics.AUC(name="auc")])
+    d = self.diagnose(model, x, y, batch_size=10, fix="precise_bn")
+    self.assertEqual(d["metric"], {"name": "auc", "class": "AUC"})
+    evaluate = model.evaluate(x, y, batch_size=10, verbose=0, return_dict=True)
+    self.assertAllClose(d["accuracy"]["evaluate"], evaluate["auc"], rtol=1e-6)  # not per batch
+    self.assertIn("fixed model: evaluate loss", diagnosis.explain.fixed_line(d))
 
   def test_regression_model_has_no_metric(self):
     rng = np.random.default_rng(2)
@@ -210,10 +225,11 @@ class KerasModelMetricTest(tf.test.TestCase):
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
                               keras.layers.BatchNormalization(), keras.layers.Dense(1)])
     model.compile("adam", "mse")
-    d = self.diagnose(model, x, y, batch_size=10)
+    d = self.diagnose(model, x, y, batch_size=10, fix="precise_bn")
     self.assertIsNone(d["metric"])
     self.assertIsNone(d["accuracy"]["evaluate"])
     self.assertIn("(the model has no compiled metric)", diagnosis.report(d))
+    self.assertIn("no metric n/a", diagnosis.explain.fixed_line(d))
 
 
 class PreciseBNTest(tf.test.TestCase):
