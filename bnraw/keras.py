@@ -43,6 +43,47 @@ def _without_noise(layer):
   return layer.__class__.from_config(layer.get_config())
 
 
+def noise_layers(model) -> list[str]:
+  """Names of ``model``'s top-level training-only noise layers (Dropout and kin)."""
+  return [layer.name for layer in model.layers if type(layer).__name__ in NOISE]
+
+
+def _seeded_noise(seed: int):
+  def clone(layer):
+    config = layer.get_config()
+    if type(layer).__name__ in NOISE and "seed" in config:
+      config["seed"] = seed
+    return layer.__class__.from_config(config)
+  return clone
+
+
+def quiet_clone(model):
+  """A copy of ``model`` with its noise layers as identities, compiled with its loss and its
+  metrics, holding its weights (moving statistics included), so its training branch is BN's
+  alone and deterministic. Python's ``random`` state is put back (Keras seeds new layers from
+  it), so cloning changes nothing in the user's run."""
+  return _clone(model, _without_noise)
+
+
+def seeded_clone(model, seed: int = 0):
+  """A copy of ``model`` as :func:`quiet_clone`'s, but with its noise layers kept and seeded
+  with ``seed``: the same masks every time (a saved model's own noise state is not in the
+  file, so its masks differ from one load to the next)."""
+  return _clone(model, _seeded_noise(seed))
+
+
+def _clone(model, clone_function):
+  from bnraw.diagnosis.decompose import compiled_metrics
+  state = random.getstate()
+  try:
+    clone = keras.models.clone_model(model, clone_function=clone_function)
+  finally:
+    random.setstate(state)
+  clone.compile(loss=model.loss, metrics=compiled_metrics(model) or None)
+  clone.set_weights(model.get_weights())
+  return clone
+
+
 class BNDiagnosis(keras.callbacks.Callback):
   """Diagnoses BatchNorm's fit/evaluate gap during ``model.fit``; see the module docstring.
 
@@ -110,14 +151,7 @@ class BNDiagnosis(keras.callbacks.Callback):
                        "models only")
     if not keras_bn_layers(model):  # also refuses BN inside a nested model
       raise ValueError("BNDiagnosis: the model has no BatchNormalization layer")
-    state = random.getstate()
-    try:
-      clone = keras.models.clone_model(model, clone_function=_without_noise)
-    finally:
-      random.setstate(state)
-    from bnraw.diagnosis.decompose import compiled_metrics
-    clone.compile(loss=model.loss, metrics=compiled_metrics(model) or None)  # its own metric
-    return clone
+    return quiet_clone(model)
 
   def _diagnose(self) -> None:
     from bnraw.diagnosis import board

@@ -151,6 +151,12 @@ def report(diagnosis: dict, title: str = "") -> str:
   lines += ["", "the moving-statistics part (evaluate - precise_bn) by BN layer, first to last:"]
   lines.append("  " + "  ".join(f"{p['layer']} {p['contribution']:+.4f}"
                                 for p in diagnosis["per_layer"]))
+  if diagnosis.get("dropout"):
+    d = diagnosis["dropout"]
+    lines += ["", f"dropout ({', '.join(d['layers'])}): the training branch with it on gives "
+              f"{d['train_mode_with_dropout']:.4f}, {d['effect']:+.4f} over train_mode_final "
+              "(BN alone: the parts above run without dropout). fit's loss carries it, evaluate "
+              "never does."]
   lines += mixed_precision_lines(diagnosis)
   if dominant == "none":
     lines += ["", f"no gap to explain: every part is below {NO_GAP:g} of the loss, so fit, "

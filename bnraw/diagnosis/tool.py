@@ -286,6 +286,9 @@ def _fix_keras(kmodel, precise, x, y, batch_size: int, out_dir: str) -> dict:
 KERAS_FIT_BATCH_SIZE = 32  # model.fit's batch_size when none is given
 
 
+DROPOUT_SEED = 0  # the noise layers' seed for the dropout part: the same masks on every run
+
+
 def run_keras_model(model_path: str, data_path: str, *, batch_size: Optional[int],
                     out_dir: str, fix: Optional[str] = None, overwrite: bool = False,
                     tensorboard: bool = True) -> dict:
@@ -307,7 +310,16 @@ def run_keras_model(model_path: str, data_path: str, *, batch_size: Optional[int
   # train_mode_final on shuffled batches, as fit would draw them (sorted data would put similar
   # examples together and give batch statistics no training step ever saw)
   shuffled = np.random.default_rng(0).permutation(len(x))
-  result = dg.diagnose_keras(kmodel, x, y, batch_size=batch_size, last_order=shuffled)
+  from bnraw.keras import noise_layers, quiet_clone, seeded_clone
+  noise = noise_layers(kmodel)
+  # with dropout the training branch is random and not BN's: the parts use a copy without it
+  result = dg.diagnose_keras(quiet_clone(kmodel) if noise else kmodel, x, y,
+                             batch_size=batch_size, last_order=shuffled)
+  if noise:  # what dropout adds to the training branch, apart from BN
+    with_noise = dg.keras_loss(seeded_clone(kmodel, DROPOUT_SEED), x, y, batch_size,
+                               training=True, order=shuffled)[0]
+    result["dropout"] = {"layers": noise, "train_mode_with_dropout": with_noise,
+                         "effect": with_noise - result["losses"]["train_mode_final"]}
   # frozen layers ran their inference branch in fit: PreciseBN and the fix keep their statistics
   result["frozen"] = [layer.name for layer in keras_bn_layers(kmodel) if not layer.trainable]
   policy = next((layer.dtype_policy.name for layer in kmodel.layers

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from bnraw import diagnosis, training
 from bnraw.core import loop, ops
+from bnraw.diagnosis import decompose
 from bnraw.models import seed
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.diagnosis.decompose import ATTRIBUTION, LOSS_KEYS
@@ -217,6 +218,32 @@ class KerasModelMetricTest(tf.test.TestCase):
     evaluate = model.evaluate(x, y, batch_size=10, verbose=0, return_dict=True)
     self.assertAllClose(d["accuracy"]["evaluate"], evaluate["auc"], rtol=1e-6)  # not per batch
     self.assertIn("fixed model: evaluate loss", diagnosis.explain.fixed_line(d))
+
+  def test_dropout_is_measured_apart_from_bn(self):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    keras.utils.set_random_seed(4)
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((5,)), layers.Dense(8, name="d1"),
+                              layers.BatchNormalization(name="bn"), layers.ReLU(),
+                              layers.Dropout(0.5, name="drop"),
+                              layers.Dense(3, activation="softmax", name="d2")])
+    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, batch_size=10, epochs=2, verbose=0)
+    first, again = (self.diagnose(model, x, y, batch_size=10) for _ in range(2))
+    self.assertEqual(first["losses"], again["losses"])  # deterministic, dropout and all
+    self.assertEqual(first["dropout"], again["dropout"])
+    self.assertEqual(first["dropout"]["layers"], ["drop"])
+    # the oracle: the same weights in a model built without the Dropout layer at all
+    plain = keras.Sequential([keras.Input((5,)), layers.Dense(8), layers.BatchNormalization(),
+                              layers.ReLU(), layers.Dense(3, activation="softmax")])
+    plain.compile(loss="sparse_categorical_crossentropy")
+    plain.set_weights(model.get_weights())
+    order = np.random.default_rng(0).permutation(40)  # the diagnosis's shuffled batches
+    train_mode, _ = decompose.keras_loss(plain, x, y, 10, training=True, order=order)
+    self.assertAllClose(first["losses"]["train_mode_final"], train_mode, rtol=1e-6)
+    self.assertNotAllClose(first["dropout"]["train_mode_with_dropout"], train_mode, rtol=1e-3)
 
   def test_regression_model_has_no_metric(self):
     rng = np.random.default_rng(2)
