@@ -139,11 +139,22 @@ class LossScale:
     return tf.logical_not(finite)
 
 
+def named_state(optimizer) -> dict[str, tf.Variable]:
+  """Every variable of an optimizer's state by a stable name (the checkpoint's keys):
+  ``iterations``, ``slot{g}.{i}`` (slot group g, variable i) and a loss scale's
+  ``dynamic_scale``, ``step_counter``, ``skipped_steps``, in that order."""
+  state = {"iterations": optimizer.iterations}
+  state.update({f"slot{g}.{i}": v for g, group in enumerate(optimizer.slots)
+                for i, v in enumerate(group)})
+  if isinstance(optimizer, LossScale):
+    state.update(dynamic_scale=optimizer.dynamic_scale, step_counter=optimizer.step_counter,
+                 skipped_steps=optimizer.skipped_steps)
+  return state
+
+
 def state_variables(optimizer) -> list[tf.Variable]:
-  """Every variable of an optimizer's state (iterations, slots, a loss scale's), fixed order."""
-  own = ([optimizer.dynamic_scale, optimizer.step_counter, optimizer.skipped_steps]
-         if isinstance(optimizer, LossScale) else [])
-  return [optimizer.iterations, *[v for group in optimizer.slots for v in group], *own]
+  """Every variable of an optimizer's state (:func:`named_state`'s, in its order)."""
+  return list(named_state(optimizer).values())
 
 
 def steps_run(optimizer) -> int:

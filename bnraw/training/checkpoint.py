@@ -1,9 +1,9 @@
 """Checkpoints that let a run stop anywhere and continue bit for bit.
 
-A checkpoint is a ``tf.train.Checkpoint`` (every model variable by its Keras-style name, the
-optimizer slots and iteration count, and with loss scaling the scale, its counter and the
-skipped-step count), numbered by the steps run (skipped ones included) and written by a ``CheckpointManager`` under
-``{out_dir}/checkpoints``, plus ``run_state.json`` beside it: the loop's
+A checkpoint is a ``tf.train.Checkpoint`` (every model variable by its Keras-style name and the
+optimizer's whole state, :func:`bnraw.core.optim.named_state`: slots, iteration count, and with
+loss scaling the scale, its counter and the skipped-step count), numbered by the steps run
+(skipped ones included) and written by a ``CheckpointManager`` under ``{out_dir}/checkpoints``, plus ``run_state.json`` beside it: the loop's
 :class:`bnraw.core.loop.FitState` (epoch, position in the epoch, running means, the shuffling
 generator's state), the run's configuration and the checkpoint it belongs to. Both are written
 complete-or-absent; the JSON last, so it never points at a checkpoint that is not there.
@@ -31,12 +31,7 @@ MAY_DIFFER = {("train", "epochs"), ("train", "mode"), ("train", "steps_per_execu
 
 def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
   named = {v.name.split(":")[0].replace("/", "."): v for v in model.variables}
-  slots = {f"slot{g}.{i}": v for g, group in enumerate(optimizer.slots)
-           for i, v in enumerate(group)}
-  loss_scale = ({"dynamic_scale": optimizer.dynamic_scale, "step_counter": optimizer.step_counter,
-                 "skipped_steps": optimizer.skipped_steps}
-                if isinstance(optimizer, optim.LossScale) else {})
-  return tf.train.Checkpoint(iterations=optimizer.iterations, **named, **slots, **loss_scale)
+  return tf.train.Checkpoint(**named, **optim.named_state(optimizer))
 
 
 class Checkpointer:
