@@ -35,16 +35,11 @@ def statistics_vs_float32(names: Sequence[str], mixed: Sequence[ops.Moments],
           for name, m, f in zip(names, mixed, float32)]
 
 
-def _layers(model) -> list:
-  """Every layer of ``model``, nested models' layers included."""
-  return [inner for layer in model.layers
-          for inner in ([layer] + (_layers(layer) if hasattr(layer, "layers") else []))]
-
-
 def keras_twin(model):
   """A clone of a Keras ``model`` whose layers compute in float32, holding its weights; None
   when a nested model keeps a mixed layer (the clone rebuilds top-level layers only)."""
   import keras
+  from bnraw.models.user import all_layers
   before = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy("float32")
   try:
@@ -53,7 +48,7 @@ def keras_twin(model):
             {**layer.get_config(), "dtype": "float32"}))
   finally:
     keras.mixed_precision.set_global_policy(before)
-  if any(layer.compute_dtype != "float32" for layer in _layers(twin)):
+  if any(layer.compute_dtype != "float32" for layer in all_layers(twin)):
     return None
   twin.set_weights(model.get_weights())
   return twin

@@ -50,7 +50,7 @@ def load_keras_model(path: str):
                      "bnraw diagnoses single-input models (one array x in the data file)")
   import tensorflow as tf
   if not tf.config.list_physical_devices("GPU"):
-    for layer in _all_layers(model):
+    for layer in all_layers(model):
       if getattr(layer, "data_format", None) == "channels_first":
         raise UsageError("keras_model", f"layer {layer.name!r} ({type(layer).__name__}) uses "
                          "data_format='channels_first', which TensorFlow cannot run on a CPU; "
@@ -58,11 +58,12 @@ def load_keras_model(path: str):
   return model
 
 
-def _all_layers(model):
+def all_layers(model):
+  """Every layer of ``model``, nested models' layers included."""
   for layer in model.layers:
     yield layer
     if hasattr(layer, "layers"):
-      yield from _all_layers(layer)
+      yield from all_layers(layer)
 
 
 def load_data(path: str, model) -> tuple[np.ndarray, np.ndarray]:
