@@ -10,7 +10,6 @@ from absl import flags
 
 from bnraw.cli import app
 from bnraw.cli import flags as common
-from bnraw.errors import UsageError
 
 common.define_common_flags(out_dir="runs/compare", trace=False)
 flags.FLAGS.set_default("epochs", 20)
@@ -30,19 +29,12 @@ FLAGS = flags.FLAGS
 def check(argv):
   common.reject_extra_args(argv)
   common.check_seed_setup()
-  if FLAGS.l2 and FLAGS.steps_per_execution > 1:
-    raise UsageError("l2", "with --steps_per_execution > 1 cannot be compared step by step: "
-                     "fit's loss holds the L2 term of the weights before each step, which no "
-                     "callback sees inside an execution")
+  from bnraw.models.keras_bridge import check_comparable
+  _, model, train = common.configs(resolve=False)
+  check_comparable(model, train, FLAGS.reference)
   if FLAGS.reference == "tf_keras":
     common.refuse_present(("bessel", "bessel_scope"), "--reference=tf_keras sets it (its fused "
                           "conv BN is Bessel-corrected, its dense BN is not)")
-    if FLAGS.l2:
-      raise UsageError("l2", "compares against Keras 3 only (tf_keras sums the regularisation "
-                       "into its loss in another order)")
-    if FLAGS.dtype_policy != "float32":
-      raise UsageError("dtype_policy", "mixed precision compares against Keras 3 only (tf_keras "
-                       "has another loss scale optimizer)")
 
 
 def main(argv):

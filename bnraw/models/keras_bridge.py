@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bnraw.config import CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, ModelConfig, TrainConfig
+from bnraw.errors import UsageError
 
 REFERENCES = ("keras3", "tf_keras")
 PACKAGE = {"keras3": "keras", "tf_keras": "tf_keras"}
@@ -35,6 +36,21 @@ def keras_module(reference: str = "keras3"):
   if reference == "tf_keras":
     return importlib.import_module("tf_keras")
   raise ValueError(f"unknown reference {reference!r}; expected one of {REFERENCES}")
+
+
+def check_comparable(model: ModelConfig, train: TrainConfig, reference: str) -> None:
+  """Refuses settings that cannot be compared step by step with ``reference`` (imports no
+  TensorFlow: the command line checks it before any work, the library again)."""
+  if model.l2 and train.steps_per_execution > 1:
+    raise UsageError("l2", "with --steps_per_execution > 1 cannot be compared step by step: "
+                     "fit's loss holds the L2 term of the weights before each step, which no "
+                     "callback sees inside an execution")
+  if reference == "tf_keras" and model.l2:
+    raise UsageError("l2", "compares against Keras 3 only (tf_keras sums the regularisation "
+                     "into its loss in another order)")
+  if reference == "tf_keras" and model.dtype_policy != "float32":
+    raise UsageError("dtype_policy", "mixed precision compares against Keras 3 only (tf_keras "
+                     "has another loss scale optimizer)")
 
 
 def build_model(config: ModelConfig, reference: str = "keras3"):

@@ -151,16 +151,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   if importlib.util.find_spec(keras_bridge.PACKAGE[reference]) is None:
     raise UsageError("reference", f"{keras_bridge.PACKAGE[reference]} is not installed "
                      f"(pip install {keras_bridge.PACKAGE[reference]})")
-  if reference == "tf_keras" and model.dtype_policy != "float32":
-    raise UsageError("dtype_policy", "mixed precision compares against Keras 3 only (tf_keras "
-                     "has another loss scale optimizer)")
-  if model.l2 and reference == "tf_keras":
-    raise UsageError("l2", "compares against Keras 3 only (tf_keras sums the regularisation "
-                     "into its loss in another order)")
-  if model.l2 and train.steps_per_execution > 1:
-    raise UsageError("l2", "with --steps_per_execution > 1 cannot be compared step by step: "
-                     "fit's loss holds the L2 term of the weights before each step, which no "
-                     "callback sees inside an execution")
+  keras_bridge.check_comparable(model, train, reference)
   if not 0 <= perturbation < 1:
     raise UsageError("perturb", f"must be in [0, 1), got {perturbation}")
   if perturbation and synced:
