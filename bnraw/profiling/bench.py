@@ -340,7 +340,7 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
 def ratios(result: dict) -> list[dict]:
   """Per width and dtype policy: best raw / best Keras step time, and trace on/off for raw
   xla; for a mixed policy also its best raw and best Keras time over float32's."""
-  out = []
+  out, best_s = [], {}  # best_s[(width, policy)]: (best exact raw, best Keras) step seconds
   groups = sorted({(r["width"], r.get("dtype_policy", "float32")) for r in result["results"]},
                   key=lambda g: (g[0], DTYPE_POLICIES.index(g[1])))
   for width, policy in groups:
@@ -360,6 +360,8 @@ def ratios(result: dict) -> list[dict]:
                       f"{label}raw_over_keras": best["step_s_median"] / best_keras["step_s_median"],
                       f"best_{label}raw_peak_fraction": best["peak_fraction"]})
       entry["best_keras"] = best_keras["mode"]
+      best_s[width, policy] = (min(r["step_s_median"] for r in exact),
+                               best_keras["step_s_median"])
     xla = {r["traced"]: r for r in rows if r["impl"] == "raw" and r["mode"] == "xla"
            and not r["fast_conv"]}
     if len(xla) == 2:
@@ -391,21 +393,10 @@ def ratios(result: dict) -> list[dict]:
       entry["steps_per_execution_over_one"] = per_call
     out.append(entry)
   for entry in out:  # each mixed policy against float32 at the same width
-    base = next((e for e in out if e["width"] == entry["width"]
-                 and e["dtype_policy"] == "float32"), None)
-    if entry["dtype_policy"] != "float32" and base is not None and "best_keras" in entry \
-        and "best_keras" in base:
-      best = lambda e, impl, mode: next(r["step_s_median"] for r in result["results"]
-                                        if r["width"] == e["width"] and r["impl"] == impl
-                                        and r.get("dtype_policy", "float32") == e["dtype_policy"]
-                                        and r["mode"] == mode.split("+")[0]
-                                        and r["fast_conv"] == mode.endswith("+fast_conv")
-                                        and not r["traced"] and r["steps_per_execution"] == 1)
-      entry["over_float32"] = {
-          "exact_raw": (best(entry, "raw", entry["best_exact_raw"])
-                        / best(base, "raw", base["best_exact_raw"])),
-          "keras": best(entry, "keras", entry["best_keras"]) / best(base, "keras",
-                                                                     base["best_keras"])}
+    mine, base = (best_s.get((entry["width"], entry["dtype_policy"])),
+                  best_s.get((entry["width"], "float32")))
+    if entry["dtype_policy"] != "float32" and mine and base:
+      entry["over_float32"] = {"exact_raw": mine[0] / base[0], "keras": mine[1] / base[1]}
   return out
 
 
