@@ -284,8 +284,6 @@ def _fix_keras(kmodel, precise, x, y, batch_size: int, out_dir: str) -> dict:
 
 
 KERAS_FIT_BATCH_SIZE = 32  # model.fit's batch_size when none is given
-
-
 DROPOUT_SEED = 0  # the noise layers' seed for the dropout part: the same masks on every run
 
 
