@@ -49,7 +49,8 @@ def state_restored(model: Model, optimizer):
   """Every model variable and the optimizer's whole state (slots, iteration count, loss scale)
   are put back exactly as they were when the block ends (also on error): steps run inside it
   for timing leave no trace."""
-  variables = [*model.variables, *optim.state_variables(optimizer)]
+  variables = [*model.variables, *getattr(model, "state_variables", ()),
+               *optim.state_variables(optimizer)]
   saved = [v.numpy() for v in variables]
   try:
     yield

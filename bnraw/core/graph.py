@@ -1,6 +1,7 @@
-"""A raw model: raw layers applied in order, with explicit, Keras-named variables.
+"""A raw model: raw layers applied in order (:class:`Model`, the seed network is one) or as a
+graph (:class:`Graph`, a user's Keras model's twin), with explicit, Keras-named variables.
 
-The seed network (bnraw.models.seed) is one instance. The model's last layer produces logits;
+For :class:`Model`: The model's last layer produces logits;
 the softmax lives in the loss, as Keras's categorical cross-entropy on a Softmax output computes
 it (:func:`ops.cross_entropy`). NHWC throughout.
 
@@ -11,7 +12,7 @@ layer computes in it (float32 variables cast on read; BN in float32 inside, see
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -82,9 +83,7 @@ class Model:
     h = tf.cast(x, self.compute_dtype)  # Keras casts a model's float inputs to its policy
     for layer in self.layers:
       if isinstance(layer, BatchNorm):
-        chosen = (statistics if statistics is None or isinstance(statistics, str)
-                  else statistics.get(layer.name))
-        out = layer(h, training=training, statistics=chosen, hook=hook)
+        out = layer(h, training=training, statistics=self._choice(statistics, layer), hook=hook)
         h = out.y
         used.append(out.statistics)
         counts.append(out.count)
@@ -101,5 +100,106 @@ class Model:
       return loss
     return tf.reduce_sum(tf.stack([loss, *ops.l2_terms(self.kernels, self.l2)]))
 
+  def correct(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """The metric's sum over this batch (fit averages it per example): arg-max hits."""
+    return ops.correct_predictions(logits, labels)
 
-__all__ = ["BATCH", "Forward", "Model", "StatisticsChoice"]
+  def _choice(self, statistics: StatisticsChoice, layer: BatchNorm):
+    return (statistics if statistics is None or isinstance(statistics, str)
+            else statistics.get(layer.name))
+
+
+class Node(NamedTuple):
+  """One call of a layer in a :class:`Graph`: the value ids it reads (0 is the model's input,
+  node k's output is value k + 1); several ids: a list argument (a merge layer)."""
+
+  layer: object
+  inputs: tuple[int, ...]
+
+
+class Graph(Model):
+  """A user's model as raw nodes in Keras's execution order (nested models inlined, their layers
+  named by path, e.g. ``backbone/bn_1``); each layer is called once.
+
+  What fit's train step does with it, made explicit by the converter (bnraw.models.twin):
+  ``loss_fn(y_true, y_pred, logits)`` is the compiled loss, ``metric_fn(y_true, y_pred)`` the first
+  compiled metric per example (None: no metric), ``regularizers`` the ``(variable, penalty)``
+  pairs in Keras's ``model.losses`` order. When the output comes from a softmax or sigmoid,
+  ``output_activation`` names it: the forward pass stops before it (``Forward.logits`` is the
+  pre-activation) and the loss applies it, handing the logits on when ``loss_uses_logits`` (as
+  Keras's cross-entropy recovers ``_keras_logits``).
+  """
+
+  def __init__(self, name: str, nodes: Sequence[Node], *, variables: Sequence[tf.Variable],
+               trainable_variables: Sequence[tf.Variable],
+               state_variables: Sequence[tf.Variable] = (), loss_fn: Callable,
+               metric_fn: Optional[Callable] = None, regularizers: Sequence = (),
+               output_activation: Optional[Callable] = None, loss_uses_logits: bool = False,
+               compute_dtype: str = "float32"):
+    layers = [node.layer for node in nodes]
+    if len({id(layer) for layer in layers}) != len(layers):
+      raise ValueError("each layer must be called once")
+    super().__init__(name, layers, compute_dtype=compute_dtype)
+    self.nodes = list(nodes)
+    self._variables, self._trainable = list(variables), list(trainable_variables)
+    self.state_variables = list(state_variables)
+    self.loss_fn, self.metric_fn, self.regularizers = loss_fn, metric_fn, list(regularizers)
+    self.output_activation, self.loss_uses_logits = output_activation, loss_uses_logits
+
+  @property
+  def variables(self) -> list[tf.Variable]:
+    return self._variables
+
+  @property
+  def trainable_variables(self) -> list[tf.Variable]:
+    return self._trainable
+
+  @property
+  def kernels(self) -> list[tf.Variable]:
+    return [variable for variable, _ in self.regularizers]
+
+  def __call__(self, x: tf.Tensor, *, training: bool, statistics: StatisticsChoice = None,
+               hook: Optional[UpdateHook] = None) -> Forward:
+    if statistics is not None and not isinstance(statistics, str):
+      unknown = set(statistics) - {layer.name for layer in self.batch_norms}
+      if unknown:
+        raise KeyError(f"no BN layer {sorted(unknown)}")
+    used, counts = [], []
+    values = [tf.cast(x, self.compute_dtype)]
+    last = len(self.nodes) - 1
+    for k, (layer, inputs) in enumerate(self.nodes):
+      h = values[inputs[0]] if len(inputs) == 1 else [values[i] for i in inputs]
+      if isinstance(layer, BatchNorm):
+        out = layer(h, training=training, statistics=self._choice(statistics, layer), hook=hook)
+        h = out.y
+        used.append(out.statistics)
+        counts.append(out.count)
+      elif k == last and self.output_activation is not None:
+        h = layer.preactivation(h, training=training)
+      else:
+        h = layer(h, training=training)
+      values.append(h)
+    return Forward(values[-1], used, counts)
+
+  def predictions(self, logits: tf.Tensor) -> tf.Tensor:
+    """``y_pred``: the model's output from what the forward pass returned."""
+    return logits if self.output_activation is None else self.output_activation(logits)
+
+  def loss(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """Keras's ``compute_loss``: the compiled loss, then each regularisation penalty (summed on
+    its own, as ``_aggregate_additional_loss``), all summed as one stacked ``reduce_sum``."""
+    loss = self.loss_fn(labels, self.predictions(logits),
+                        logits if self.loss_uses_logits else None)
+    if not self.regularizers:
+      return loss
+    terms = [tf.reduce_sum(penalty(variable)) for variable, penalty in self.regularizers]
+    return tf.reduce_sum(tf.stack([loss, *terms]))
+
+  def correct(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """The first compiled metric's sum over this batch (0 without a metric)."""
+    if self.metric_fn is None:
+      return tf.constant(0.0)
+    return tf.reduce_sum(tf.cast(self.metric_fn(labels, self.predictions(logits)), tf.float32))
+
+
+__all__ = ["BATCH", "Forward", "Graph", "Model", "Node", "StatisticsChoice"]

@@ -6,7 +6,7 @@ decides the branch. Only :class:`BatchNorm` has state that changes outside the o
 
 BatchNorm, training branch (``training=True`` on a trainable layer)::
 
-    mean, variance = biased moments of x over every axis but the last   (ops.moments)
+    mean, variance = biased moments of x over every axis but the channel axis   (ops.moments)
     y = gamma * (x - mean) / sqrt(variance + eps) + beta                (ops.normalize)
     moving_mean     <- moving_mean     * m + mean      * (1 - m)
     moving_variance <- moving_variance * m + variance' * (1 - m)
@@ -127,20 +127,29 @@ class BatchNormOutput(NamedTuple):
 
 class BatchNorm:
   """One BN layer: ``gamma``, ``beta``, ``moving_mean``, ``moving_variance`` (Keras names
-  ``{name}/gamma`` ...; initial values 1, 0, 0, 1) and the branch choice."""
+  ``{name}/gamma`` ...; initial values 1, 0, 0, 1) and the branch choice.
+
+  Keras's options: ``axis`` (the channel axis; moments over all others), ``center=False`` /
+  ``scale=False`` (no beta / gamma), ``synchronized`` (the one-pass moments Keras's synchronized
+  path takes even on one device, :func:`ops.moments_one_pass`), ``trainable=False`` (frozen:
+  the inference branch inside fit too, and gamma/beta not trained).
+  """
 
   def __init__(self, name: str, channels: int, *, momentum: float, epsilon: float,
-               bessel: bool = False, trainable: bool = True):
+               bessel: bool = False, trainable: bool = True, axis: int = -1,
+               center: bool = True, scale: bool = True, synchronized: bool = False):
     def var(suffix, value, is_trainable):
       return tf.Variable(tf.fill([channels], value), name=f"{name}/{suffix}",
                          trainable=is_trainable)
     self.name, self.momentum, self.epsilon, self.bessel = name, momentum, epsilon, bessel
-    self.trainable = trainable
-    self.gamma, self.beta = var("gamma", 1.0, True), var("beta", 0.0, True)
+    self.trainable, self.axis, self.synchronized = trainable, axis, synchronized
+    self.gamma = var("gamma", 1.0, trainable) if scale else None
+    self.beta = var("beta", 0.0, trainable) if center else None
     self.moving_mean = var("moving_mean", 0.0, False)
     self.moving_variance = var("moving_variance", 1.0, False)
-    self.variables = [self.gamma, self.beta, self.moving_mean, self.moving_variance]
-    self.trainable_variables = [self.gamma, self.beta] if trainable else []
+    affine = [v for v in (self.gamma, self.beta) if v is not None]
+    self.variables = [*affine, self.moving_mean, self.moving_variance]
+    self.trainable_variables = affine if trainable else []
     self.kernels = ()
 
   @property
@@ -156,26 +165,34 @@ class BatchNorm:
       x: ``[..., C]``; moments are taken over every axis but the last.
       training: the branch. True on a trainable layer: batch moments, then the moving update.
         False, or a frozen layer: the moving statistics, no state change.
-      statistics: overrides the branch and changes no state: :data:`BATCH` normalises with the
-        batch's own moments, an ``ops.Moments`` with those (PreciseBN, the diagnosis).
+      statistics: overrides the branch and changes no state: :data:`BATCH` normalises as the
+        training branch does (the batch's own moments; a frozen layer's moving statistics), an
+        ``ops.Moments`` with those (PreciseBN, the diagnosis).
       hook: called eagerly just before the moving update (the step debugger).
     """
     with tf.name_scope(self.name):  # op names "bn_3/moments/..." survive into XLA's HLO
       update = statistics is None and training and self.trainable
       compute_dtype = x.dtype
       x = tf.cast(x, tf.float32)  # Keras upcasts float16/bfloat16 inputs (no op for float32)
-      count = ops.elements_per_channel(x)
+      count = ops.elements_per_channel(x, self.axis)
       if statistics is None:
         statistics = BATCH if update else self.moving
       if isinstance(statistics, str):
         if statistics != BATCH:
           raise ValueError(f"statistics must be BATCH, Moments or None, got {statistics!r}")
-        statistics = ops.moments(x)
-      y = tf.cast(ops.normalize(x, statistics, self.gamma, self.beta, self.epsilon),
+        # the training branch's normalisation: a frozen layer's is its moving statistics
+        statistics = self.batch_moments(x) if self.trainable else self.moving
+      y = tf.cast(ops.normalize(x, statistics, self.gamma, self.beta, self.epsilon, self.axis),
                   compute_dtype)
     if update:
       self._update_moving_statistics(statistics, count, hook)
     return BatchNormOutput(y, statistics, count)
+
+  def batch_moments(self, x: tf.Tensor) -> ops.Moments:
+    """This batch's biased moments, as this layer's training branch takes them."""
+    if self.synchronized:
+      return ops.moments_one_pass(x, self.axis)
+    return ops.moments(x, self.axis)
 
   def _update_moving_statistics(self, batch: ops.Moments, n: tf.Tensor,
                                 hook: Optional[UpdateHook]) -> None:

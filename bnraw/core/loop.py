@@ -28,6 +28,12 @@ class MeanTracker:
     self.total = np.float32(self.total + np.float32(value) * np.float32(weight))
     self.count = np.float32(self.count + np.float32(weight))
 
+  def add(self, total, count: int) -> None:
+    """A metric's own update (``total += sum(values); count += size``): ``total`` already summed
+    over ``count`` examples."""
+    self.total = np.float32(self.total + np.float32(total))
+    self.count = np.float32(self.count + np.float32(count))
+
   def result(self) -> float:
     return float(self.total / self.count) if self.count else 0.0
 
@@ -175,7 +181,7 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
           history.seconds = time.perf_counter() - started
           return history
         loss_mean.update(loss, len(batch))
-        accuracy_mean.update(correct / len(batch), len(batch))
+        accuracy_mean.add(correct, len(batch))
         scaled = "skipped" in out
         if scaled and out["skipped"]:
           history.skipped.append(global_step)
@@ -256,7 +262,7 @@ def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks) -> tuple
   for chunk in chunks:
     loss, correct = one_batch(chunk)
     loss_mean.update(float(loss), len(chunk))
-    accuracy_mean.update(float(correct) / len(chunk), len(chunk))
+    accuracy_mean.add(float(correct), len(chunk))
   return loss_mean.result(), accuracy_mean.result()
 
 

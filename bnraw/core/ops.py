@@ -80,30 +80,59 @@ def relu(x: tf.Tensor) -> tf.Tensor:
   return tf.nn.relu(x)
 
 
-def moments(x: tf.Tensor) -> Moments:
-  """Biased batch moments over every axis but the last (N,H,W for convs, N for dense).
+def reduction_axes(x: tf.Tensor, axis: int = -1) -> list[int]:
+  """Every axis of ``x`` but ``axis`` (the channel axis): what BN's moments average over."""
+  channel = axis % x.shape.rank
+  return [a for a in range(x.shape.rank) if a != channel]
+
+
+def moments(x: tf.Tensor, axis: int = -1) -> Moments:
+  """Biased batch moments over every axis but ``axis`` (N,H,W for NHWC convs, N for dense).
 
   ``mean = E[x]``, ``variance = E[(x - mean)^2]`` (divides by n, not n - 1), as ``tf.nn.moments``
   computes them (the variance is taken around the stop-gradient mean, then squared difference).
   """
-  axes = list(range(x.shape.rank - 1))
-  mean, variance = tf.nn.moments(x, axes)
+  mean, variance = tf.nn.moments(x, reduction_axes(x, axis))
   return Moments(mean, variance)
 
 
-def elements_per_channel(x: tf.Tensor) -> tf.Tensor:
+def moments_one_pass(x: tf.Tensor, axis: int = -1) -> Moments:
+  """The synchronized BN's moments (Keras's ``_compute_moments_sync``), on one device:
+  ``mean = S1 / n``, ``variance = max(S2 / n - mean^2, 0)`` from per-channel sums ``S1 = sum x``,
+  ``S2 = sum x^2`` and the count ``n``, each summed keeping dimensions, then squeezed. Differs
+  from :func:`moments` in rounding, visibly so for inputs with a large mean."""
+  axes = reduction_axes(x, axis)
+  count = tf.reduce_sum(tf.ones_like(x), axis=axes, keepdims=True)
+  total = tf.reduce_sum(x, axis=axes, keepdims=True)
+  squares = tf.reduce_sum(tf.square(x), axis=axes, keepdims=True)
+  mean = tf.math.divide_no_nan(total, count)
+  variance = tf.maximum(tf.math.divide_no_nan(squares, count) - tf.square(mean), 0.0)
+  return Moments(tf.squeeze(mean, axes), tf.squeeze(variance, axes))
+
+
+def elements_per_channel(x: tf.Tensor, axis: int = -1) -> tf.Tensor:
   """n, the number of values each channel's moments average over (N*H*W), as float32."""
-  return tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+  shape = tf.shape(x)
+  return tf.cast(tf.reduce_prod(tf.gather(shape, reduction_axes(x, axis))), x.dtype)
 
 
-def normalize(x: tf.Tensor, statistics: Moments, gamma: tf.Tensor, beta: tf.Tensor,
-              epsilon: float) -> tf.Tensor:
-  """``gamma * (x - mean) / sqrt(variance + epsilon) + beta``, per channel (last axis).
+def normalize(x: tf.Tensor, statistics: Moments, gamma, beta, epsilon: float,
+              axis: int = -1) -> tf.Tensor:
+  """``gamma * (x - mean) / sqrt(variance + epsilon) + beta``, per channel (``axis``);
+  ``gamma``/``beta`` None: Keras's ``scale=False``/``center=False``.
 
   ``tf.nn.batch_normalization`` evaluates it as ``x * inv + (beta - mean * inv)`` with
-  ``inv = rsqrt(variance + epsilon) * gamma``; we call it so the rounding is Keras's.
+  ``inv = rsqrt(variance + epsilon) * gamma``; we call it so the rounding is Keras's, and, for a
+  channel axis other than -1, reshape every per-channel operand first as Keras's TF backend does.
   """
-  return tf.nn.batch_normalization(x, statistics.mean, statistics.variance, beta, gamma, epsilon)
+  mean, variance = statistics
+  if axis != -1:
+    shape = [1] * x.shape.rank
+    shape[axis] = mean.shape[0]
+    mean, variance = tf.reshape(mean, shape), tf.reshape(variance, shape)
+    gamma = None if gamma is None else tf.reshape(gamma, shape)
+    beta = None if beta is None else tf.reshape(beta, shape)
+  return tf.nn.batch_normalization(x, mean, variance, beta, gamma, epsilon)
 
 
 def moving_average(moving: tf.Tensor, batch: tf.Tensor, momentum: float) -> tf.Tensor:
@@ -170,3 +199,24 @@ def l2_terms(kernels: list[tf.Tensor], l2: float) -> list[tf.Tensor]:
   policy)."""
   return [tf.cast(l2, k.dtype) * tf.reduce_sum(tf.square(k)) for k in kernels]
 
+
+
+def l2_penalty(x: tf.Tensor, l2: float) -> tf.Tensor:
+  """Keras's ``L2`` regularizer: ``l2 * sum(x^2)``."""
+  return tf.cast(l2, x.dtype) * tf.reduce_sum(tf.square(x))
+
+
+def l1_penalty(x: tf.Tensor, l1: float) -> tf.Tensor:
+  """Keras's ``L1`` regularizer: ``l1 * sum(|x|)``."""
+  return tf.cast(l1, x.dtype) * tf.reduce_sum(tf.abs(x))
+
+
+def l1_l2_penalty(x: tf.Tensor, l1: float, l2: float) -> tf.Tensor:
+  """Keras's ``L1L2`` regularizer: ``0 (+ l1 * sum(|x|)) (+ l2 * sum(x^2))``, a term only for a
+  non-zero factor, added in that order."""
+  total = tf.constant(0.0, x.dtype)
+  if l1 != 0.0:
+    total += tf.cast(l1, x.dtype) * tf.reduce_sum(tf.abs(x))
+  if l2 != 0.0:
+    total += tf.cast(l2, x.dtype) * tf.reduce_sum(tf.square(x))
+  return total

@@ -105,7 +105,7 @@ def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
         scaled_loss = optimizer.scale_loss(loss)
     gradients = tape.gradient(scaled_loss if scaling else loss, model.trainable_variables)
     skipped = optimizer.apply(gradients)
-    result = {"loss": loss, "correct": ops.correct_predictions(out.logits, labels),
+    result = {"loss": loss, "correct": model.correct(out.logits, labels),
               "finite": layers_finite(model, out.statistics)}
     if scaling:
       result.update(loss_scale=loss_scale, skipped=skipped)
@@ -133,7 +133,7 @@ def make_eval_step(model: Model, *, mode: str, relax_batch: bool = False) -> Cal
   def eval_step(images: tf.Tensor, labels: tf.Tensor) -> dict:
     logits = model(images, training=False).logits
     return {"loss": model.loss(logits, labels),
-            "correct": ops.correct_predictions(logits, labels)}
+            "correct": model.correct(logits, labels)}
 
   return compile_fn(eval_step, mode, relax_batch=relax_batch)
 
