@@ -50,6 +50,15 @@ def cache_path() -> Optional[str]:
   return None if root == "off" else os.path.join(root, CACHE_FILE)
 
 
+def file_digest(path: str) -> str:
+  """A short content hash of a file (a user's model, as part of a workload)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()[:16]
+
+
 def _key(workload: dict) -> str:
   text = json.dumps({"machine": fingerprint(), "workload": outputs.jsonable(workload)},
                     sort_keys=True)

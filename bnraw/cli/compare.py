@@ -1,6 +1,10 @@
 """Runs the raw path and real Keras ``model.fit`` in lockstep; writes compare.json.
 
   bnraw-compare --width=1/16 --epochs=20 --out_dir=runs/compare
+  bnraw-compare --keras_model=model.keras --data=train.npz --epochs=2 --out_dir=runs/mine
+
+With --keras_model: that model's raw twin against that model's own fit, from its saved weights
+and optimizer state.
 
 Prints a per-step table (relative differences of loss, moving statistics, weight update and
 weights) and the first step where a gated metric exceeds its tolerance.
@@ -23,11 +27,17 @@ flags.register_validator("perturb", lambda v: 0 <= v < 1, message="must be in [0
 flags.register_multi_flags_validator(
     ["perturb", "synced"], lambda f: not (f["perturb"] and f["synced"]),
     message="--perturb needs --nosynced (a synced step starts from Keras's state)")
+common.define_keras_model_flags("Compare")
 FLAGS = flags.FLAGS
 
 
 def check(argv):
   common.reject_extra_args(argv)
+  if FLAGS.keras_model:
+    common.refuse_present(("reference", "perturb"), "compares a --keras_model with its own "
+                          "Keras 3 fit, synced or free-running")
+    common.check_keras_model_setup()
+    return
   common.check_seed_setup()
   from bnraw.models.keras_bridge import check_comparable
   _, model, train = common.configs(resolve=False)
@@ -39,6 +49,13 @@ def check(argv):
 
 def main(argv):
   from bnraw import parity
+  if FLAGS.keras_model:
+    result = parity.run_keras_model(FLAGS.keras_model, FLAGS.data, common.twin_train_config(),
+                                    out_dir=FLAGS.out_dir, synced=FLAGS.synced,
+                                    overwrite=FLAGS.overwrite)
+    print(parity.report(result))
+    print(f"wrote {FLAGS.out_dir}/compare.json")
+    return
   data, model, train = common.configs()
   result = parity.run(data, model, train, out_dir=FLAGS.out_dir, reference=FLAGS.reference,
                       synced=FLAGS.synced, perturbation=FLAGS.perturb,

@@ -7,6 +7,11 @@ the dominant cause and its fix; writes diagnosis.json and the same into TensorBo
 (OUT_DIR/tensorboard: curves, the report, the per-layer chart, amplification histograms). For your own trained Keras model:
 
   bnraw-diagnose --keras_model=model.keras --data=train.npz --out_dir=runs/mine
+  bnraw-diagnose --keras_model=model.keras --data=train.npz --epochs=3 --out_dir=runs/mine
+
+Without --epochs the saved model is diagnosed as it is (no history: evaluate, train_mode_final,
+precise_bn); --epochs=K continues training it K epochs with its raw twin (its own optimizer and
+loss, bit-identical to its fit) and gives the full five-way split.
 """
 
 from absl import flags
@@ -23,12 +28,7 @@ flags.DEFINE_integer("every", 0, "Also compute the decomposition every K epochs 
                      "end); with --trace it goes to TensorBoard too.", lower_bound=0)
 flags.DEFINE_bool("tensorboard", True, "Write the diagnosis to TensorBoard in --out_dir/"
                   "tensorboard: curves, the report, the per-layer chart, amplification histograms.")
-flags.DEFINE_string("keras_model", None, "Diagnose your own trained .keras model instead "
-                    "(needs --data).")
-flags.DEFINE_string("data", None, ".npz with arrays x and y for --keras_model.")
-flags.register_multi_flags_validator(
-    ["keras_model", "data"], lambda f: (f["keras_model"] is None) == (f["data"] is None),
-    message="--keras_model and --data go together")
+common.define_keras_model_flags("Diagnose")
 flags.register_multi_flags_validator(
     ["trace", "impl"], lambda f: not (f["trace"] and f["impl"] != "raw"),
     message="--trace records the raw step's statistics: it needs --impl=raw")
@@ -43,16 +43,29 @@ FLAGS = flags.FLAGS
 def check(argv):
   common.reject_extra_args(argv)
   if FLAGS.keras_model:
-    common.refuse_present((*common.SEED_FLAGS, "impl", "trace", "every", "histogram_every"),
+    common.refuse_present(("impl", "trace", "every", "histogram_every"),
                           "describes the seed setup; it has no meaning with --keras_model")
-    common.check_outputs()
+    if not _twin_epochs():
+      common.refuse_present(("seed", "mode", "steps_per_execution"), "only applies with "
+                            "--epochs > 0 (training the model's raw twin)")
+    common.check_keras_model_setup()
   else:
     common.check_seed_setup()
 
 
+def _twin_epochs() -> int:
+  """--epochs with --keras_model: 0 (the default there) diagnoses the saved model as it is."""
+  return FLAGS.epochs if FLAGS["epochs"].present else 0
+
+
 def main(argv):
   from bnraw import diagnosis
-  if FLAGS.keras_model:
+  if FLAGS.keras_model and _twin_epochs():
+    result = diagnosis.run_twin(FLAGS.keras_model, FLAGS.data, common.twin_train_config(),
+                                out_dir=FLAGS.out_dir, fix=FLAGS.fix, overwrite=FLAGS.overwrite,
+                                tensorboard=FLAGS.tensorboard)
+    title = f"bnraw diagnosis of {result['title']}"
+  elif FLAGS.keras_model:
     result = diagnosis.run_keras_model(FLAGS.keras_model, FLAGS.data,
                                        batch_size=(FLAGS.batch_size if FLAGS["batch_size"].present
                                                    else None), out_dir=FLAGS.out_dir,

@@ -20,6 +20,10 @@ FLAGS = flags.FLAGS
 SEED_FLAGS = ("case", "image", "block", "width", "momentum", "epsilon", "bessel",
               "bessel_scope", "l2", "fast_conv", "epochs", "optimizer", "lr", "sgd_momentum",
               "nesterov", "seed", "mode", "steps_per_execution", "dtype_policy", "loss_scale")
+# Of those, what a user's model brings itself (its layers, compile and policy): refused with
+# --keras_model when its raw twin trains; the loop's own flags (epochs, seed, mode, ...) apply.
+MODEL_FLAGS = tuple(f for f in SEED_FLAGS if f not in ("epochs", "seed", "mode",
+                                                        "steps_per_execution"))
 
 
 def parse_width(text: str) -> float:
@@ -137,6 +141,33 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   _bound("lr", lambda v: v > 0, "must be > 0")
   _bound("loss_scale", loss_scale_fits, "must be a float32 number > 0 (up to 3.4e38)")
   _bound("sgd_momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+
+
+def define_keras_model_flags(what: str) -> None:
+  """--keras_model and --data (together), for a tool that also runs on a user's model."""
+  flags.DEFINE_string("keras_model", None, f"{what} your own compiled .keras model instead of "
+                      "the seed (needs --data).")
+  flags.DEFINE_string("data", None, ".npz with arrays x and y for --keras_model.")
+  flags.register_multi_flags_validator(
+      ["keras_model", "data"], lambda f: (f["keras_model"] is None) == (f["data"] is None),
+      message="--keras_model and --data go together")
+
+
+def check_keras_model_setup(*, resume: bool = False) -> None:
+  """With --keras_model: the seed's model flags refused, the output folder checked."""
+  refuse_present(MODEL_FLAGS, "describes the seed setup; with --keras_model the model, its "
+                 "compile and its dtype policy come from the saved model")
+  check_outputs(resume=resume)
+
+
+def twin_train_config() -> TrainConfig:
+  """The loop's flags for a user's model: --batch_size and --epochs default to Keras fit's
+  (32 and 1)."""
+  from bnraw.models.user import KERAS_FIT_BATCH_SIZE
+  return TrainConfig(batch_size=(FLAGS.batch_size if FLAGS["batch_size"].present
+                                 else KERAS_FIT_BATCH_SIZE),
+                     epochs=FLAGS.epochs if FLAGS["epochs"].present else 1, seed=FLAGS.seed, mode=FLAGS.mode,
+                     steps_per_execution=FLAGS.steps_per_execution)
 
 
 def define_output_flags(out_dir: str) -> None:

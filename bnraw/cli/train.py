@@ -1,6 +1,10 @@
 """Trains the seed network with the raw path; writes summary.json (and trace.npz with --trace).
 
   bnraw-train --case=2 --epochs=500 --out_dir=runs/train
+  bnraw-train --keras_model=model.keras --data=train.npz --epochs=5 --out_dir=runs/mine
+
+With --keras_model: that model's raw twin trains from its saved weights and optimizer state, with
+its compiled optimizer and loss, and the trained model is written as trained.keras.
 
 Prints a progress line per epoch, then what fit printed last and what evaluate gives.
 """
@@ -20,12 +24,16 @@ flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint every K epochs (0: 
                      "and on interruption).", lower_bound=0)
 flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint (the "
                   "settings must match; --epochs may grow).")
+common.define_keras_model_flags("Train")
 FLAGS = flags.FLAGS
 
 
 def check(argv):
   common.reject_extra_args(argv)
-  common.check_seed_setup(resume=FLAGS.resume)
+  if FLAGS.keras_model:
+    common.check_keras_model_setup(resume=FLAGS.resume)
+  else:
+    common.check_seed_setup(resume=FLAGS.resume)
   if FLAGS.break_at:
     common.parse_break_at(FLAGS.break_at)
 
@@ -33,11 +41,17 @@ def check(argv):
 def main(argv):
   from bnraw import training
   break_at = common.parse_break_at(FLAGS.break_at) if FLAGS.break_at else None
-  data, model, train = common.configs()
+  if FLAGS.keras_model:
+    data = model = None
+    train = common.twin_train_config()
+    keras_model = (FLAGS.keras_model, FLAGS.data)
+  else:
+    data, model, train = common.configs()
+    keras_model = None
   summary = training.run(data, model, train, out_dir=FLAGS.out_dir, trace=FLAGS.trace,
                          break_at=break_at, checkpoint_every=FLAGS.checkpoint_every,
                          resume=FLAGS.resume, overwrite=FLAGS.overwrite,
-                         histogram_every=FLAGS.histogram_every)
+                         histogram_every=FLAGS.histogram_every, keras_model=keras_model)
   if summary["status"] == "interrupted":
     print(f"interrupted after step {summary['steps_done'] - 1}; checkpoint and summary.json "
           f"(marked incomplete) are in {FLAGS.out_dir}. Resume with the same flags plus "

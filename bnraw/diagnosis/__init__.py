@@ -4,6 +4,6 @@
 ``diagnosis.json``; :func:`report` is the text."""
 
 from bnraw.diagnosis.explain import report
-from bnraw.diagnosis.tool import run, run_keras_model
+from bnraw.diagnosis.tool import run, run_keras_model, run_twin
 
-__all__ = ["report", "run", "run_keras_model"]
+__all__ = ["report", "run", "run_keras_model", "run_twin"]

@@ -74,10 +74,11 @@ class StatisticsWatcher:
   def __call__(self, record: StepRecord) -> None:
     trace = record.trace
     self.last = [ops.Moments(m, v) for m, v in zip(trace["batch_mean"], trace["batch_variance"])]
-    self.no_bessel_variance = [
+    self.no_bessel_variance = [  # a frozen layer's moving statistics never move
         ops.moving_average(tf.constant(moving), tf.constant(batch), m).numpy()
-        for moving, batch, m in zip(self.no_bessel_variance, trace["batch_variance"],
-                                    self.momentum)]
+        if layer.trainable else moving
+        for moving, batch, m, layer in zip(self.no_bessel_variance, trace["batch_variance"],
+                                           self.momentum, self.model.batch_norms)]
     if record.skipped is None:
       return
     self.steps += 1
@@ -108,6 +109,8 @@ class StatisticsWatcher:
     return self._bessel_counts
 
   def _update(self, k: int, moving: ops.Moments, batch: ops.Moments, rows: int) -> ops.Moments:
+    if not self.model.batch_norms[k].trainable:  # frozen: no update to replay
+      return moving
     variance = tf.constant(batch.variance)
     if self.bessel_counts()[k] is not None:
       variance = ops.bessel_variance(variance, tf.constant(rows * self.bessel_counts()[k]))
@@ -130,7 +133,7 @@ def forward_loss_fn(model):
   @tf.function
   def forward_loss(x, y, statistics):
     logits = model(x, training=False, statistics=statistics).logits
-    return model.loss(logits, y), ops.correct_predictions(logits, y)
+    return model.loss(logits, y), model.correct(logits, y)
   return forward_loss
 
 

@@ -44,7 +44,8 @@ def population_forward_fn(model):
 def raw_population_statistics(model, images: np.ndarray, batch_size: int,
                               forward=None) -> list[ops.Moments]:
   """PreciseBN statistics of every BN layer of a raw model at its current weights
-  (``forward``: a :func:`population_forward_fn` to reuse)."""
+  (``forward``: a :func:`population_forward_fn` to reuse). A frozen layer keeps its moving
+  statistics: they are what fit used."""
   chunks = batches(np.arange(len(images)), batch_size)
   forward = forward or population_forward_fn(model)
   if len(chunks) == 1:  # one batch = the dataset: the training branch computes exactly this
@@ -52,6 +53,10 @@ def raw_population_statistics(model, images: np.ndarray, batch_size: int,
   names = [layer.name for layer in model.batch_norms]
   found: list[ops.Moments] = []
   for k, name in enumerate(names):
+    layer = model.batch_norms[k]
+    if not layer.trainable:  # frozen: fit normalised with its moving statistics, PreciseBN too
+      found.append(layer.moving)
+      continue
     parts = []
     chosen = {**dict(zip(names, found)), **{later: BATCH for later in names[k:]}}
     for chunk in chunks:

@@ -24,6 +24,7 @@ from bnraw.diagnosis import decompose as dg
 from bnraw.diagnosis.precise_bn import keras_bn_layers, set_keras_moving_statistics
 from bnraw.errors import UsageError
 from bnraw.models import keras_bridge, seed
+from bnraw.models.user import KERAS_FIT_BATCH_SIZE
 from bnraw.progress import EpochProgress
 
 
@@ -283,8 +284,92 @@ def _fix_keras(kmodel, precise, x, y, batch_size: int, out_dir: str) -> dict:
           "saved": path}
 
 
-KERAS_FIT_BATCH_SIZE = 32  # model.fit's batch_size when none is given
 DROPOUT_SEED = 0  # the noise layers' seed for the dropout part: the same masks on every run
+
+
+def _raw_dropout_part(model, images, labels, batch_size: int, order) -> float:
+  """The training branch at the final weights *with* the model's dropout on (BN in its training
+  branch without updates, masks from every noise layer's seed generator set to
+  ``[DROPOUT_SEED, 0]``, so the same on every run; its state is put back)."""
+  saved = [v.numpy() for v in model.state_variables]
+  for v in model.state_variables:
+    v.assign(tf.constant([DROPOUT_SEED, 0], v.dtype))
+
+  @tf.function
+  def with_dropout(x, y):
+    logits = model(x, training=True, statistics=BATCH).logits
+    return model.loss(logits, y), model.correct(logits, y)
+
+  try:
+    return loop.mean_over_batches(
+        lambda chunk: with_dropout(tf.constant(images[chunk]), tf.constant(labels[chunk])),
+        dg.batch_chunks(len(images), batch_size, order))[0]
+  finally:
+    for v, value in zip(model.state_variables, saved):
+      v.assign(value)
+
+
+def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: str,
+             fix: Optional[str] = None, overwrite: bool = False, tensorboard: bool = True,
+             progress: bool = True) -> dict:
+  """The full decomposition for a user's model, with history: its raw twin continues training
+  ``train.epochs`` epochs from the saved state (fit-faithful: the model's optimizer, loss and
+  metric), then the five-way split as for the seed. Frozen BN layers keep their statistics in
+  every part and in the fix; dropout is priced apart (``dropout``: the BN parts run without
+  it). ``fix="precise_bn"`` writes ``fixed.keras``."""
+  from bnraw.models import twin as twins
+  if fix not in (None, "precise_bn"):
+    raise UsageError("fix", f"must be precise_bn, got {fix!r}")
+  if train.epochs < 1:
+    raise UsageError("epochs", f"must be >= 1 to train the twin, got {train.epochs}")
+  twin, parts = twins.setup(model_path, data_path)
+  outputs.prepare_out_dir(out_dir, overwrite=overwrite)
+  raw, images, labels = parts.model, parts.data.images, parts.data.labels
+  choice = machine.choose_mode(raw, parts.optimizer, images, labels, mode=train.mode,
+                               batch_size=train.batch_size, trace=True,
+                               workload={"keras_model": machine.file_digest(model_path)})
+  mode = choice.mode
+  if progress and choice.record:
+    print(autotune.describe(choice.record), file=sys.stderr)
+  compiled = compile_raw(parts, mode, train.batch_size, train_step=choice.step_fn)
+  printer = (EpochProgress(train.epochs, label="raw twin", steps_per_epoch=loop.steps_per_epoch(
+      len(images), train.batch_size)) if progress else None)
+  result, history = diagnose_raw_training(
+      parts, train, mode, compiled=compiled,
+      on_epoch=(lambda epoch, h, now: printer(epoch, h)) if printer else None)
+  y_pred = twin.kmodel(images[:2], training=False)
+  result["metric"] = (dg.metric_of(twin.kmodel, labels[:2], y_pred)
+                      if twin.metric_name else None)
+  result["frozen"] = [layer.name for layer in raw.batch_norms if not layer.trainable]
+  if raw.state_variables:  # dropout: what it adds to the training branch, apart from BN
+    with_noise = _raw_dropout_part(raw, images, labels, train.batch_size,
+                                   history.permutations[-1])
+    result["dropout"] = {"layers": [layer.name for layer in raw.layers
+                                    if getattr(layer, "state_variables", ())],
+                         "train_mode_with_dropout": with_noise,
+                         "effect": with_noise - result["losses"]["train_mode_final"]}
+  title = (f"{model_path} on {data_path}, raw twin trained {train.epochs} more epochs, batch "
+           f"{train.batch_size} ({mode})")
+  if tensorboard:
+    from bnraw.tracing.tensorboard import TensorBoardWriter
+    names = [layer.name for layer in raw.batch_norms]
+    with TensorBoardWriter(out_dir, names, [l.epsilon for l in raw.batch_norms]) as board:
+      diagnosis_board.write(board, result, epoch=train.epochs, title=title,
+                            amplification=diagnosis_board.amplification(raw.batch_norms))
+  precise = result.pop("precise_statistics")
+  out = {"config": twins.record(model_path, data_path, train, fix=fix),
+         "impl": "raw_twin", "title": title, "resolved": {"mode": mode},
+         "autotune": choice.record, "environment": outputs.environment(), **result,
+         "history": {"loss": history.loss, "accuracy": history.accuracy}}
+  if fix == "precise_bn":
+    for layer, stats in zip(raw.batch_norms, precise):
+      if layer.trainable:  # frozen layers: fit used their statistics, the head was fit to them
+        layer.set_moving_statistics(stats)
+    loss, metric = loop.evaluate(raw, images, labels, batch_size=train.batch_size, mode=mode)
+    out["fixed"] = {"method": "precise_bn", "evaluate": {"loss": loss, "accuracy": metric},
+                    "saved": twins.save_trained(twin, os.path.join(out_dir, "fixed.keras"))}
+  outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)
+  return out
 
 
 def run_keras_model(model_path: str, data_path: str, *, batch_size: Optional[int],

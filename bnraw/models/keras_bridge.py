@@ -106,10 +106,18 @@ def compile_model(model, train: TrainConfig, *, jit_compile: bool, reference: st
 def optimizer_slots(optimizer) -> list[list]:
   """A Keras optimizer's slot lists, in the same layout as ``bnraw.core.optim``'s ``slots``
   (Keras 3's and tf_keras's optimizers name them alike; order = trainable variables; a loss
-  scale optimizer's are its inner optimizer's)."""
+  scale optimizer's are its inner optimizer's): Adam/AdamW ``[momentums, velocities]`` (+
+  ``velocity_hats`` with amsgrad), SGD ``[momentums]`` (none without momentum), RMSprop
+  ``[velocities]`` + ``momentums`` (momentum > 0) + ``average_gradients`` (centered)."""
   optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-  if hasattr(optimizer, "_momentums") and hasattr(optimizer, "_velocities"):  # Adam
-    return [list(optimizer._momentums), list(optimizer._velocities)]
+  if hasattr(optimizer, "_average_gradients"):  # RMSprop (also has _momentums, _velocities)
+    groups = (optimizer._velocities, optimizer._momentums, optimizer._average_gradients)
+    return [list(group) for group in groups if group]
+  if hasattr(optimizer, "_momentums") and hasattr(optimizer, "_velocities"):  # Adam, AdamW
+    slots = [list(optimizer._momentums), list(optimizer._velocities)]
+    if getattr(optimizer, "amsgrad", False):
+      slots.append(list(optimizer._velocity_hats))
+    return slots
   if hasattr(optimizer, "momentums"):  # SGD
     return [list(optimizer.momentums)] if optimizer.momentums else []
   raise TypeError(f"no slot layout known for {type(optimizer).__name__}")
@@ -137,7 +145,7 @@ def model_weights(model) -> list:
   return [by_key[key] for key in keys]
 
 
-def _assign_all(targets: Sequence, values: Sequence[np.ndarray], what: str) -> None:
+def assign_all(targets: Sequence, values: Sequence[np.ndarray], what: str) -> None:
   if len(targets) != len(values):
     raise ValueError(f"{what}: {len(targets)} targets for {len(values)} values")
   for target, value in zip(targets, values):
@@ -165,7 +173,7 @@ def get_state(variables: Sequence, optimizer) -> dict:
   return state
 
 
-def _assign_loss_scale(optimizer, state: dict) -> None:
+def assign_loss_scale(optimizer, state: dict) -> None:
   targets = loss_scale_variables(optimizer)
   if bool(targets) != ("loss_scale" in state):
     raise ValueError("loss scale: one side scales the loss and the other does not")
@@ -184,20 +192,20 @@ def raw_state(raw, optimizer) -> dict:
 
 def set_raw_state(raw, optimizer, state: dict) -> None:
   """Loads a state (from either side) into the raw model and its optimizer."""
-  _assign_all(raw.variables, state["weights"], "weights")
+  assign_all(raw.variables, state["weights"], "weights")
   for group, values in zip(optimizer.slots, state["slots"]):
-    _assign_all(group, values, "optimizer slots")
+    assign_all(group, values, "optimizer slots")
   optimizer.iterations.assign(state["iterations"])
-  _assign_loss_scale(optimizer, state)
+  assign_loss_scale(optimizer, state)
 
 
 def set_keras_state(model, state: dict) -> None:
   """Loads a state (from either side) into the Keras model and its optimizer."""
-  _assign_all(model_weights(model), state["weights"], "weights")
+  assign_all(model_weights(model), state["weights"], "weights")
   for group, values in zip(optimizer_slots(model.optimizer), state["slots"]):
-    _assign_all(group, values, "optimizer slots")
+    assign_all(group, values, "optimizer slots")
   model.optimizer.iterations.assign(state["iterations"])
-  _assign_loss_scale(model.optimizer, state)
+  assign_loss_scale(model.optimizer, state)
 
 
 def fit_replaying(model, images: np.ndarray, one_hot: np.ndarray, orders, *, batch_size: int,

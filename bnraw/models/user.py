@@ -11,10 +11,13 @@ import numpy as np
 
 from bnraw.errors import UsageError
 
+KERAS_FIT_BATCH_SIZE = 32  # model.fit's batch_size when none is given
 
-def load_keras_model(path: str):
+
+def load_keras_model(path: str, *, nested_bn: bool = False):
   """The compiled ``.keras`` (or ``.h5``) model at ``path``, with at least one top-level BN
-  layer, one input, and no layer the CPU cannot run."""
+  layer (``nested_bn``: at any depth, for the raw twin), one input, and no layer the CPU cannot
+  run."""
   import keras
   from bnraw.diagnosis.precise_bn import keras_bn_layers
   if os.path.isdir(path):
@@ -33,7 +36,8 @@ def load_keras_model(path: str):
   except Exception as e:  # Keras raises many types for a bad file
     raise UsageError("keras_model", f"cannot load {path}: {str(e).splitlines()[0]}") from None
   try:
-    has_bn = bool(keras_bn_layers(model))
+    has_bn = (any(type(layer).__name__ == "BatchNormalization" for layer in all_layers(model))
+              if nested_bn else bool(keras_bn_layers(model)))
   except ValueError as e:
     raise UsageError("keras_model", f"{path}: {e}") from None
   if not has_bn:
@@ -93,6 +97,8 @@ def load_data(path: str, model) -> tuple[np.ndarray, np.ndarray]:
     raise UsageError("data", f"x examples have shape {x.shape[1:]}, the model takes "
                      f"{expected}")
   x = x.astype(np.float32)
+  if y.dtype.kind == "f":  # Keras's data adapter casts float arrays to floatx; ints stay
+    y = y.astype(np.float32)
   y_pred = model(x[:2], training=False)  # the model's own loss on two examples
   try:
     loss = model.compute_loss(x=x[:2], y=y[:2], y_pred=y_pred, training=False)

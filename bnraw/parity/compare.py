@@ -21,7 +21,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -92,19 +92,20 @@ def growth_report(steps: list[dict]) -> dict:
           "fit_window_steps": [int(window[0]), int(window[-1])] if len(window) else None}
 
 
-def _batch_loss_metric(keras):
+def _batch_loss_metric(keras, loss_fn=None):
   """A Keras metric holding the last batch's compiled loss, computed with that loss's own ops
-  (the regularisation is added outside: a metric runs after the update, see Lockstep)."""
+  (the regularisation is added outside: a metric runs after the update, see Lockstep).
+  ``loss_fn()``: the loss to call (default: the seed's categorical cross-entropy)."""
 
   class BatchLoss(keras.metrics.Metric):
 
     def __init__(self):
       super().__init__(name="batch_loss")
       self.value = self.add_weight(name="value", shape=(), initializer="zeros")
-      self.loss_fn = keras.losses.CategoricalCrossentropy()
+      self.loss_fn = loss_fn or (lambda: keras.losses.CategoricalCrossentropy())
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-      self.value.assign(self.loss_fn(y_true, y_pred))
+      self.value.assign(self.loss_fn()(y_true, y_pred))
 
     def result(self):
       return tf.identity(self.value)
@@ -113,6 +114,114 @@ def _batch_loss_metric(keras):
       self.value.assign(0.0)
 
   return BatchLoss()
+
+
+@dataclasses.dataclass
+class Sides:
+  """The two models being compared and how to read and load their states (weights in Keras's
+  ``model.weights`` order, optimizer slots, iterations, loss scale, seeds)."""
+
+  raw: object
+  optimizer: object
+  kmodel: object
+  images: np.ndarray
+  labels: np.ndarray  # as the raw step takes them
+  keras_y: np.ndarray  # as fit takes them
+  raw_state: Callable[[], dict]
+  set_raw_state: Callable[[dict], None]
+  keras_state: Callable[[], dict]
+  metric_name: Optional[str] = "accuracy"  # fit's and evaluate's name for the metric column
+
+
+def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: bool,
+             progress: Optional[Callable] = None, reference: str = "keras3") -> list[dict]:
+  """Runs ``train.epochs`` epochs of Keras ``fit`` on ``sides.kmodel`` (compiled with a
+  ``batch_loss`` metric), the raw step on the same batches at the start of each Keras execution,
+  and compares the states after it; returns one row per execution."""
+  keras = keras_bridge.keras_module(reference)
+  raw, kmodel = sides.raw, sides.kmodel
+  names = [v.name.split(":")[0] for v in raw.variables]
+  trainable = [v.trainable for v in raw.variables]
+  moving_mean = [n.endswith("moving_mean") for n in names]
+  moving_variance = [n.endswith("moving_variance") for n in names]
+  steps: list[dict] = []  # one row per Keras execution (steps_per_execution steps)
+  x, y = tf.constant(sides.images), tf.constant(sides.labels)
+
+  class Lockstep(keras.callbacks.Callback):
+
+    def __init__(self, order):
+      super().__init__()
+      self.order = order
+
+    def on_train_batch_begin(self, batch, logs=None):
+      # Keras calls this once per execution of up to steps_per_execution steps (begin step).
+      self.keras_before = sides.keras_state()
+      # fit's loss adds each regularisation term of the weights *before* the update, as
+      # trainer.compute_loss sums them: ops.sum([loss, *model.losses])
+      self.regularization = [keras.ops.sum(term) for term in kmodel.losses]
+      if synced:
+        sides.set_raw_state(self.keras_before)
+      self.raw_before = sides.raw_state()
+      group = loop.batches(self.order, train.batch_size)[batch:batch + train.steps_per_execution]
+      self.executed = len(group)
+      outs = loop.run_chunk(step_fn, multi_fn, x, y, group)
+      self.raw_loss = float(outs[-1]["loss"])
+      self.raw_skipped = sum(int(out.get("skipped", False)) for out in outs)
+
+    def on_train_batch_end(self, batch, logs=None):
+      keras_loss = kmodel.get_metrics_result()["batch_loss"]
+      if self.regularization:
+        keras_loss = keras.ops.sum([keras_loss, *self.regularization])
+      keras_loss = float(keras_loss)
+      done = (steps[-1]["step"] + 1) if steps else 0
+      row = {"step": done + self.executed - 1, "loss_raw": self.raw_loss, "loss_keras": keras_loss,
+             "loss_rel_diff": (abs(self.raw_loss - keras_loss) / abs(keras_loss) if keras_loss
+                               else abs(self.raw_loss))}
+      if self.executed > 1:
+        row["first_step"] = done
+      keras_after = sides.keras_state()
+      if "loss_scale" in keras_after:  # skipped steps do not advance Keras's iterations
+        row.update(loss_scale=float(self.keras_before["loss_scale"][0]),
+                   skipped_raw=self.raw_skipped,
+                   skipped_keras=self.executed - (keras_after["iterations"]
+                                                  - self.keras_before["iterations"]))
+      row.update(step_metrics(self.raw_before, sides.raw_state(), self.keras_before,
+                              keras_after, trainable, moving_mean, moving_variance))
+      steps.append(row)
+      if progress is not None:
+        progress(row)
+
+  keras_bridge.fit_replaying(kmodel, sides.images, sides.keras_y,
+                             loop.epoch_orders(train.seed, len(sides.images)),
+                             batch_size=train.batch_size, epochs=train.epochs,
+                             callbacks_for=lambda epoch, order: [Lockstep(order)])
+  return steps
+
+
+def verdict(sides: Sides, steps: list[dict], train: TrainConfig, mode: str) -> dict:
+  """Evaluate on both sides, the first step beyond tolerance and the bit-identical count."""
+  raw_eval = loop.evaluate(sides.raw, sides.images, sides.labels, batch_size=train.batch_size,
+                           mode=mode)
+  keras_eval = sides.kmodel.evaluate(sides.images, sides.keras_y, batch_size=train.batch_size,
+                                     verbose=0, return_dict=True)
+  gated = lambda s: (any(s[key] > tol for key, tol in TOLERANCE.items())
+                     or s.get("skipped_raw") != s.get("skipped_keras"))
+  metric = sides.metric_name
+  result = {
+      "steps": steps,
+      "evaluate": {"raw": {"loss": raw_eval[0], **({metric: raw_eval[1]} if metric else {})},
+                   "keras": {"loss": keras_eval["loss"],
+                             **({metric: keras_eval[metric]} if metric else {})},
+                   "loss_rel_diff": abs(raw_eval[0] - keras_eval["loss"])
+                                    / abs(keras_eval["loss"])},
+      "first_divergent_step": next((s["step"] for s in steps if gated(s)), None),
+      "tolerance": TOLERANCE,
+      "bit_identical_steps": sum(s["bit_identical"] and s["loss_rel_diff"] == 0 for s in steps),
+  }
+  if steps and "loss_scale" in steps[0]:
+    result["skipped_steps"] = {"raw": sum(s["skipped_raw"] for s in steps),
+                               "keras": sum(s["skipped_keras"] for s in steps)}
+  return result
 
 
 def reference_version(reference: str) -> str:
@@ -177,66 +286,12 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   keras_bridge.set_keras_state(kmodel, keras_bridge.raw_state(raw, optimizer))
   if perturbation:
     perturb(raw.trainable_variables, perturbation, train.seed + 1)
-  names = [v.name.split(":")[0] for v in raw.variables]
-  trainable = [v.trainable for v in raw.variables]
-  moving_mean = [n.endswith("moving_mean") for n in names]
-  moving_variance = [n.endswith("moving_variance") for n in names]
-  steps: list[dict] = []  # one row per Keras execution (steps_per_execution steps)
-  x, y = tf.constant(images), tf.constant(labels)
-
-  class Lockstep(keras.callbacks.Callback):
-
-    def __init__(self, order):
-      super().__init__()
-      self.order = order
-
-    def on_train_batch_begin(self, batch, logs=None):
-      # Keras calls this once per execution of up to steps_per_execution steps (begin step).
-      self.keras_before = keras_bridge.keras_state(kmodel)
-      # fit's loss adds each regularisation term of the weights *before* the update, as
-      # trainer.compute_loss sums them: ops.sum([loss, *model.losses])
-      self.regularization = [keras.ops.sum(term) for term in kmodel.losses]
-      if synced:
-        keras_bridge.set_raw_state(raw, optimizer, self.keras_before)
-      self.raw_before = keras_bridge.raw_state(raw, optimizer)
-      group = loop.batches(self.order, train.batch_size)[batch:batch + train.steps_per_execution]
-      self.executed = len(group)
-      outs = loop.run_chunk(step_fn, multi_fn, x, y, group)
-      self.raw_loss = float(outs[-1]["loss"])
-      self.raw_skipped = sum(int(out.get("skipped", False)) for out in outs)
-
-    def on_train_batch_end(self, batch, logs=None):
-      keras_loss = kmodel.get_metrics_result()["batch_loss"]
-      if self.regularization:
-        keras_loss = keras.ops.sum([keras_loss, *self.regularization])
-      keras_loss = float(keras_loss)
-      done = (steps[-1]["step"] + 1) if steps else 0
-      row = {"step": done + self.executed - 1, "loss_raw": self.raw_loss, "loss_keras": keras_loss,
-             "loss_rel_diff": abs(self.raw_loss - keras_loss) / abs(keras_loss)}
-      if self.executed > 1:
-        row["first_step"] = done
-      keras_after = keras_bridge.keras_state(kmodel)
-      if "loss_scale" in keras_after:  # skipped steps do not advance Keras's iterations
-        row.update(loss_scale=float(self.keras_before["loss_scale"][0]),
-                   skipped_raw=self.raw_skipped,
-                   skipped_keras=self.executed - (keras_after["iterations"]
-                                                  - self.keras_before["iterations"]))
-      row.update(step_metrics(self.raw_before, keras_bridge.raw_state(raw, optimizer),
-                              self.keras_before, keras_after, trainable,
-                              moving_mean, moving_variance))
-      steps.append(row)
-      if progress is not None:
-        progress(row)
-
-  keras_bridge.fit_replaying(kmodel, images, one_hot, loop.epoch_orders(train.seed, len(images)),
-                          batch_size=train.batch_size, epochs=train.epochs,
-                          callbacks_for=lambda epoch, order: [Lockstep(order)])
-
-  raw_eval = loop.evaluate(raw, images, labels, batch_size=train.batch_size, mode=mode)
-  keras_eval = kmodel.evaluate(images, one_hot, batch_size=train.batch_size, verbose=0,
-                               return_dict=True)
-  gated = lambda s: (any(s[key] > tol for key, tol in TOLERANCE.items())
-                     or s.get("skipped_raw") != s.get("skipped_keras"))
+  sides = Sides(raw, optimizer, kmodel, images, labels, one_hot,
+                raw_state=lambda: keras_bridge.raw_state(raw, optimizer),
+                set_raw_state=lambda state: keras_bridge.set_raw_state(raw, optimizer, state),
+                keras_state=lambda: keras_bridge.keras_state(kmodel))
+  steps = lockstep(sides, train, step_fn, multi_fn, synced=synced, progress=progress,
+                   reference=reference)
   result = {
       "reference": reference,
       "reference_version": reference_version(reference),
@@ -247,18 +302,73 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
       "config": configs.record(data, model, train, reference=reference, synced=synced,
                                perturb=perturbation),
       "raw_model_config": dataclasses.asdict(model),
-      "steps": steps,
-      "evaluate": {"raw": {"loss": raw_eval[0], "accuracy": raw_eval[1]},
-                   "keras": {"loss": keras_eval["loss"], "accuracy": keras_eval["accuracy"]},
-                   "loss_rel_diff": abs(raw_eval[0] - keras_eval["loss"])
-                                    / abs(keras_eval["loss"])},
-      "first_divergent_step": next((s["step"] for s in steps if gated(s)), None),
-      "tolerance": TOLERANCE,
-      "bit_identical_steps": sum(s["bit_identical"] and s["loss_rel_diff"] == 0 for s in steps),
+      **verdict(sides, steps, train, mode),
   }
-  if steps and "loss_scale" in steps[0]:
-    result["skipped_steps"] = {"raw": sum(s["skipped_raw"] for s in steps),
-                               "keras": sum(s["skipped_keras"] for s in steps)}
+  if not synced:
+    result["free_running"] = growth_report(steps)
+  if out_dir is not None:
+    outputs.write_json(os.path.join(out_dir, "compare.json"), result)
+  return result
+
+
+def recompile_with_batch_loss(kmodel, *, jit_compile: bool, steps_per_execution: int) -> None:
+  """Compiles a user's model again as it was compiled (the same optimizer object, its state
+  kept; the same loss and metrics), plus the ``batch_loss`` metric and the run's jit and
+  steps-per-execution settings."""
+  import keras
+  config = kmodel._compile_config.config
+  metrics = config.get("metrics") or []
+  if isinstance(metrics, dict):
+    raise UsageError("keras_model", "metrics compiled as a dict are not supported")
+  kmodel.compile(optimizer=kmodel.optimizer, loss=config["loss"],
+                 loss_weights=config.get("loss_weights"),
+                 metrics=[*metrics, _batch_loss_metric(keras, lambda: kmodel._compile_loss)],
+                 weighted_metrics=config.get("weighted_metrics"), jit_compile=jit_compile,
+                 steps_per_execution=steps_per_execution)
+
+
+def run_keras_model(keras_model: str, data: str, train: TrainConfig, *, out_dir: Optional[str],
+                    synced: bool = True, progress: Optional[Callable] = None,
+                    overwrite: bool = False) -> dict:
+  """:func:`run` for a user's saved model and data: its raw twin (bnraw.models.twin) against
+  that model's own ``fit``, from the saved weights and optimizer state, with the model's
+  compiled loss, first metric and optimizer. ``train`` gives batch size, epochs, seed, mode
+  and steps per execution."""
+  from bnraw.models import twin as twins
+  from bnraw.models import user
+  kmodel = user.load_keras_model(keras_model, nested_bn=True)
+  images, labels = user.load_data(data, kmodel)
+  twin = twins.convert(kmodel, labels)
+  if out_dir is not None:
+    outputs.prepare_out_dir(out_dir, overwrite=overwrite)
+  raw, optimizer = twin.raw, twin.optimizer
+  choice = machine.choose_mode(raw, optimizer, images, labels, mode=train.mode,
+                               batch_size=train.batch_size, trace=False,
+                               workload={"keras_model": machine.file_digest(keras_model)})
+  mode, step_fn = choice.mode, choice.step_fn
+  multi_fn = step.make_multi_step(
+      step_fn, mode, relax_batch=step.relaxed_batch(len(images), train.batch_size))
+  recompile_with_batch_loss(kmodel, jit_compile=(mode == "xla"),
+                            steps_per_execution=train.steps_per_execution)
+  twin.set_keras_state(twin.raw_state())
+  sides = Sides(raw, optimizer, kmodel, images, labels, labels, raw_state=twin.raw_state,
+                set_raw_state=twin.set_raw_state, keras_state=twin.keras_state,
+                metric_name=twin.metric_name)
+  steps = lockstep(sides, train, step_fn, multi_fn, synced=synced, progress=progress)
+  result = {
+      "reference": "keras3",
+      "reference_version": reference_version("keras3"),
+      "synced": synced,
+      "perturbation": 0.0,
+      "mode": mode,
+      "autotune": choice.record,
+      "config": {"keras_model": os.path.abspath(keras_model), "data": os.path.abspath(data),
+                 "train": dataclasses.asdict(train), "synced": synced},
+      "model": {"name": kmodel.name, "dtype_policy": kmodel.dtype_policy.name,
+                "bn_layers": [layer.name for layer in raw.batch_norms],
+                "metric": twin.metric_name},
+      **verdict(sides, steps, train, mode),
+  }
   if not synced:
     result["free_running"] = growth_report(steps)
   if out_dir is not None:
@@ -291,7 +401,7 @@ def format_table(steps: list[dict]) -> str:
 def summary_lines(result: dict) -> str:
   """The verdict under the table."""
   steps = result["steps"]
-  policy = result["config"]["model"].get("dtype_policy", "float32")
+  policy = (result.get("model") or result["config"]["model"]).get("dtype_policy", "float32")
   lines = [f"reference {result['reference']} {result['reference_version']}, "
            f"{'synced' if result['synced'] else 'free-running'}, raw mode {result['mode']}, "
            f"dtype policy {policy}"]

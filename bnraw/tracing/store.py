@@ -47,6 +47,12 @@ def summarize(layer_trace: dict, epsilon: float) -> dict:
   }
 
 
+def layer_epsilon(epsilon, index: int) -> float:
+  """Layer ``index``'s epsilon from one for every layer (the seed) or one per layer (a user's
+  model)."""
+  return float(epsilon[index]) if np.ndim(epsilon) else float(epsilon)
+
+
 class TraceRecorder:
   """Collects :class:`bnraw.core.loop.StepRecord` traces in memory; :meth:`save` writes the npz."""
 
@@ -98,13 +104,14 @@ class TraceRecorder:
     if self.loss_scale:
       out["loss_scale"] = np.asarray(self.loss_scale, np.float32)
       out["skipped"] = np.asarray(self.skipped, np.int8)
-    for layer in self.layer_names:
+    for index, layer in enumerate(self.layer_names):
       layer_arrays = {key: np.stack(self.columns[(layer, key)]) if self.steps else
                       np.zeros((0, 0), np.float32) for key in TRACE_KEYS}
       for key, value in layer_arrays.items():
         out[f"{layer}/{key}"] = value
       if self.steps:
-        for key, value in summarize(layer_arrays, self.epsilon).items():
+        epsilon = layer_epsilon(self.epsilon, index)
+        for key, value in summarize(layer_arrays, epsilon).items():
           out[f"{layer}/{key}"] = value.astype(np.float32)
     return out
 

@@ -27,7 +27,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from bnraw.config import HISTOGRAM_EVERY
 from bnraw.core.loop import StepRecord
-from bnraw.tracing.store import summarize
+from bnraw.tracing.store import layer_epsilon, summarize
 
 class TensorBoardWriter:
   """Writes one run's summaries under ``{out_dir}/tensorboard`` (or ``log_dir``) from a
@@ -96,8 +96,9 @@ class TensorBoardWriter:
     if record.trace is not None:
       for i, layer in enumerate(self.layer_names):
         values = {key: np.asarray(record.trace[key][i]) for key in record.trace}
+        epsilon = layer_epsilon(self.epsilon, i)
         scalars.update({f"{layer}/{key}": value
-                        for key, value in summarize(values, self.epsilon).items()})
+                        for key, value in summarize(values, epsilon).items()})
         layers.append((layer, values))
     histograms = []
     if layers and record.step % self.histogram_every == 0:

@@ -30,7 +30,8 @@ MAY_DIFFER = {("train", "epochs"), ("train", "mode"), ("train", "steps_per_execu
 
 
 def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
-  named = {v.name.split(":")[0].replace("/", "."): v for v in model.variables}
+  named = {v.name.split(":")[0].replace("/", "."): v
+           for v in [*model.variables, *getattr(model, "state_variables", ())]}
   return tf.train.Checkpoint(**named, **optim.named_state(optimizer))
 
 
@@ -75,7 +76,9 @@ def check_config(saved: dict, current: dict) -> None:
   """Raises a UsageError naming every setting (``section.name``) whose value differs from the
   saved run's; both are :func:`bnraw.config.record` dicts."""
   current = json.loads(json.dumps(outputs.jsonable(current)))  # as it would be stored
-  saved = json.loads(json.dumps(outputs.jsonable(configs.normalized(saved))))
+  if "keras_model" not in saved:  # a user's model's run records its files, not seed configs
+    saved = configs.normalized(saved)
+  saved = json.loads(json.dumps(outputs.jsonable(saved)))
   differing = []
   for section in sorted(set(saved) | set(current)):
     old, new = saved.get(section, {}), current.get(section, {})

@@ -44,8 +44,11 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
         trace: bool = False, progress: bool = True, on_step: Optional[Callable] = None,
         break_at: Optional[tuple[str, int]] = None, break_action: Optional[Callable] = None,
         checkpoint_every: int = 0, resume: bool = False, overwrite: bool = False,
-        histogram_every: int = HISTOGRAM_EVERY) -> dict:
+        histogram_every: int = HISTOGRAM_EVERY,
+        keras_model: Optional[tuple[str, str]] = None) -> dict:
   """Trains the raw path, evaluates, writes ``summary.json`` (and the trace) into ``out_dir``.
+  ``keras_model=(model path, data path)``: a user's saved model's raw twin instead of the seed
+  (``data`` and ``model`` unused; ``train`` gives the loop's settings), and ``trained.keras``.
 
   ``break_at=(layer, step)`` stops in that layer's moving-average update at that step, which alone
   runs eagerly; the steps before it run in the run's own mode, so the values at the break are the
@@ -62,10 +65,21 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   from bnraw.training.checkpoint import Checkpointer, read_state
   if histogram_every < 1:
     raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
-  model = model.resolved()
-  parts = seed.build(data, model, train)  # bad input fails here, before anything is written
-  record = configs.record(data, model, train, trace=trace, checkpoint_every=checkpoint_every,
-                          break_at=list(break_at) if break_at else None)
+  options = dict(trace=trace, checkpoint_every=checkpoint_every,
+                 break_at=list(break_at) if break_at else None)
+  twin = None
+  if keras_model is None:
+    model = model.resolved()
+    parts = seed.build(data, model, train)  # bad input fails here, before anything is written
+    record = configs.record(data, model, train, **options)
+    workload, epsilon, width = seed.workload(model, train), model.epsilon, model.width
+  else:  # a user's model: its raw twin (bad model or data fails here, before any output)
+    from bnraw.models import twin as twins
+    twin, parts = twins.setup(*keras_model)
+    record = twins.record(*keras_model, train, **options)
+    workload = {"keras_model": record["keras_model"]["digest"]}
+    epsilon = [layer.epsilon for layer in parts.model.batch_norms]
+    width = None
   names = [layer.name for layer in parts.model.batch_norms]
   hook = None
   if break_at is not None:
@@ -97,7 +111,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     chosen = earlier.get("mode") or step.resolve_mode("auto")
   choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
                                parts.data.labels, mode=chosen, batch_size=train.batch_size,
-                               trace=trace, workload=seed.workload(model, train))
+                               trace=trace, workload=workload)
   mode = choice.mode
   tuning = choice.record or (dict(earlier["autotune"], reused=True)
                              if chosen != train.mode and earlier.get("autotune") else None)
@@ -111,10 +125,10 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     if trace:
       from bnraw.tracing.store import TRACE_FILE, Trace, TraceRecorder
       from bnraw.tracing.tensorboard import TensorBoardWriter
-      recorder = TraceRecorder(names, model.epsilon)
+      recorder = TraceRecorder(names, epsilon)
       if resume_state is not None and os.path.exists(os.path.join(out_dir, TRACE_FILE)):
         recorder.extend_from(Trace.load(out_dir), optim.steps_run(parts.optimizer))
-      board = stack.enter_context(TensorBoardWriter(out_dir, names, model.epsilon,
+      board = stack.enter_context(TensorBoardWriter(out_dir, names, epsilon,
                                                     histogram_every))
       recorders += [recorder, board.step]
 
@@ -142,11 +156,12 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
         "config": record,
         "status": history.status,
         "complete": history.status == "complete",
-        "resolved": {"width": model.width, "mode": mode},
+        "resolved": {"width": width, "mode": mode},
         "autotune": tuning,
         "environment": outputs.environment(),
         "parameters": parts.model.count_parameters(),
         "history": {"loss": history.loss, "accuracy": history.accuracy},
+        "metric": "accuracy" if twin is None else twin.metric_name,
         "evaluate": {"loss": None, "accuracy": None},
         "steps_done": optim.steps_run(parts.optimizer),
         "train_seconds": time.perf_counter() - start,
@@ -161,6 +176,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
       eval_loss, eval_accuracy = loop.evaluate(parts.model, parts.data.images, parts.data.labels,
                                                batch_size=train.batch_size, mode=mode)
       summary["evaluate"] = {"loss": eval_loss, "accuracy": eval_accuracy}
+      if twin is not None:  # the trained twin as the user's own Keras model
+        summary["trained_model"] = twins.save_trained(twin, os.path.join(out_dir,
+                                                                         "trained.keras"))
       if trace:
         board.scalars(summary["steps_done"], {"evaluate/loss": eval_loss,
                                               "evaluate/accuracy": eval_accuracy})
@@ -193,9 +211,12 @@ def resume(out_dir: str, *, epochs: Optional[int] = None, **kwargs) -> dict:
 def report(summary: dict) -> str:
   """What fit printed last and what evaluate gives."""
   history, evaluate = summary["history"], summary["evaluate"]
-  text = (f"fit loss (last epoch) {history['loss'][-1]:.6g}  accuracy "
-          f"{history['accuracy'][-1]:.4f}\n"
-          f"evaluate loss         {evaluate['loss']:.6g}  accuracy {evaluate['accuracy']:.4f}")
+  metric = summary.get("metric", "accuracy")
+  column = lambda value: f"  {metric} {value:.4f}" if metric else ""
+  text = (f"fit loss (last epoch) {history['loss'][-1]:.6g}{column(history['accuracy'][-1])}\n"
+          f"evaluate loss         {evaluate['loss']:.6g}{column(evaluate['accuracy'])}")
+  if "trained_model" in summary:
+    text += f"\ntrained model: {summary['trained_model']} (keras.models.load_model)"
   scaling = summary.get("loss_scaling")
   if scaling:
     text += (f"\nloss scaling: {scaling['skipped_steps']} of {summary['steps_done']} steps "

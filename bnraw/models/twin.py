@@ -1,0 +1,279 @@
+"""A user's Keras model and its raw twin: conversion and state transfer both ways.
+
+:func:`convert` walks the model's graph in Keras's execution order (``_nodes_by_depth``, deepest
+first, as ``Functional._run_through_graph``), inlines nested Sequential and functional models
+(their layers named by path, ``backbone/bn_1``), and turns every layer into its raw twin: BN here
+(:class:`bnraw.core.layers.BatchNorm` with the layer's axis, center, scale, synchronized and
+trainable settings), every other layer by :func:`bnraw.models.twin_layers.raw_layer`. Each raw
+variable starts as a copy of its Keras variable; :class:`Twin` keeps the pairing, so state moves
+by position, checked by shape: ``model.weights``, the optimizer's slots, its iteration count and
+loss scale, and every Dropout's seed-generator state.
+
+The loss, the first metric and the optimizer come from the model's compile: see
+:mod:`bnraw.models.twin_loss` and :mod:`bnraw.models.twin_optimizer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw.core import ops
+from bnraw.core.graph import Graph, Node
+from bnraw.core.layers import BatchNorm
+from bnraw.errors import UsageError
+
+SUPPORTED = "README.md, 'Your own model'"
+BN_CLASSES = ("BatchNormalization",)
+MODEL_CLASSES = ("Functional", "Sequential", "Model")
+# A final activation whose input Keras's cross-entropy can recover as logits (_keras_logits).
+LOGIT_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _refuse(layer, problem: str):
+  raise UsageError("keras_model", f"layer {layer.name!r} ({type(layer).__name__}) {problem}; "
+                   f"supported layers and settings: {SUPPORTED}")
+
+
+def raw_batch_norm(layer, name: str) -> BatchNorm:
+  """The raw twin of a Keras ``BatchNormalization`` layer, its values copied."""
+  config = layer.get_config()
+  if config.get("renorm"):
+    _refuse(layer, "uses renorm")
+  if not isinstance(config["axis"], int):
+    _refuse(layer, f"normalises over several axes {config['axis']}")
+  raw = BatchNorm(name, int(layer.moving_mean.shape[0]), momentum=float(config["momentum"]),
+                  epsilon=float(config["epsilon"]), trainable=layer.trainable,
+                  axis=int(config["axis"]), center=config["center"], scale=config["scale"],
+                  synchronized=bool(config.get("synchronized", False)))
+  for target, source in zip(raw.variables, layer.weights):
+    target.assign(source.numpy())
+  return raw
+
+
+def penalty(regularizer) -> Callable[[tf.Tensor], tf.Tensor]:
+  """A Keras kernel/bias regularizer (L1, L2, L1L2) as a raw function of the variable."""
+  kind = type(regularizer).__name__
+  config = regularizer.get_config()
+  if kind == "L2":
+    return lambda v: ops.l2_penalty(v, config["l2"])
+  if kind == "L1":
+    return lambda v: ops.l1_penalty(v, config["l1"])
+  if kind == "L1L2":
+    return lambda v: ops.l1_l2_penalty(v, config["l1"], config["l2"])
+  raise UsageError("keras_model", f"regularizer {kind} is not supported (L1, L2, L1L2 are)")
+
+
+def _graph_of(model):
+  """The functional graph behind a model (a Sequential's own ``_functional``), or None."""
+  if type(model).__name__ == "Sequential":
+    return getattr(model, "_functional", None)
+  return model if hasattr(model, "_nodes_by_depth") else None
+
+
+@dataclasses.dataclass
+class _Walk:
+  nodes: list = dataclasses.field(default_factory=list)
+  pairs: list = dataclasses.field(default_factory=list)  # (keras variable, raw variable)
+  seeds: list = dataclasses.field(default_factory=list)  # (keras state, raw state)
+  seen: set = dataclasses.field(default_factory=set)
+  keras_layers: list = dataclasses.field(default_factory=list)  # (path, keras layer, raw)
+
+
+def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
+  """Appends ``model``'s nodes to ``walk`` reading ``input_ids``; returns its output's id."""
+  from bnraw.models import twin_layers
+  graph = _graph_of(model)
+  if graph is None:
+    _refuse(model, "was never built on an input (call it on keras.Input first)")
+  if len(graph.inputs) != len(input_ids) or len(graph.outputs) != 1:
+    _refuse(model, f"has {len(graph.inputs)} inputs and {len(graph.outputs)} outputs; "
+            "bnraw converts models with one of each")
+  ids = {id(t): i for t, i in zip(graph.inputs, input_ids)}
+  for depth in sorted(graph._nodes_by_depth, reverse=True):
+    for node in graph._nodes_by_depth[depth]:
+      layer = node.operation
+      if not layer or node.is_input:
+        continue
+      kind = type(layer).__name__
+      extra = {k: v for k, v in node.arguments.kwargs.items() if v is not None
+               and k != "training"}
+      if extra:
+        _refuse(layer, f"is called with {sorted(extra)}")
+      if id(layer) in walk.seen:
+        _refuse(layer, "is called more than once (shared layers must be called once)")
+      walk.seen.add(id(layer))
+      inputs = tuple(ids[id(t)] for t in node.input_tensors)
+      name = prefix + layer.name
+      if kind in MODEL_CLASSES or hasattr(layer, "_nodes_by_depth") or kind == "Sequential":
+        out = _inline(layer, list(inputs), name + "/", walk)
+      else:
+        if getattr(layer, "activity_regularizer", None) is not None:
+          _refuse(layer, "has an activity regularizer")
+        for variable in layer.weights:
+          if getattr(variable, "constraint", None) is not None:
+            _refuse(layer, f"constrains {variable.path}")
+        if kind in BN_CLASSES:
+          raw = raw_batch_norm(layer, name)
+        else:
+          raw = twin_layers.raw_layer(layer)
+          if raw is None:
+            _refuse(layer, "has no raw twin")
+          raw.name = name
+        walk.pairs += list(zip(layer.weights, raw.variables))
+        walk.seeds += list(zip(twin_layers.keras_state_variables(layer),
+                               getattr(raw, "state_variables", ())))
+        walk.keras_layers.append((name, layer, raw))
+        walk.nodes.append(Node(raw, inputs))
+        out = len(walk.nodes)
+      for tensor in node.outputs:
+        ids[id(tensor)] = out
+  return ids[id(graph.outputs[0])]
+
+
+class Twin:
+  """A Keras model, its raw :class:`Graph` twin and the pairing of their state.
+
+  ``raw`` trains with ``optimizer`` (the compiled optimizer's raw twin, built over
+  ``raw.trainable_variables`` in Keras's order, so slots pair by position).
+  """
+
+  def __init__(self, kmodel, raw: Graph, pairs: list, seeds: list, layers: list):
+    self.kmodel, self.raw, self.optimizer = kmodel, raw, None
+    self._pairs, self._seeds, self.layers = pairs, seeds, layers
+
+  @property
+  def keras_variables(self) -> list:
+    """Keras's ``model.weights`` (the order of ``raw.variables``)."""
+    return [k for k, _ in self._pairs]
+
+  def keras_state(self) -> dict:
+    """The Keras model's state (weights, optimizer, seeds) as numpy."""
+    from bnraw.models import keras_bridge
+    state = keras_bridge.get_state(self.kmodel.weights, self.kmodel.optimizer)
+    state["seeds"] = [np.array(k.numpy()) for k, _ in self._seeds]
+    return state
+
+  def raw_state(self) -> dict:
+    from bnraw.models import keras_bridge
+    state = keras_bridge.get_state(self.raw.variables, self.optimizer)
+    state["seeds"] = [np.array(r.numpy()) for _, r in self._seeds]
+    return state
+
+  def set_raw_state(self, state: dict) -> None:
+    from bnraw.models import keras_bridge
+    keras_bridge.set_raw_state(self.raw, self.optimizer, state)
+    for (_, target), value in zip(self._seeds, state.get("seeds", ())):
+      target.assign(value)
+
+  def set_keras_state(self, state: dict) -> None:
+    from bnraw.models import keras_bridge
+    keras_bridge.assign_all(self.kmodel.weights, state["weights"], "weights")
+    for group, values in zip(keras_bridge.optimizer_slots(self.kmodel.optimizer),
+                             state["slots"]):
+      keras_bridge.assign_all(group, values, "optimizer slots")
+    self.kmodel.optimizer.iterations.assign(state["iterations"])
+    keras_bridge.assign_loss_scale(self.kmodel.optimizer, state)
+    for (target, _), value in zip(self._seeds, state.get("seeds", ())):
+      target.assign(value)
+
+
+def convert(kmodel, y: Optional[np.ndarray] = None, *, optimizer: bool = True) -> Twin:
+  """The raw twin of a compiled Keras model (its values copied now; with ``optimizer``, the
+  compiled optimizer's twin too, its slots and iterations copied). ``y``: the labels it will
+  train on, which decide what Keras's ``"accuracy"`` means."""
+  from bnraw.models import twin_loss
+  walk = _Walk()
+  if len(kmodel.inputs) != 1:
+    raise UsageError("keras_model", f"the model takes {len(kmodel.inputs)} inputs; bnraw "
+                     "converts single-input models")
+  _inline(kmodel, [0], "", walk)
+  by_keras = {id(k): r for k, r in walk.pairs}
+  missing = [v.path for v in kmodel.weights if id(v) not in by_keras]
+  if missing:
+    raise UsageError("keras_model", f"weights {missing} belong to no converted layer")
+  variables = [by_keras[id(v)] for v in kmodel.weights]
+  trainable = [by_keras[id(v)] for v in kmodel.trainable_variables]
+  regularizers = [(by_keras[id(v)], penalty(v.regularizer)) for v in kmodel.trainable_weights
+                  if getattr(v, "regularizer", None) is not None]
+  last = walk.nodes[-1].layer
+  activation = getattr(last, "activation", None)
+  output_activation = None
+  if activation in LOGIT_ACTIVATIONS:  # tagged with _keras_logits; the raw losses drop them
+    from bnraw.core import catalog     # where Keras's loss loses them (bnraw.core.losses)
+    output_activation = lambda t, name=activation: catalog.activate(name, t)
+  metric = twin_loss.raw_metric(kmodel, y)
+  raw = Graph(kmodel.name, walk.nodes, variables=variables, trainable_variables=trainable,
+              state_variables=[r for _, r in walk.seeds], loss_fn=twin_loss.raw_loss(kmodel),
+              metric_fn=metric[1] if metric else None, regularizers=regularizers,
+              output_activation=output_activation,
+              loss_uses_logits=output_activation is not None,
+              compute_dtype=kmodel.dtype_policy.compute_dtype)
+  twin = Twin(kmodel, raw, [(k, by_keras[id(k)]) for k in kmodel.weights], walk.seeds,
+              walk.keras_layers)
+  twin.metric_name = metric[0] if metric else None
+  if optimizer:
+    from bnraw.models import twin_optimizer
+    twin.optimizer = twin_optimizer.raw_optimizer(kmodel.optimizer, raw.trainable_variables)
+    from bnraw.models import keras_bridge
+    state = keras_bridge.get_state(kmodel.weights, kmodel.optimizer)
+    keras_bridge.set_raw_state(raw, twin.optimizer, state)
+  return twin
+
+
+def copy_to_keras(twin: Twin) -> Any:
+  """The Keras model holding the raw twin's current weights and BN statistics (in place)."""
+  for keras_variable, raw_variable in twin._pairs:
+    keras_variable.assign(raw_variable.numpy())
+  return twin.kmodel
+
+
+class Parts(NamedTuple):
+  """What a tool trains: the twin's raw model and optimizer and the data (as the seed's
+  ``bnraw.models.seed.build`` gives them)."""
+
+  model: Graph
+  optimizer: Any
+  data: Any  # .images (x, float32) and .labels (y)
+
+
+class Data(NamedTuple):
+  images: np.ndarray
+  labels: np.ndarray
+
+
+def setup(model_path: str, data_path: str) -> tuple[Twin, Parts]:
+  """The user's model loaded, its data checked, its raw twin built (every problem a
+  UsageError, before any output is written)."""
+  from bnraw.models import user
+  kmodel = user.load_keras_model(model_path, nested_bn=True)
+  x, y = user.load_data(data_path, kmodel)
+  twin = convert(kmodel, y)
+  return twin, Parts(twin.raw, twin.optimizer, Data(x, y))
+
+
+def record(model_path: str, data_path: str, train, **options) -> dict:
+  """What outputs and checkpoints store for a run on a user's model: the files (path and
+  content digest), the loop's settings and the options."""
+  from bnraw import machine
+  files = lambda path: {"path": os.path.abspath(path), "digest": machine.file_digest(path)}
+  return {"keras_model": files(model_path), "data": files(data_path),
+          "train": dataclasses.asdict(train), "options": dict(options)}
+
+
+def save_trained(twin: Twin, path: str) -> str:
+  """Writes the user's Keras model holding the twin's trained weights and statistics to
+  ``path`` (atomically); returns the path."""
+  kmodel = copy_to_keras(twin)
+  tmp = path + ".tmp.keras"
+  kmodel.save(tmp)
+  os.replace(tmp, path)
+  return path
+
+
+__all__ = ["Parts", "Twin", "convert", "copy_to_keras", "penalty", "raw_batch_norm", "record",
+           "save_trained", "setup"]

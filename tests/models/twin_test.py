@@ -1,0 +1,121 @@
+"""A user's Keras model's raw twin (bnraw.models.twin) against that model's own fit, on the zoo
+(tests/models/zoo.py): compare, train's trained.keras, and the diagnosis with history."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+from bnraw.config import TrainConfig
+from bnraw.errors import UsageError
+from tests.models import zoo
+
+TRAIN = TrainConfig(batch_size=zoo.BATCH_SIZE, epochs=1, mode="function")
+
+
+@pytest.fixture(scope="module")
+def saved():
+  with tempfile.TemporaryDirectory() as directory:
+    yield lambda name: zoo.save(name, directory)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_every_step_is_bit_identical_to_the_models_own_fit(saved, name):
+  """Synced, every step (two full batches and a partial one): loss, every weight and moving
+  statistic equal to the last bit, and evaluate too."""
+  from bnraw import parity
+  result = parity.run_keras_model(*saved(name), TRAIN, out_dir=None)
+  assert len(result["steps"]) == 3
+  assert result["first_divergent_step"] is None
+  assert result["bit_identical_steps"] == 3, result["steps"]
+  assert result["evaluate"]["loss_rel_diff"] == 0
+
+
+def test_trained_keras_evaluates_to_the_raw_twins_evaluate(saved):
+  """bnraw-train --keras_model writes trained.keras; Keras's own evaluate of it is the twin's."""
+  import keras
+  from bnraw import training
+  model_path, data_path = saved("nested")
+  with tempfile.TemporaryDirectory() as out:
+    summary = training.run(None, None, TRAIN, out_dir=out, progress=False,
+                           keras_model=(model_path, data_path))
+    trained = keras.models.load_model(os.path.join(out, "trained.keras"))
+    with np.load(data_path) as data:
+      keras_eval = trained.evaluate(data["x"], data["y"], batch_size=zoo.BATCH_SIZE, verbose=0,
+                                    return_dict=True)
+  assert summary["metric"] == "accuracy"
+  assert abs(keras_eval["loss"] - summary["evaluate"]["loss"]) <= 1e-6 * keras_eval["loss"]
+  assert keras_eval["accuracy"] == pytest.approx(summary["evaluate"]["accuracy"], abs=1e-7)
+
+
+def test_frozen_bn_fine_tune_diagnosis(saved):
+  """--epochs=K on a frozen base: the parts sum to the gap, the frozen layer contributes nothing
+  and keeps its statistics in the fix, and the head BN's PreciseBN statistics are the float64
+  population moments of its input, computed here with Keras."""
+  import keras
+  from bnraw import diagnosis
+  model_path, data_path = saved("frozen_bn")
+  with tempfile.TemporaryDirectory() as out:
+    result = diagnosis.run_twin(model_path, data_path, TRAIN, out_dir=out, fix="precise_bn",
+                                tensorboard=False, progress=False)
+    fixed = keras.models.load_model(result["fixed"]["saved"])
+  losses = result["losses"]
+  assert sum(result["attribution"].values()) == pytest.approx(
+      losses["evaluate"] - losses["fit"], abs=1e-6)
+  assert result["frozen"] == ["base/bn"]
+  frozen = next(p for p in result["per_layer"] if p["layer"] == "base/bn")
+  assert frozen["contribution"] == 0
+  base_bn = fixed.get_layer("base").get_layer("bn")
+  original = keras.models.load_model(model_path).get_layer("base").get_layer("bn")
+  np.testing.assert_array_equal(base_bn.moving_mean.numpy(), original.moving_mean.numpy())
+  head_bn = fixed.get_layer("head_bn")
+  probe = keras.Model(fixed.inputs, head_bn.input)
+  with np.load(data_path) as data:
+    h = np.asarray(probe(data["x"], training=False), np.float64)
+  np.testing.assert_allclose(head_bn.moving_mean.numpy(), h.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(head_bn.moving_variance.numpy(), h.var(0), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_is_priced_apart_and_the_split_is_repeatable(saved):
+  from bnraw import diagnosis
+  model_path, data_path = saved("mlp_dropout")
+  runs = []
+  for _ in range(2):
+    with tempfile.TemporaryDirectory() as out:
+      runs.append(diagnosis.run_twin(model_path, data_path, TRAIN, out_dir=out,
+                                     tensorboard=False, progress=False))
+  assert runs[0]["losses"] == runs[1]["losses"]
+  assert runs[0]["dropout"] == runs[1]["dropout"]
+  assert [name.split("_")[0] for name in runs[0]["dropout"]["layers"]] == ["dropout"]
+  assert runs[0]["dropout"]["effect"] != 0
+
+
+def test_an_unsupported_layer_is_one_line_naming_it(tmp_path):
+  import keras
+  from bnraw.models import twin
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                            keras.layers.BatchNormalization(),
+                            keras.layers.GaussianNoise(0.1, name="noise"),
+                            keras.layers.Dense(2, activation="softmax")])
+  model.compile("adam", "sparse_categorical_crossentropy")
+  with pytest.raises(UsageError) as error:
+    twin.convert(model)
+  message = str(error.value)
+  assert "\n" not in message
+  assert "'noise' (GaussianNoise)" in message and "README.md" in message
+
+
+@pytest.mark.parametrize("tool,flag", [("bnraw-train", "--width=1/16"),
+                                       ("bnraw-compare", "--optimizer=sgd"),
+                                       ("bnraw-diagnose", "--momentum=0.5")])
+def test_seed_flags_with_keras_model_are_refused_before_any_work(tmp_path, tool, flag):
+  script = os.path.join(os.path.dirname(sys.executable), tool)
+  done = subprocess.run([script, "--keras_model=m.keras", "--data=d.npz", flag,
+                         f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True)
+  assert done.returncode == 2
+  assert done.stderr.strip().count("\n") == 0, done.stderr
+  assert flag.split("=")[0][2:] in done.stderr and "--keras_model" in done.stderr
+  assert not (tmp_path / "out").exists()

@@ -1,0 +1,136 @@
+"""A zoo of small user-style Keras models with BN, each saved as a user would save it (compiled,
+``model.save``) with its data (``.npz``, arrays ``x`` and ``y``): what every ``--keras_model``
+tool is tested on. None of them is the seed network, and each stresses a different part of the
+conversion. Widths are tiny so that the whole zoo trains in seconds on two cores."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+EXAMPLES = 40  # with batch 16: two full batches and a partial one per epoch
+BATCH_SIZE = 16
+
+
+def _data(rng, x_shape, y):
+  return rng.normal(size=(EXAMPLES, *x_shape)).astype(np.float32), y
+
+
+def resnet(keras, rng):
+  """Residual CNN: strided 'same' convs without bias, BN before ReLU, an Add shortcut."""
+  L = keras.layers
+  inp = keras.Input((8, 8, 3))
+  h = L.Conv2D(4, 3, strides=2, padding="same", use_bias=False, name="stem")(inp)
+  h = L.BatchNormalization(name="stem_bn")(h)
+  h = L.ReLU()(h)
+  r = L.Conv2D(4, 3, padding="same", use_bias=False, name="block_conv1")(h)
+  r = L.BatchNormalization(name="block_bn1")(r)
+  r = L.ReLU()(r)
+  r = L.Conv2D(4, 3, padding="same", use_bias=False, name="block_conv2")(r)
+  r = L.BatchNormalization(name="block_bn2")(r)
+  h = L.ReLU()(L.Add()([h, r]))
+  h = L.GlobalAveragePooling2D()(h)
+  model = keras.Model(inp, L.Dense(3, activation="softmax", name="head")(h), name="resnet")
+  model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy",
+                metrics=["accuracy"])
+  return model, _data(rng, (8, 8, 3), rng.integers(0, 3, EXAMPLES))
+
+
+def mlp_dropout(keras, rng):
+  """MLP with BN and Dropout, SGD with Nesterov momentum, one-hot labels."""
+  L = keras.layers
+  model = keras.Sequential([keras.Input((6,)), L.Dense(8, name="fc1"),
+                            L.BatchNormalization(name="bn1"), L.Activation("relu"),
+                            L.Dropout(0.3, seed=3), L.Dense(3, activation="softmax", name="out")],
+                           name="mlp")
+  model.compile(keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+                "categorical_crossentropy", metrics=["accuracy"])
+  return model, _data(rng, (6,), np.eye(3, dtype=np.float32)[rng.integers(0, 3, EXAMPLES)])
+
+
+def nested(keras, rng):
+  """BN inside a Sequential inside a functional sub-model inside the model."""
+  L = keras.layers
+  block = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(3, 3, name="conv"),
+                            L.BatchNormalization(name="bn"), L.ReLU()], name="block")
+  inner_in = keras.Input((6, 6, 2))
+  inner = keras.Model(inner_in, L.Flatten()(block(inner_in)), name="backbone")
+  inp = keras.Input((6, 6, 2))
+  h = L.BatchNormalization(name="top_bn")(L.Dense(4, name="fc")(inner(inp)))
+  model = keras.Model(inp, L.Dense(2, activation="softmax", name="head")(h), name="nested")
+  model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy",
+                metrics=["accuracy"])
+  return model, _data(rng, (6, 6, 2), rng.integers(0, 2, EXAMPLES))
+
+
+def bn_axis1(keras, rng):
+  """BN over axis 1 without center and scale; a regression head (MSE, no metric)."""
+  L = keras.layers
+  model = keras.Sequential([keras.Input((4, 5, 3)), L.Conv2D(3, 1, name="conv"),
+                            L.BatchNormalization(axis=1, center=False, scale=False, name="bn"),
+                            L.Flatten(), L.Dense(1, name="out")], name="axis1")
+  model.compile(keras.optimizers.Adam(1e-2), "mse")
+  return model, _data(rng, (4, 5, 3), rng.normal(size=(EXAMPLES, 1)).astype(np.float32))
+
+
+def frozen_bn(keras, rng):
+  """A fine-tune: a frozen base (conv + BN, trainable=False) under a trainable head."""
+  L = keras.layers
+  base = keras.Sequential([keras.Input((6, 6, 3)), L.Conv2D(4, 3, name="conv"),
+                           L.BatchNormalization(name="bn"), L.ReLU(),
+                           L.GlobalAveragePooling2D()], name="base")
+  base.layers[1].moving_mean.assign(np.linspace(-0.5, 0.5, 4).astype(np.float32))
+  base.layers[1].moving_variance.assign(np.linspace(0.5, 2.0, 4).astype(np.float32))
+  base.trainable = False
+  inp = keras.Input((6, 6, 3))
+  h = L.BatchNormalization(name="head_bn")(L.Dense(5, name="fc")(base(inp)))
+  model = keras.Model(inp, L.Dense(3, activation="softmax", name="head")(h), name="finetune")
+  model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy",
+                metrics=["accuracy"])
+  return model, _data(rng, (6, 6, 3), rng.integers(0, 3, EXAMPLES))
+
+
+def separable(keras, rng):
+  """Depthwise-separable convs with ReLU6, a sigmoid head, binary cross-entropy, RMSprop."""
+  L = keras.layers
+  model = keras.Sequential([
+      keras.Input((8, 8, 3)), L.SeparableConv2D(4, 3, padding="same", name="sep"),
+      L.BatchNormalization(name="bn1"), L.ReLU(max_value=6.0),
+      L.DepthwiseConv2D(3, strides=2, name="dw"), L.BatchNormalization(name="bn2"),
+      L.ReLU(6.0), L.GlobalAveragePooling2D(), L.Dense(1, activation="sigmoid", name="out")],
+      name="separable")
+  model.compile(keras.optimizers.RMSprop(1e-2), "binary_crossentropy", metrics=["accuracy"])
+  return model, _data(rng, (8, 8, 3), rng.integers(0, 2, (EXAMPLES, 1)).astype(np.float32))
+
+
+def synchronized(keras, rng):
+  """``synchronized=True`` BN on inputs with a large mean (its one-pass moments show), logits
+  with a from_logits loss, AdamW, an L2 kernel regularizer."""
+  L = keras.layers
+  model = keras.Sequential([
+      keras.Input((6,)), L.Dense(5, kernel_regularizer=keras.regularizers.l2(1e-3), name="fc"),
+      L.BatchNormalization(synchronized=True, name="sync_bn"), L.ReLU(),
+      L.Dense(3, name="logits")], name="sync")
+  model.compile(keras.optimizers.AdamW(1e-2),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  x, y = _data(rng, (6,), rng.integers(0, 3, EXAMPLES))
+  return model, (x + 20.0, y)
+
+
+ZOO: dict[str, Callable] = {f.__name__: f for f in (
+    resnet, mlp_dropout, nested, bn_axis1, frozen_bn, separable, synchronized)}
+
+
+def save(name: str, directory: str, seed: int = 0) -> tuple[str, str]:
+  """Builds zoo model ``name``, saves it and its data in ``directory``; returns both paths."""
+  import keras
+  keras.utils.set_random_seed(seed)
+  model, (x, y) = ZOO[name](keras, np.random.default_rng(seed))
+  model_path = os.path.join(directory, f"{name}.keras")
+  data_path = os.path.join(directory, f"{name}.npz")
+  model.save(model_path)
+  np.savez(data_path, x=x, y=y)
+  return model_path, data_path
