@@ -109,7 +109,6 @@ CASES = [
     case("spatial_dropout1d", lambda: L.SpatialDropout1D(0.4), SEQ),
     # Mixed precision: float16 compute, float32 variables
     case("mixed_conv2d", lambda: L.Conv2D(3, 3, padding="same", dtype="mixed_float16")),
-    case("mixed_grouped_conv2d", lambda: L.Conv2D(4, 2, groups=2, dtype="mixed_float16")),
     case("mixed_dense_softmax", lambda: L.Dense(4, activation="softmax",
                                                 dtype="mixed_float16"), VEC),
     case("mixed_separable2d", lambda: L.SeparableConv2D(3, 2, dtype="mixed_float16")),
