@@ -1,6 +1,10 @@
 """Times the training step: raw eager/function/xla/auto (trace off and on) vs Keras fit (XLA off/on).
 
   bnraw-profile --widths=1/16,1/4 --out_dir=runs/profile
+  bnraw-profile --keras_model=model.keras --data=train.npz --out_dir=runs/profile_mine
+
+With --keras_model: that model's raw twin (function, xla; eager on request) against its own fit
+(jit off and on), and the ratio of the best exact raw step to the best fit.
 
 All in one process on the same data, width and batch: every configuration is built once and
 timed round-robin (--rounds), so a noisy machine's drift hits all alike. Prints a table with
@@ -17,7 +21,8 @@ from bnraw.cli import flags as common
 from bnraw.errors import UsageError
 
 flags.DEFINE_list("widths", ["1/16"], "Width multipliers, comma-separated (e.g. 1/16,1/4).")
-flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1, upper_bound=256)
+flags.DEFINE_integer("batch_size", 256, "Batch size (with --keras_model: default 32, fit's).",
+                     lower_bound=1)
 flags.DEFINE_integer("steps", 5, "Timed steps per configuration and round.", lower_bound=1)
 flags.DEFINE_integer("rounds", 3, "Round-robin rounds over all configurations (the median of "
                      "all timed steps is reported).", lower_bound=1)
@@ -37,12 +42,30 @@ flags.DEFINE_string("profile_dir", None, "Write a TensorFlow profiler trace of a
                     "steps of the best mode here (TensorBoard's Profile tab).")
 flags.DEFINE_string("hlo_dir", None, "Write the raw xla step's HLO before/after optimisation.")
 common.define_output_flags("runs/profile")
+common.define_keras_model_flags("Profile")
 FLAGS = flags.FLAGS
+# what only the seed's profile has
+SEED_ONLY = ("widths", "steps_per_execution", "dtype_policy", "breakdown", "profile_dir",
+             "hlo_dir")
 
 
 def check(argv):
   common.reject_extra_args(argv)
   common.check_outputs()
+  if FLAGS.keras_model:
+    common.refuse_present(SEED_ONLY, "profiles the seed network; with --keras_model the model "
+                          "brings its own width, policy and compile")
+    for value in FLAGS.raw_modes if FLAGS["raw_modes"].present else ():
+      if value not in ("eager", "function", "xla"):
+        raise UsageError("raw_modes", f"expected some of eager, function, xla with "
+                         f"--keras_model; got {value!r}")
+    for value in FLAGS.keras_jit if FLAGS["keras_jit"].present else ():
+      if value not in ("false", "true"):
+        raise UsageError("keras_jit", f"expected false or true with --keras_model; got {value!r}")
+    return
+  if FLAGS.batch_size > NUM_IMAGES:
+    raise UsageError("batch_size", f"must be in [1, {NUM_IMAGES}] (the seed's dataset has "
+                     f"{NUM_IMAGES} images)")
   for text in FLAGS.widths:
     try:
       common.parse_width(text)
@@ -75,6 +98,19 @@ def check(argv):
 
 def main(argv):
   from bnraw import profiling
+  if FLAGS.keras_model:
+    from bnraw.models.user import KERAS_FIT_BATCH_SIZE
+    result = profiling.run_keras_model(
+        FLAGS.keras_model, FLAGS.data,
+        batch_size=FLAGS.batch_size if FLAGS["batch_size"].present else KERAS_FIT_BATCH_SIZE,
+        steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
+        raw_modes=FLAGS.raw_modes if FLAGS["raw_modes"].present else ["function", "xla"],
+        keras_jit=([v == "true" for v in FLAGS.keras_jit] if FLAGS["keras_jit"].present
+                   else [False, True]),
+        out_dir=FLAGS.out_dir, progress=True, overwrite=FLAGS.overwrite)
+    print(profiling.report_keras_model(result))
+    print(f"wrote {FLAGS.out_dir}/profile.json")
+    return
   result = profiling.run(
       widths=[common.parse_width(w) for w in FLAGS.widths], batch_size=FLAGS.batch_size,
       steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds, raw_modes=FLAGS.raw_modes,

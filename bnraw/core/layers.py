@@ -137,12 +137,16 @@ class BatchNorm:
 
   def __init__(self, name: str, channels: int, *, momentum: float, epsilon: float,
                bessel: bool = False, trainable: bool = True, axis: int = -1,
-               center: bool = True, scale: bool = True, synchronized: bool = False):
+               center: bool = True, scale: bool = True, synchronized: bool = False,
+               compute_dtype: Optional[str] = None):
     def var(suffix, value, is_trainable):
       return tf.Variable(tf.fill([channels], value), name=f"{name}/{suffix}",
                          trainable=is_trainable)
     self.name, self.momentum, self.epsilon, self.bessel = name, momentum, epsilon, bessel
     self.trainable, self.axis, self.synchronized = trainable, axis, synchronized
+    # the layer's own policy (a user's model): its input is cast to it first and its output
+    # comes out in it, as Keras's Layer.__call__ and BN's call; None: the input's dtype
+    self.compute_dtype = None if compute_dtype is None else tf.as_dtype(compute_dtype)
     self.gamma = var("gamma", 1.0, trainable) if scale else None
     self.beta = var("beta", 0.0, trainable) if center else None
     self.moving_mean = var("moving_mean", 0.0, False)
@@ -172,6 +176,8 @@ class BatchNorm:
     """
     with tf.name_scope(self.name):  # op names "bn_3/moments/..." survive into XLA's HLO
       update = statistics is None and training and self.trainable
+      if self.compute_dtype is not None:
+        x = tf.cast(x, self.compute_dtype)
       compute_dtype = x.dtype
       x = tf.cast(x, tf.float32)  # Keras upcasts float16/bfloat16 inputs (no op for float32)
       count = ops.elements_per_channel(x, self.axis)

@@ -322,7 +322,7 @@ def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: st
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
   if train.epochs < 1:
     raise UsageError("epochs", f"must be >= 1 to train the twin, got {train.epochs}")
-  twin, parts = twins.setup(model_path, data_path)
+  twin, parts = twins.setup(model_path, data_path, train)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   raw, images, labels = parts.model, parts.data.images, parts.data.labels
   choice = machine.choose_mode(raw, parts.optimizer, images, labels, mode=train.mode,
@@ -340,6 +340,8 @@ def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: st
   y_pred = twin.kmodel(images[:2], training=False)
   result["metric"] = (dg.metric_of(twin.kmodel, labels[:2], y_pred)
                       if twin.metric_name else None)
+  if not twin.metric_name:  # no metric column (the loop counted zeros)
+    result["accuracy"] = {key: None for key in result["accuracy"]}
   result["frozen"] = [layer.name for layer in raw.batch_norms if not layer.trainable]
   if raw.state_variables:  # dropout: what it adds to the training branch, apart from BN
     with_noise = _raw_dropout_part(raw, images, labels, train.batch_size,
@@ -360,13 +362,15 @@ def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: st
   out = {"config": twins.record(model_path, data_path, train, fix=fix),
          "impl": "raw_twin", "title": title, "resolved": {"mode": mode},
          "autotune": choice.record, "environment": outputs.environment(), **result,
-         "history": {"loss": history.loss, "accuracy": history.accuracy}}
+         "history": {"loss": history.loss,
+                     "accuracy": history.accuracy if twin.metric_name else None}}
   if fix == "precise_bn":
     for layer, stats in zip(raw.batch_norms, precise):
       if layer.trainable:  # frozen layers: fit used their statistics, the head was fit to them
         layer.set_moving_statistics(stats)
     loss, metric = loop.evaluate(raw, images, labels, batch_size=train.batch_size, mode=mode)
-    out["fixed"] = {"method": "precise_bn", "evaluate": {"loss": loss, "accuracy": metric},
+    out["fixed"] = {"method": "precise_bn",
+                    "evaluate": {"loss": loss, "accuracy": metric if twin.metric_name else None},
                     "saved": twins.save_trained(twin, os.path.join(out_dir, "fixed.keras"))}
   outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)
   return out

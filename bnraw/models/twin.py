@@ -29,7 +29,7 @@ from bnraw.errors import UsageError
 
 SUPPORTED = "README.md, 'Your own model'"
 BN_CLASSES = ("BatchNormalization",)
-MODEL_CLASSES = ("Functional", "Sequential", "Model")
+MODEL_CLASSES = ("Functional", "Sequential")
 # A final activation whose input Keras's cross-entropy can recover as logits (_keras_logits).
 LOGIT_ACTIVATIONS = ("softmax", "sigmoid")
 
@@ -49,7 +49,8 @@ def raw_batch_norm(layer, name: str) -> BatchNorm:
   raw = BatchNorm(name, int(layer.moving_mean.shape[0]), momentum=float(config["momentum"]),
                   epsilon=float(config["epsilon"]), trainable=layer.trainable,
                   axis=int(config["axis"]), center=config["center"], scale=config["scale"],
-                  synchronized=bool(config.get("synchronized", False)))
+                  synchronized=bool(config.get("synchronized", False)),
+                  compute_dtype=layer.compute_dtype)
   for target, source in zip(raw.variables, layer.weights):
     target.assign(source.numpy())
   return raw
@@ -58,6 +59,8 @@ def raw_batch_norm(layer, name: str) -> BatchNorm:
 def penalty(regularizer) -> Callable[[tf.Tensor], tf.Tensor]:
   """A Keras kernel/bias regularizer (L1, L2, L1L2) as a raw function of the variable."""
   kind = type(regularizer).__name__
+  if kind not in ("L1", "L2", "L1L2"):
+    raise UsageError("keras_model", f"regularizer {kind} is not supported (L1, L2, L1L2 are)")
   config = regularizer.get_config()
   if kind == "L2":
     return lambda v: ops.l2_penalty(v, config["l2"])
@@ -69,8 +72,12 @@ def penalty(regularizer) -> Callable[[tf.Tensor], tf.Tensor]:
 
 
 def _graph_of(model):
-  """The functional graph behind a model (a Sequential's own ``_functional``), or None."""
-  if type(model).__name__ == "Sequential":
+  """The functional graph behind a model (a Sequential's own ``_functional``), or None. A
+  subclass is refused: its own ``call`` or ``train_step`` could do anything."""
+  kind = type(model).__name__
+  if kind not in MODEL_CLASSES or not type(model).__module__.startswith("keras."):
+    _refuse(model, "is a subclassed model; bnraw converts Sequential and functional models")
+  if kind == "Sequential":
     return getattr(model, "_functional", None)
   return model if hasattr(model, "_nodes_by_depth") else None
 
@@ -109,7 +116,7 @@ def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
       walk.seen.add(id(layer))
       inputs = tuple(ids[id(t)] for t in node.input_tensors)
       name = prefix + layer.name
-      if kind in MODEL_CLASSES or hasattr(layer, "_nodes_by_depth") or kind == "Sequential":
+      if kind in MODEL_CLASSES or hasattr(layer, "_nodes_by_depth") or hasattr(layer, "layers"):
         out = _inline(layer, list(inputs), name + "/", walk)
       else:
         if getattr(layer, "activity_regularizer", None) is not None:
@@ -133,6 +140,30 @@ def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
       for tensor in node.outputs:
         ids[id(tensor)] = out
   return ids[id(graph.outputs[0])]
+
+
+PASS_THROUGH = ("Identity", "Dropout", "SpatialDropout")
+
+
+def _check_output(nodes: list) -> None:
+  """Refuses outputs whose loss Keras computes another way than the twin would: a softmax over
+  another axis than the last (Keras's cross-entropy reads its logits over the last), and a
+  pass-through layer after a final softmax or sigmoid (Keras keeps the logits through some of
+  them and not others, by branch)."""
+  last = nodes[-1].layer
+  if type(last).__name__ == "Softmax" and getattr(last, "activation", None) is None:
+    raise UsageError("keras_model", f"the output layer {last.name!r} takes the softmax over "
+                     f"axis {last.axis}, not the last one; supported: {SUPPORTED}")
+  k = len(nodes) - 1
+  while k > 0 and len(nodes[k].inputs) == 1 and (
+      type(nodes[k].layer).__name__ in PASS_THROUGH
+      or getattr(nodes[k].layer, "activation", None) == "linear"
+      and type(nodes[k].layer).__name__ == "Activation"):
+    k = nodes[k].inputs[0] - 1
+    if k >= 0 and getattr(nodes[k].layer, "activation", None) in LOGIT_ACTIVATIONS:
+      raise UsageError("keras_model", f"layer {last.name!r} ({type(last).__name__}) follows the "
+                       f"final {nodes[k].layer.activation}; make that activation the output "
+                       f"layer (supported: {SUPPORTED})")
 
 
 class Twin:
@@ -200,6 +231,7 @@ def convert(kmodel, y: Optional[np.ndarray] = None, *, optimizer: bool = True) -
   trainable = [by_keras[id(v)] for v in kmodel.trainable_variables]
   regularizers = [(by_keras[id(v)], penalty(v.regularizer)) for v in kmodel.trainable_weights
                   if getattr(v, "regularizer", None) is not None]
+  _check_output(walk.nodes)
   last = walk.nodes[-1].layer
   activation = getattr(last, "activation", None)
   output_activation = None
@@ -225,13 +257,6 @@ def convert(kmodel, y: Optional[np.ndarray] = None, *, optimizer: bool = True) -
   return twin
 
 
-def copy_to_keras(twin: Twin) -> Any:
-  """The Keras model holding the raw twin's current weights and BN statistics (in place)."""
-  for keras_variable, raw_variable in twin._pairs:
-    keras_variable.assign(raw_variable.numpy())
-  return twin.kmodel
-
-
 class Parts(NamedTuple):
   """What a tool trains: the twin's raw model and optimizer and the data (as the seed's
   ``bnraw.models.seed.build`` gives them)."""
@@ -246,10 +271,22 @@ class Data(NamedTuple):
   labels: np.ndarray
 
 
-def setup(model_path: str, data_path: str) -> tuple[Twin, Parts]:
+def check_train(train) -> None:
+  """The loop's settings for a user's model (a TrainConfig), before any work."""
+  from bnraw.core.step import MODES
+  for name, low in (("batch_size", 1), ("epochs", 0), ("steps_per_execution", 1)):
+    if getattr(train, name) < low:
+      raise UsageError(name, f"must be >= {low}, got {getattr(train, name)}")
+  if train.mode not in MODES:
+    raise UsageError("mode", f"must be one of {', '.join(MODES)}, got {train.mode!r}")
+
+
+def setup(model_path: str, data_path: str, train=None) -> tuple[Twin, Parts]:
   """The user's model loaded, its data checked, its raw twin built (every problem a
-  UsageError, before any output is written)."""
+  UsageError, before any output is written); ``train``: the loop's settings, checked too."""
   from bnraw.models import user
+  if train is not None:
+    check_train(train)
   kmodel = user.load_keras_model(model_path, nested_bn=True)
   x, y = user.load_data(data_path, kmodel)
   twin = convert(kmodel, y)
@@ -266,14 +303,15 @@ def record(model_path: str, data_path: str, train, **options) -> dict:
 
 
 def save_trained(twin: Twin, path: str) -> str:
-  """Writes the user's Keras model holding the twin's trained weights and statistics to
-  ``path`` (atomically); returns the path."""
-  kmodel = copy_to_keras(twin)
+  """Writes the user's Keras model holding the twin's whole state (weights, statistics,
+  optimizer slots and iterations, seed states) to ``path`` (atomically); returns the path."""
+  twin.set_keras_state(twin.raw_state())  # weights, statistics, optimizer state and seeds
+  kmodel = twin.kmodel
   tmp = path + ".tmp.keras"
   kmodel.save(tmp)
   os.replace(tmp, path)
   return path
 
 
-__all__ = ["Parts", "Twin", "convert", "copy_to_keras", "penalty", "raw_batch_norm", "record",
+__all__ = ["Parts", "Twin", "check_train", "convert", "penalty", "raw_batch_norm", "record",
            "save_trained", "setup"]

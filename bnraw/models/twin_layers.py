@@ -125,7 +125,14 @@ def _separable(layer, dtype):
 
 
 def _softmax(layer, dtype):
-  return catalog.Softmax(layer.name, axis=layer.axis, compute_dtype=dtype)
+  axis = layer.axis
+  try:  # an int axis that is the last one (axis=1 on a 2-D input) is Keras's tagged softmax
+    rank = len(layer.input.shape)
+    if isinstance(axis, int) and axis % rank == rank - 1:
+      axis = -1
+  except (AttributeError, ValueError, TypeError):
+    pass
+  return catalog.Softmax(layer.name, axis=axis, compute_dtype=dtype)
 
 
 def _dropout(layer, dtype):

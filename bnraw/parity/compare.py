@@ -212,8 +212,9 @@ def verdict(sides: Sides, steps: list[dict], train: TrainConfig, mode: str) -> d
       "evaluate": {"raw": {"loss": raw_eval[0], **({metric: raw_eval[1]} if metric else {})},
                    "keras": {"loss": keras_eval["loss"],
                              **({metric: keras_eval[metric]} if metric else {})},
-                   "loss_rel_diff": abs(raw_eval[0] - keras_eval["loss"])
-                                    / abs(keras_eval["loss"])},
+                   "loss_rel_diff": (abs(raw_eval[0] - keras_eval["loss"])
+                                     / abs(keras_eval["loss"]) if keras_eval["loss"]
+                                     else abs(raw_eval[0]))},
       "first_divergent_step": next((s["step"] for s in steps if gated(s)), None),
       "tolerance": TOLERANCE,
       "bit_identical_steps": sum(s["bit_identical"] and s["loss_rel_diff"] == 0 for s in steps),
@@ -311,18 +312,19 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
   return result
 
 
-def recompile_with_batch_loss(kmodel, *, jit_compile: bool, steps_per_execution: int) -> None:
+def recompile(kmodel, *, jit_compile: bool, steps_per_execution: int,
+              batch_loss: bool = False) -> None:
   """Compiles a user's model again as it was compiled (the same optimizer object, its state
-  kept; the same loss and metrics), plus the ``batch_loss`` metric and the run's jit and
-  steps-per-execution settings."""
+  kept; the same loss and metrics), with the run's jit and steps-per-execution settings;
+  ``batch_loss``: plus the ``batch_loss`` metric (:func:`lockstep` reads it)."""
   import keras
   config = kmodel._compile_config.config
   metrics = config.get("metrics") or []
   if isinstance(metrics, dict):
     raise UsageError("keras_model", "metrics compiled as a dict are not supported")
+  extra = [_batch_loss_metric(keras, lambda: kmodel._compile_loss)] if batch_loss else []
   kmodel.compile(optimizer=kmodel.optimizer, loss=config["loss"],
-                 loss_weights=config.get("loss_weights"),
-                 metrics=[*metrics, _batch_loss_metric(keras, lambda: kmodel._compile_loss)],
+                 loss_weights=config.get("loss_weights"), metrics=[*metrics, *extra],
                  weighted_metrics=config.get("weighted_metrics"), jit_compile=jit_compile,
                  steps_per_execution=steps_per_execution)
 
@@ -335,10 +337,12 @@ def run_keras_model(keras_model: str, data: str, train: TrainConfig, *, out_dir:
   compiled loss, first metric and optimizer. ``train`` gives batch size, epochs, seed, mode
   and steps per execution."""
   from bnraw.models import twin as twins
-  from bnraw.models import user
-  kmodel = user.load_keras_model(keras_model, nested_bn=True)
-  images, labels = user.load_data(data, kmodel)
-  twin = twins.convert(kmodel, labels)
+  twin, parts = twins.setup(keras_model, data, train)
+  kmodel, images, labels = twin.kmodel, parts.data.images, parts.data.labels
+  if twin.raw.regularizers and train.steps_per_execution > 1:
+    raise UsageError("steps_per_execution", "> 1 with a regularized model cannot be compared "
+                     "step by step: fit's loss holds the penalty of the weights before each "
+                     "step, which no callback sees inside an execution")
   if out_dir is not None:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   raw, optimizer = twin.raw, twin.optimizer
@@ -348,8 +352,8 @@ def run_keras_model(keras_model: str, data: str, train: TrainConfig, *, out_dir:
   mode, step_fn = choice.mode, choice.step_fn
   multi_fn = step.make_multi_step(
       step_fn, mode, relax_batch=step.relaxed_batch(len(images), train.batch_size))
-  recompile_with_batch_loss(kmodel, jit_compile=(mode == "xla"),
-                            steps_per_execution=train.steps_per_execution)
+  recompile(kmodel, jit_compile=(mode == "xla"), steps_per_execution=train.steps_per_execution,
+            batch_loss=True)
   twin.set_keras_state(twin.raw_state())
   sides = Sides(raw, optimizer, kmodel, images, labels, labels, raw_state=twin.raw_state,
                 set_raw_state=twin.set_raw_state, keras_state=twin.keras_state,

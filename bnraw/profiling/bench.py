@@ -142,17 +142,26 @@ def keras_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarra
   batch end to the next (a callback waits for each step's loss; with ``steps_per_execution``
   K it fires once per K steps, and the time is divided by K), warm-up executions dropped; the
   first ``fit`` call's first execution is the compile."""
-  import keras
   from bnraw.models import keras_bridge
   model = keras_bridge.build_model(model_config)
   k = steps_per_execution
   keras_bridge.compile_model(model, profile_train_config(model_config, k),
                              jit_compile=jit_compile)
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
+  mode = label or ("fit_xla" if jit_compile else "fit")
+  return fit_bench(model, images, one_hot, batch_size=batch_size, steps_per_execution=k,
+                   mode=mode)
+
+
+def fit_bench(model, x: np.ndarray, y: np.ndarray, *, batch_size: int, steps_per_execution: int,
+              mode: str) -> Bench:
+  """Times ``model.fit`` (compiled) on ``x``/``y`` repeated: see :func:`keras_bench`."""
+  import keras
+  k = steps_per_execution
 
   def fit_stamps(n_executions):
     n_steps = n_executions * k
-    reps = -(-n_steps * batch_size // len(images))
+    reps = -(-n_steps * batch_size // len(x))
     stamps = []
 
     class Stamp(keras.callbacks.Callback):
@@ -161,16 +170,93 @@ def keras_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarra
         stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    model.fit(np.concatenate([images] * reps), np.concatenate([one_hot] * reps),
+    model.fit(np.concatenate([x] * reps), np.concatenate([y] * reps),
               batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
               steps_per_epoch=n_steps, callbacks=[Stamp()])
     return start, stamps
 
   start, stamps = fit_stamps(1)
   measure = lambda steps, warmup: list(np.diff(fit_stamps(1 + warmup + steps)[1])[warmup:] / k)
-  mode = label or ("fit_xla" if jit_compile else "fit")
   return Bench({"impl": "keras", "mode": mode, "traced": False, "steps_per_execution": k},
                stamps[0] - start, measure)
+
+
+def run_keras_model(model_path: str, data_path: str, *, batch_size: int, steps: int,
+                    warmup: int, rounds: int, raw_modes: Sequence[str] = ("function", "xla"),
+                    keras_jit: Sequence[bool] = (False, True), out_dir: Optional[str] = None,
+                    progress: bool = False, overwrite: bool = False) -> dict:
+  """A user's model: its raw twin's step (``raw_modes``: eager, function, xla) against that
+  model's own ``fit`` (each ``keras_jit``), every configuration built once and timed
+  round-robin as :func:`run` times the seed's. ``ratio``: the best exact raw step over the best
+  fit, side by side in one process."""
+  import sys
+  from bnraw import outputs
+  from bnraw.config import TrainConfig
+  from bnraw.core.step import make_train_step, relaxed_batch
+  from bnraw.errors import UsageError
+  from bnraw.models import twin as twins
+  from bnraw.models import user
+  from bnraw.parity.compare import recompile
+  for mode in raw_modes:
+    if mode not in ("eager", "function", "xla"):
+      raise UsageError("raw_modes", f"expected some of eager, function, xla; got {mode!r}")
+  twin, parts = twins.setup(model_path, data_path, TrainConfig(batch_size=batch_size))
+  if out_dir is not None:
+    outputs.prepare_out_dir(out_dir, overwrite=overwrite)
+  images, labels = parts.data.images, parts.data.labels
+  relax = relaxed_batch(len(images), batch_size)
+  x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
+  benches = []
+  for mode in raw_modes:
+    step = make_train_step(parts.model, parts.optimizer, mode=mode, trace=False,
+                           relax_batch=relax)
+    run = lambda step=step: float(step(x, y)["loss"])
+    start = time.perf_counter()
+    run()
+    benches.append(Bench({"impl": "raw", "mode": mode, "traced": False,
+                          "steps_per_execution": 1}, time.perf_counter() - start,
+                         lambda steps, warmup, run=run: _timed(run, steps, warmup), run))
+  for jit in keras_jit:
+    kmodel = user.load_keras_model(model_path, nested_bn=True)
+    recompile(kmodel, jit_compile=jit, steps_per_execution=1)
+    benches.append(fit_bench(kmodel, images, labels, batch_size=batch_size,
+                             steps_per_execution=1, mode="fit_xla" if jit else "fit"))
+  say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
+  for r in range(rounds):
+    say(f"{twin.kmodel.name}: round {r + 1}/{rounds}")
+    for bench in benches:
+      bench.times += bench.measure(steps, warmup)
+  rows = [{**bench.row, "batch_size": batch_size, "compile_s": bench.compile_s,
+           "step_s_median": statistics.median(bench.times), "step_s_min": min(bench.times),
+           "steps_timed": len(bench.times),
+           "images_per_s": batch_size / statistics.median(bench.times)} for bench in benches]
+  best = lambda impl, modes: min((r for r in rows if r["impl"] == impl and r["mode"] in modes),
+                                 key=lambda r: r["step_s_median"], default=None)
+  raw_best, keras_best = best("raw", ("function", "xla")), best("keras", ("fit", "fit_xla"))
+  result = {"device": device_name(), "keras_model": os.path.abspath(model_path),
+            "model": twin.kmodel.name, "rounds": rounds, "results": rows,
+            "environment": outputs.environment()}
+  if raw_best and keras_best:
+    result["ratio"] = {"raw": raw_best["mode"], "keras": keras_best["mode"],
+                       "exact_raw_over_best_keras": raw_best["step_s_median"]
+                       / keras_best["step_s_median"]}
+  if out_dir is not None:
+    outputs.write_json(os.path.join(out_dir, "profile.json"), result)
+  return result
+
+
+def report_keras_model(result: dict) -> str:
+  """The user-model profile's table and ratio."""
+  lines = [f"{result['model']} ({result['keras_model']}) on {result['device']}",
+           f"{'impl':5} {'mode':9} {'compile s':>9} {'ms/step':>9} {'images/s':>9}"]
+  for r in result["results"]:
+    lines.append(f"{r['impl']:5} {r['mode']:9} {r['compile_s']:9.2f} "
+                 f"{r['step_s_median'] * 1e3:9.2f} {r['images_per_s']:9.0f}")
+  if "ratio" in result:
+    ratio = result["ratio"]
+    lines.append(f"exact raw ({ratio['raw']}) / best Keras fit ({ratio['keras']}): "
+                 f"{ratio['exact_raw_over_best_keras']:.2f}x")
+  return "\n".join(lines)
 
 
 def write_hlo(step, x, y, hlo_dir: str, name: str) -> None:

@@ -30,8 +30,11 @@ MAY_DIFFER = {("train", "epochs"), ("train", "mode"), ("train", "steps_per_execu
 
 
 def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
-  named = {v.name.split(":")[0].replace("/", "."): v
-           for v in [*model.variables, *getattr(model, "state_variables", ())]}
+  variables = [*model.variables, *getattr(model, "state_variables", ())]
+  named = {v.name.split(":")[0].replace("/", "."): v for v in variables}
+  if len(named) != len(variables):  # never let one variable hide another in a checkpoint
+    raise UsageError("keras_model", "two variables share a name, so a checkpoint cannot hold "
+                     "both (rename one of the layers)")
   return tf.train.Checkpoint(**named, **optim.named_state(optimizer))
 
 

@@ -67,7 +67,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
   options = dict(trace=trace, checkpoint_every=checkpoint_every,
                  break_at=list(break_at) if break_at else None)
-  twin = None
+  twin, metric = None, "accuracy"
   if keras_model is None:
     model = model.resolved()
     parts = seed.build(data, model, train)  # bad input fails here, before anything is written
@@ -75,7 +75,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     workload, epsilon, width = seed.workload(model, train), model.epsilon, model.width
   else:  # a user's model: its raw twin (bad model or data fails here, before any output)
     from bnraw.models import twin as twins
-    twin, parts = twins.setup(*keras_model)
+    twin, parts = twins.setup(*keras_model, train)
+    metric = twin.metric_name
     record = twins.record(*keras_model, train, **options)
     workload = {"keras_model": record["keras_model"]["digest"]}
     epsilon = [layer.epsilon for layer in parts.model.batch_norms]
@@ -86,6 +87,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     from bnraw.tracing.debugger import BreakAt
     if break_at[0] not in names:
       raise UsageError("break_at", f"no BN layer {break_at[0]!r}; layers: {', '.join(names)}")
+    if not parts.model.layer(break_at[0]).trainable:
+      raise UsageError("break_at", f"{break_at[0]} is frozen (trainable=False): its moving "
+                       "statistics are never updated, so there is no update to stop in")
     steps = train.epochs * loop.steps_per_epoch(len(parts.data.images), train.batch_size)
     if not 0 <= break_at[1] < steps:
       raise UsageError("break_at", f"step {break_at[1]} is not in this run (steps 0..{steps - 1})")
@@ -160,8 +164,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
         "autotune": tuning,
         "environment": outputs.environment(),
         "parameters": parts.model.count_parameters(),
-        "history": {"loss": history.loss, "accuracy": history.accuracy},
-        "metric": "accuracy" if twin is None else twin.metric_name,
+        "history": {"loss": history.loss,
+                    "accuracy": history.accuracy if metric else [None] * len(history.loss)},
+        "metric": metric,
         "evaluate": {"loss": None, "accuracy": None},
         "steps_done": optim.steps_run(parts.optimizer),
         "train_seconds": time.perf_counter() - start,
@@ -175,7 +180,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     if history.status == "complete":
       eval_loss, eval_accuracy = loop.evaluate(parts.model, parts.data.images, parts.data.labels,
                                                batch_size=train.batch_size, mode=mode)
-      summary["evaluate"] = {"loss": eval_loss, "accuracy": eval_accuracy}
+      summary["evaluate"] = {"loss": eval_loss, "accuracy": eval_accuracy if metric else None}
       if twin is not None:  # the trained twin as the user's own Keras model
         summary["trained_model"] = twins.save_trained(twin, os.path.join(out_dir,
                                                                          "trained.keras"))
@@ -201,7 +206,15 @@ def resume(out_dir: str, *, epochs: Optional[int] = None, **kwargs) -> dict:
   by :func:`run`), optionally for more ``epochs``; other keywords go to :func:`run`."""
   import dataclasses
   from bnraw.training.checkpoint import read_state
-  data, model, train, options = configs.from_record(read_state(out_dir)["config"])
+  saved = read_state(out_dir)["config"]
+  if "keras_model" in saved:  # a user's model's run
+    train = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in saved["train"].items()})
+    data = model = None
+    kwargs.setdefault("keras_model", (saved["keras_model"]["path"], saved["data"]["path"]))
+    options = dict(saved.get("options", {}))
+  else:
+    data, model, train, options = configs.from_record(saved)
   if epochs is not None:
     train = dataclasses.replace(train, epochs=epochs)
   options = {k: v for k, v in options.items() if k in ("trace", "checkpoint_every")}

@@ -47,6 +47,7 @@ def test_trained_keras_evaluates_to_the_raw_twins_evaluate(saved):
       keras_eval = trained.evaluate(data["x"], data["y"], batch_size=zoo.BATCH_SIZE, verbose=0,
                                     return_dict=True)
   assert summary["metric"] == "accuracy"
+  assert int(trained.optimizer.iterations.numpy()) == summary["steps_done"] == 3
   assert abs(keras_eval["loss"] - summary["evaluate"]["loss"]) <= 1e-6 * keras_eval["loss"]
   assert keras_eval["accuracy"] == pytest.approx(summary["evaluate"]["accuracy"], abs=1e-7)
 
