@@ -131,6 +131,10 @@ def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
           if raw is None:
             _refuse(layer, "has no raw twin")
           raw.name = name
+          if getattr(raw, "state_variables", ()):  # named by the layer's path, not by the
+            raw.state = tf.Variable(raw.state.numpy(), trainable=False,  # generator's process-
+                                    name=f"{name}/seed_generator_state")  # dependent auto name
+            raw.state_variables = (raw.state,)
         walk.pairs += list(zip(layer.weights, raw.variables))
         walk.seeds += list(zip(twin_layers.keras_state_variables(layer),
                                getattr(raw, "state_variables", ())))

@@ -90,9 +90,13 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     if not parts.model.layer(break_at[0]).trainable:
       raise UsageError("break_at", f"{break_at[0]} is frozen (trainable=False): its moving "
                        "statistics are never updated, so there is no update to stop in")
-    steps = train.epochs * loop.steps_per_epoch(len(parts.data.images), train.batch_size)
-    if not 0 <= break_at[1] < steps:
-      raise UsageError("break_at", f"step {break_at[1]} is not in this run (steps 0..{steps - 1})")
+    # a user's model numbers its steps on from its saved optimizer's (the seed from 0)
+    first = optim.steps_run(parts.optimizer)
+    last = first + train.epochs * loop.steps_per_epoch(len(parts.data.images),
+                                                       train.batch_size) - 1
+    if not first <= break_at[1] <= last:
+      raise UsageError("break_at", f"step {break_at[1]} is not in this run (steps "
+                       f"{first}..{last})")
     hook = BreakAt(*break_at, lambda: optim.steps_run(parts.optimizer), break_action)
   saved = read_state(out_dir) if resume else None  # nothing to resume: refused here
   outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)

@@ -47,7 +47,7 @@ def test_trained_keras_evaluates_to_the_raw_twins_evaluate(saved):
       keras_eval = trained.evaluate(data["x"], data["y"], batch_size=zoo.BATCH_SIZE, verbose=0,
                                     return_dict=True)
   assert summary["metric"] == "accuracy"
-  assert int(trained.optimizer.iterations.numpy()) == summary["steps_done"] == 3
+  assert int(trained.optimizer.iterations.numpy()) == summary["steps_done"] == 6  # 3 saved + 3
   assert abs(keras_eval["loss"] - summary["evaluate"]["loss"]) <= 1e-6 * keras_eval["loss"]
   assert keras_eval["accuracy"] == pytest.approx(summary["evaluate"]["accuracy"], abs=1e-7)
 
@@ -120,3 +120,70 @@ def test_seed_flags_with_keras_model_are_refused_before_any_work(tmp_path, tool,
   assert done.stderr.strip().count("\n") == 0, done.stderr
   assert flag.split("=")[0][2:] in done.stderr and "--keras_model" in done.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_saved_optimizer_state_reaches_the_twin(saved):
+  """The zoo's files were fit one epoch: the twin starts from their moments and iterations."""
+  import keras
+  from bnraw.models import keras_bridge, twin
+  model_path, _ = saved("separable")  # RMSprop: velocities
+  kmodel = keras.models.load_model(model_path)
+  converted = twin.convert(kmodel)
+  keras_state = keras_bridge.get_state(kmodel.weights, kmodel.optimizer)
+  assert keras_state["iterations"] == 3
+  raw_state = converted.raw_state()
+  assert raw_state["iterations"] == 3
+  assert any(np.abs(slot).max() > 0 for group in keras_state["slots"] for slot in group)
+  for raw_group, keras_group in zip(raw_state["slots"], keras_state["slots"]):
+    for a, b in zip(raw_group, keras_group):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_trace_break_at_and_inspect_name_nested_layers_by_path(saved):
+  """--trace, --break_at and bnraw-inspect on a BN two models deep: the break sees the values the
+  traced run recorded for that step. Step numbers go on from the saved optimizer's (3 steps)."""
+  from bnraw import training
+  from bnraw.tracing.store import Trace
+  model_path, data_path = saved("nested")
+  seen = []
+  with tempfile.TemporaryDirectory() as traced, tempfile.TemporaryDirectory() as stopped:
+    training.run(None, None, TRAIN, out_dir=traced, trace=True, progress=False,
+                 keras_model=(model_path, data_path))
+    training.run(None, None, TRAIN, out_dir=stopped, progress=False,
+                 keras_model=(model_path, data_path), break_at=("backbone/block/bn", 4),
+                 break_action=lambda layer, moving, batch: seen.append((layer.name, batch)))
+    trace = Trace.load(traced)
+    at = trace.at("backbone/block/bn", 4).values
+    script = os.path.join(os.path.dirname(sys.executable), "bnraw-inspect")
+    shown = subprocess.run([script, f"--run_dir={traced}", "--layer=backbone/block/bn",
+                            "--step=4"], capture_output=True, text=True)
+  assert list(trace.layers) == ["backbone/block/bn", "top_bn"]
+  assert [name for name, _ in seen] == ["backbone/block/bn"]
+  np.testing.assert_array_equal(seen[0][1].mean, at["batch_mean"])
+  assert shown.returncode == 0, shown.stderr
+  assert "backbone/block/bn at step 4" in shown.stdout
+
+
+def test_an_interrupted_user_model_run_resumes_to_the_uninterrupted_one(saved):
+  from bnraw import training
+  model_path, data_path = saved("mlp_dropout")  # dropout: the seed states must resume too
+  two = TrainConfig(batch_size=zoo.BATCH_SIZE, epochs=2, mode="function")
+  with tempfile.TemporaryDirectory() as whole, tempfile.TemporaryDirectory() as parts:
+    full = training.run(None, None, two, out_dir=whole, progress=False,
+                        keras_model=(model_path, data_path))
+    training.run(None, None, TRAIN, out_dir=parts, progress=False,
+                 keras_model=(model_path, data_path))
+    resumed = training.resume(parts, epochs=2, progress=False)
+  assert resumed["history"] == full["history"]
+  assert resumed["evaluate"] == full["evaluate"]
+
+
+def test_profile_times_the_twin_and_the_models_fit(saved):
+  from bnraw import profiling
+  result = profiling.run_keras_model(*saved("bn_axis1"), batch_size=zoo.BATCH_SIZE, steps=2,
+                                     warmup=0, rounds=1, raw_modes=["function"],
+                                     keras_jit=[False])
+  assert [(r["impl"], r["mode"]) for r in result["results"]] == [("raw", "function"),
+                                                                   ("keras", "fit")]
+  assert all(r["steps_timed"] == 2 and r["step_s_median"] > 0 for r in result["results"])
+  assert result["ratio"]["exact_raw_over_best_keras"] > 0

@@ -124,11 +124,15 @@ ZOO: dict[str, Callable] = {f.__name__: f for f in (
     resnet, mlp_dropout, nested, bn_axis1, frozen_bn, separable, synchronized)}
 
 
-def save(name: str, directory: str, seed: int = 0) -> tuple[str, str]:
-  """Builds zoo model ``name``, saves it and its data in ``directory``; returns both paths."""
+def save(name: str, directory: str, seed: int = 0, fit_epochs: int = 1) -> tuple[str, str]:
+  """Builds zoo model ``name``, trains it ``fit_epochs`` epochs with its own ``fit`` (so the
+  saved optimizer has moments and iterations, the BN statistics and dropout seeds have moved,
+  as in a user's file), saves it and its data in ``directory``; returns both paths."""
   import keras
   keras.utils.set_random_seed(seed)
   model, (x, y) = ZOO[name](keras, np.random.default_rng(seed))
+  if fit_epochs:
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=fit_epochs, verbose=0)
   model_path = os.path.join(directory, f"{name}.keras")
   data_path = os.path.join(directory, f"{name}.npz")
   model.save(model_path)
