@@ -53,6 +53,9 @@ class ModelConfig:
   # Keras's dtype policy: "mixed_*" computes convs, matmuls and activations in float16/bfloat16
   # with float32 variables; BN upcasts to float32 (bnraw.core.layers).
   dtype_policy: str = "float32"
+  # Keras's BatchNormalization(synchronized=True): one-pass moments, summed over the replicas
+  # under a strategy (every copy of the moving statistics then gets the same update).
+  sync_bn: bool = False
 
   def resolved(self) -> "ModelConfig":
     """This config with ``width`` decided: 1 with a GPU, 1/16 without (imports TensorFlow)."""
@@ -91,6 +94,9 @@ class TrainConfig:
   # mixed_float16 only: the initial dynamic loss scale (None: Keras's 2**15). Keras's compile
   # wraps the optimizer in a LossScaleOptimizer exactly under that policy (bnraw.core.optim).
   loss_scale: Optional[float] = None
+  # Replicas under tf.distribute.MirroredStrategy (bnraw.core.replicas): N GPUs, or the CPU
+  # split into N logical devices; the global batch is split over them.
+  replicas: int = 1
 
   def initial_loss_scale(self, model: "ModelConfig") -> Optional[float]:
     """The loss scale a run starts with: None (no loss scaling) unless mixed_float16."""

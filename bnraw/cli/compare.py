@@ -38,7 +38,7 @@ def check(argv):
                           "Keras 3 fit, synced or free-running")
     common.check_keras_model_setup()
     return
-  common.check_seed_setup()
+  common.check_seed_setup(replicas=True)
   from bnraw.models.keras_bridge import check_comparable
   _, model, train = common.configs(resolve=False)
   check_comparable(model, train, FLAGS.reference)

@@ -5,6 +5,7 @@ seed's, taken from those configs. Checked before TensorFlow is imported."""
 from __future__ import annotations
 
 import fractions
+import os
 import sys
 from typing import Callable
 
@@ -19,7 +20,8 @@ FLAGS = flags.FLAGS
 # The flags that describe the seed setup: with --keras_model they have no meaning.
 SEED_FLAGS = ("case", "image", "block", "width", "momentum", "epsilon", "bessel",
               "bessel_scope", "l2", "fast_conv", "epochs", "optimizer", "lr", "sgd_momentum",
-              "nesterov", "seed", "mode", "steps_per_execution", "dtype_policy", "loss_scale")
+              "nesterov", "seed", "mode", "steps_per_execution", "dtype_policy", "loss_scale",
+              "sync_bn", "replicas")
 # Of those, what a user's model brings itself (its layers, compile and policy): refused with
 # --keras_model when its raw twin trains; the loop's own flags (epochs, seed, mode, ...) apply.
 MODEL_FLAGS = tuple(f for f in SEED_FLAGS if f not in ("epochs", "seed", "mode",
@@ -104,6 +106,8 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
   flags.DEFINE_enum("dtype_policy", model.dtype_policy, list(DTYPE_POLICIES),
                     "Keras dtype policy: mixed_* computes convs, matmuls and activations in "
                     "float16/bfloat16 with float32 variables; BN upcasts to float32.")
+  flags.DEFINE_bool("sync_bn", model.sync_bn, "BatchNormalization(synchronized=True): one-pass "
+                    "moments, summed over the replicas with --replicas.")
   flags.DEFINE_float("loss_scale", None, "With --dtype_policy=mixed_float16: the initial dynamic "
                      f"loss scale (Keras's default: {KERAS_INITIAL_LOSS_SCALE:g}); a step whose "
                      "scaled gradients overflow is skipped and the scale halved.")
@@ -124,6 +128,9 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
                        "compiled call, within an epoch (Keras's name; at the seed's batch 256 an "
                        "epoch is one step); every step's loss and trace still come back.",
                        lower_bound=1)
+  flags.DEFINE_integer("replicas", train.replicas, "Replicas under MirroredStrategy: N GPUs, or "
+                       "the CPU split into N logical devices; the global batch is split over "
+                       "them (bnraw-compare so far).", lower_bound=1)
   if trace:
     flags.DEFINE_bool("trace", False, "Record every BN layer's batch and moving statistics at "
                       "every step (trace.npz + TensorBoard in --out_dir).")
@@ -188,11 +195,14 @@ def resolve_width(announce: bool = True) -> float:
   return width
 
 
-def check_seed_setup(*, resume: bool = False) -> None:
+def check_seed_setup(*, resume: bool = False, replicas: bool = False) -> None:
   """Meaningless flags, the seed settings, the output folder and the photo, all checked before
-  TensorFlow loads (the library checks them again before it works)."""
+  TensorFlow loads (the library checks them again before it works); ``replicas``: whether this
+  tool runs --replicas > 1."""
   from bnraw.models import seed
   refuse_ignored_seed_flags()
+  if not replicas and FLAGS.replicas > 1:
+    seed.refuse_replicas(configs(resolve=False)[2], os.path.basename(sys.argv[0]))
   seed.check(*configs(resolve=False))
   check_outputs(resume=resume)
 
@@ -228,12 +238,13 @@ def configs(announce_width: bool = True, resolve: bool = True
            parse_width(FLAGS.width) if FLAGS.width is not None else None)
   model = ModelConfig(width=width, momentum=FLAGS.momentum, epsilon=FLAGS.epsilon,
                       bessel=FLAGS.bessel, bessel_scope=FLAGS.bessel_scope, l2=FLAGS.l2,
-                      fast_conv=FLAGS.fast_conv, dtype_policy=FLAGS.dtype_policy)
+                      fast_conv=FLAGS.fast_conv, dtype_policy=FLAGS.dtype_policy,
+                      sync_bn=FLAGS.sync_bn)
   train = TrainConfig(batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, optimizer=FLAGS.optimizer,
                       lr=FLAGS.lr, sgd_momentum=FLAGS.sgd_momentum, nesterov=FLAGS.nesterov,
                       seed=FLAGS.seed, mode=FLAGS.mode,
                       steps_per_execution=FLAGS.steps_per_execution,
-                      loss_scale=FLAGS.loss_scale)
+                      loss_scale=FLAGS.loss_scale, replicas=FLAGS.replicas)
   return data, model, train
 
 

@@ -97,7 +97,8 @@ def moments(x: tf.Tensor, axis: int = -1) -> Moments:
 
 
 def moments_one_pass(x: tf.Tensor, axis: int = -1) -> Moments:
-  """The synchronized BN's moments (Keras's ``_compute_moments_sync``), on one device:
+  """The synchronized BN's moments (Keras's ``_compute_moments_sync``), on one device or
+  summed over the replicas of a strategy (bnraw.core.replicas):
   ``mean = S1 / n``, ``variance = max(S2 / n - mean^2, 0)`` from per-channel sums ``S1 = sum x``,
   ``S2 = sum x^2`` and the count ``n``, each summed keeping dimensions, then squeezed. Differs
   from :func:`moments` in rounding, visibly so for inputs with a large mean."""
@@ -105,6 +106,12 @@ def moments_one_pass(x: tf.Tensor, axis: int = -1) -> Moments:
   count = tf.reduce_sum(tf.ones_like(x), axis=axes, keepdims=True)
   total = tf.reduce_sum(x, axis=axes, keepdims=True)
   squares = tf.reduce_sum(tf.square(x), axis=axes, keepdims=True)
+  # the BN all-reduce: under a strategy with several replicas, each sum over all of them
+  # (three all-reduces, Keras's order: sum, sum of squares, count); one replica: as they are
+  context = tf.distribute.get_replica_context()
+  if context is not None and context.num_replicas_in_sync > 1:
+    total, squares, count = [context.all_reduce(tf.distribute.ReduceOp.SUM, t)
+                             for t in (total, squares, count)]
   mean = tf.math.divide_no_nan(total, count)
   variance = tf.maximum(tf.math.divide_no_nan(squares, count) - tf.square(mean), 0.0)
   return Moments(tf.squeeze(mean, axes), tf.squeeze(variance, axes))

@@ -123,6 +123,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
   widths, seeds = list(widths or [model.width]), list(seeds)
   if not seeds:
     raise UsageError("seeds", "need at least one seed")
+  seed_setup.refuse_replicas(train, "sweep")
   for name, values in (("seeds", seeds), ("cases", cases), ("momenta", momenta),
                        ("widths", widths)):
     if len(set(values)) != len(values):

@@ -106,6 +106,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
   if histogram_every < 1:
     raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
+  seed.refuse_replicas(train, "diagnose")
   model = model.resolved()
   parts = seed.build(data, model, train)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)

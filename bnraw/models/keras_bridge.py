@@ -48,6 +48,12 @@ def check_comparable(model: ModelConfig, train: TrainConfig, reference: str) -> 
   if reference == "tf_keras" and model.l2:
     raise UsageError("l2", "compares against Keras 3 only (tf_keras sums the regularisation "
                      "into its loss in another order)")
+  if train.replicas > 1 and (model.l2 or model.dtype_policy != "float32" or model.bessel):
+    raise UsageError("replicas", "compares float32 runs without --l2 or --bessel for now (the "
+                     "per-replica scaling of regularisation and loss scaling are not written "
+                     "out yet)")
+  if reference == "tf_keras" and (train.replicas > 1 or model.sync_bn):
+    raise UsageError("reference", "replicas and synchronized BN compare against Keras 3 only")
   if reference == "tf_keras" and model.dtype_policy != "float32":
     raise UsageError("dtype_policy", "mixed precision compares against Keras 3 only (tf_keras "
                      "has another loss scale optimizer)")
@@ -68,6 +74,8 @@ def _build_model(keras, config: ModelConfig):
   layers = keras.layers
   regularizer = keras.regularizers.l2(config.l2) if config.l2 else None
   bn = dict(momentum=config.momentum, epsilon=config.epsilon)
+  if config.sync_bn:
+    bn["synchronized"] = True
   stack: list[Any] = [keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))]
   for i, ((k, _), c) in enumerate(zip(CONV_BLOCKS, config.conv_channels()), start=1):
     stack += [layers.Conv2D(c, k, padding="valid", kernel_regularizer=regularizer,

@@ -31,7 +31,7 @@ def seed_network(config: ModelConfig, seed: int = 0):
   from bnraw.core.graph import Model
   from bnraw.core.layers import BatchNorm, Conv2D, Dense, Flatten, ReLU
   config = config.resolved()
-  bn = dict(momentum=config.momentum, epsilon=config.epsilon)
+  bn = dict(momentum=config.momentum, epsilon=config.epsilon, synchronized=config.sync_bn)
   layers, channels_in, side = [], 3, IMAGE_SIZE
   for i, ((k, _), c) in enumerate(zip(CONV_BLOCKS, config.conv_channels()), start=1):
     layers += [Conv2D(f"conv_{i}", k, channels_in, c, (seed, i), as_matmul=config.fast_conv),
@@ -93,6 +93,15 @@ def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
     if not loss_scale_fits(train.loss_scale):
       raise UsageError("loss_scale", f"must be a float32 number > 0 (up to 3.4e38), got "
                        f"{train.loss_scale}")
+  if train.replicas < 1:
+    raise UsageError("replicas", f"must be >= 1, got {train.replicas}")
+  if train.replicas > 1 and (train.batch_size % train.replicas
+                             or NUM_IMAGES % train.batch_size):
+    raise UsageError("replicas", f"needs a batch size that divides the {NUM_IMAGES} images and "
+                     f"that {train.replicas} replicas divide evenly (partial batches over "
+                     f"replicas are not supported yet), got batch {train.batch_size}")
+  if train.replicas > 1 and train.steps_per_execution > 1:
+    raise UsageError("replicas", "runs one step per call (--steps_per_execution=1)")
   if train.optimizer not in ("adam", "sgd"):
     raise UsageError("optimizer", f"must be adam or sgd, got {train.optimizer!r}")
 
@@ -139,6 +148,13 @@ def load_image(path: str | None) -> np.ndarray:
     except OSError as e:
       raise UsageError("image", f"cannot read {path}: {e.strerror or e}") from None
   return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.uint8)
+
+
+def refuse_replicas(train: TrainConfig, tool: str) -> None:
+  """Replicas run in bnraw-compare so far; other tools refuse them (one line)."""
+  if train.replicas > 1:
+    raise UsageError("replicas", f"{tool} runs on one device so far; bnraw-compare runs the "
+                     "replicated step")
 
 
 def check_block(block: tuple[int, int]) -> None:

@@ -131,6 +131,11 @@ class Sides:
   set_raw_state: Callable[[dict], None]
   keras_state: Callable[[], dict]
   metric_name: Optional[str] = "accuracy"  # fit's and evaluate's name for the metric column
+  # Under a strategy: the raw steps of a group of batches (replaces the one-device runner),
+  # the per-replica names of the state's weights, and the raw evaluate.
+  run_group: Optional[Callable] = None
+  names: Optional[list] = None
+  evaluate: Optional[Callable] = None
 
 
 def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: bool,
@@ -140,10 +145,11 @@ def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: boo
   and compares the states after it; returns one row per execution."""
   keras = keras_bridge.keras_module(reference)
   raw, kmodel = sides.raw, sides.kmodel
-  names = [v.name.split(":")[0] for v in raw.variables]
-  trainable = [v.trainable for v in raw.variables]
-  moving_mean = [n.endswith("moving_mean") for n in names]
-  moving_variance = [n.endswith("moving_variance") for n in names]
+  names = sides.names or [v.name.split(":")[0] for v in raw.variables]
+  trainable = ([v.trainable for v in raw.variables for _ in range(len(names) //
+                                                                 len(raw.variables))])
+  moving_mean = [n.split("@")[0].endswith("moving_mean") for n in names]
+  moving_variance = [n.split("@")[0].endswith("moving_variance") for n in names]
   steps: list[dict] = []  # one row per Keras execution (steps_per_execution steps)
   x, y = tf.constant(sides.images), tf.constant(sides.labels)
 
@@ -164,7 +170,10 @@ def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: boo
       self.raw_before = sides.raw_state()
       group = loop.batches(self.order, train.batch_size)[batch:batch + train.steps_per_execution]
       self.executed = len(group)
-      outs = loop.run_chunk(step_fn, multi_fn, x, y, group)
+      if sides.run_group is not None:
+        outs = sides.run_group(group)
+      else:
+        outs = loop.run_chunk(step_fn, multi_fn, x, y, group)
       self.raw_loss = float(outs[-1]["loss"])
       self.raw_skipped = sum(int(out.get("skipped", False)) for out in outs)
 
@@ -200,8 +209,8 @@ def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: boo
 
 def verdict(sides: Sides, steps: list[dict], train: TrainConfig, mode: str) -> dict:
   """Evaluate on both sides, the first step beyond tolerance and the bit-identical count."""
-  raw_eval = loop.evaluate(sides.raw, sides.images, sides.labels, batch_size=train.batch_size,
-                           mode=mode)
+  raw_eval = (sides.evaluate or (lambda: loop.evaluate(
+      sides.raw, sides.images, sides.labels, batch_size=train.batch_size, mode=mode)))()
   keras_eval = sides.kmodel.evaluate(sides.images, sides.keras_y, batch_size=train.batch_size,
                                      verbose=0, return_dict=True)
   gated = lambda s: (any(s[key] > tol for key, tol in TOLERANCE.items())
@@ -268,6 +277,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
     raise UsageError("perturb", "needs free-running (synced=False): a synced step starts "
                      "from Keras's state and would undo it")
   model = model_config_for(reference, model.resolved())
+  if train.replicas > 1:
+    return _run_replicas(data, model, train, out_dir=out_dir, synced=synced,
+                         progress=progress, overwrite=overwrite)
   parts = seed.build(data, model, train)
   if out_dir is not None:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite)
@@ -305,6 +317,95 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
       "raw_model_config": dataclasses.asdict(model),
       **verdict(sides, steps, train, mode),
   }
+  if not synced:
+    result["free_running"] = growth_report(steps)
+  if out_dir is not None:
+    outputs.write_json(os.path.join(out_dir, "compare.json"), result)
+  return result
+
+
+def _run_replicas(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
+                  out_dir: Optional[str], synced: bool, progress: Optional[Callable],
+                  overwrite: bool) -> dict:
+  """:func:`run` on ``train.replicas`` replicas: the raw replicated step
+  (bnraw.core.replicas) against Keras ``fit`` under the same MirroredStrategy. States hold every
+  replica's copy of each variable (the BN copies differ; the weights' must not)."""
+  from bnraw.core import replicas
+  seed.check(data, model, train)
+  n = train.replicas
+  try:
+    strategy = replicas.strategy_for(n)
+  except RuntimeError:
+    raise UsageError("replicas", "the devices must be split before TensorFlow starts: run "
+                     "with --replicas in a fresh process") from None
+  mode = "xla" if train.mode == "xla" else "function"  # Keras: jit auto is off under a strategy
+  if mode == "xla" and not tf.config.list_physical_devices("GPU"):
+    raise UsageError("mode", "xla with --replicas needs GPUs: XLA cannot run a replica on a "
+                     "logical CPU device")
+  with strategy.scope():
+    parts = seed.build(data, model, train)
+    kmodel = keras_bridge.build_model(model)
+    keras_bridge.compile_model(kmodel, train, jit_compile=(mode == "xla"),
+                               metrics=[_batch_loss_metric(keras_bridge.keras_module())])
+  if out_dir is not None:
+    outputs.prepare_out_dir(out_dir, overwrite=overwrite)
+  raw, optimizer = parts.model, parts.optimizer
+  images, labels = parts.data.images, parts.data.labels
+  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
+  keras_vars = [v.value for v in keras_bridge.model_weights(kmodel)]
+
+  def state(variables, opt):
+    slots = opt.slots if hasattr(opt, "slots") else keras_bridge.optimizer_slots(opt)
+    return {"weights": [c for v in variables for c in replicas.copies(v)],
+            "slots": [[np.array(s.numpy()) for s in group] for group in slots],
+            "iterations": int(np.asarray(opt.iterations.numpy()))}
+
+  def set_raw(value):
+    for i, v in enumerate(raw.variables):
+      replicas.assign_copies(v, value["weights"][i * n:(i + 1) * n])
+    for group, values in zip(optimizer.slots, value["slots"]):
+      keras_bridge.assign_all(group, values, "optimizer slots")
+    optimizer.iterations.assign(value["iterations"])
+
+  set_raw_initial = state(raw.variables, optimizer)
+  for i, v in enumerate(keras_vars):
+    replicas.assign_copies(v, set_raw_initial["weights"][i * n:(i + 1) * n])
+  for group, values in zip(keras_bridge.optimizer_slots(kmodel.optimizer),
+                           set_raw_initial["slots"]):
+    keras_bridge.assign_all(group, values, "optimizer slots")
+  step_fn = replicas.make_train_step(raw, optimizer, strategy, mode=mode)
+
+  def run_group(group):
+    outs = []
+    for batch in group:
+      out = step_fn(images[batch], labels[batch])
+      scaled = np.float32(0)
+      for value in out["scaled_loss"]:  # what Keras's batch_loss metric reads: a SUM on read
+        scaled = np.float32(scaled + np.float32(value))
+      outs.append({**out, "loss": scaled})
+    return outs
+
+  names = [f"{v.name.split(':')[0]}@{r}" for v in raw.variables for r in range(n)]
+  sides = Sides(raw, optimizer, kmodel, images, labels, one_hot,
+                raw_state=lambda: state(raw.variables, optimizer), set_raw_state=set_raw,
+                keras_state=lambda: state(keras_vars, kmodel.optimizer), run_group=run_group,
+                names=names,
+                evaluate=lambda: replicas.evaluate(raw, strategy, images, labels,
+                                                   batch_size=train.batch_size, mode=mode))
+  steps = lockstep(sides, train, None, None, synced=synced, progress=progress)
+  result = {
+      "reference": "keras3", "reference_version": reference_version("keras3"),
+      "synced": synced, "perturbation": 0.0, "mode": mode, "autotune": None,
+      "replicas": n, "devices": list(strategy.extended.worker_devices),
+      "config": configs.record(data, model, train, reference="keras3", synced=synced,
+                               perturb=0.0),
+      "raw_model_config": dataclasses.asdict(model),
+      **verdict(sides, steps, train, mode),
+  }
+  moving = [i for i, name in enumerate(names) if "moving_" in name]
+  final = sides.keras_state()["weights"]
+  result["replica_copies_differ"] = any(
+      not np.array_equal(final[i], final[i - i % n]) for i in moving)
   if not synced:
     result["free_running"] = growth_report(steps)
   if out_dir is not None:

@@ -69,6 +69,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                  break_at=list(break_at) if break_at else None)
   twin, metric = None, "accuracy"
   if keras_model is None:
+    seed.refuse_replicas(train, "train")
     model = model.resolved()
     parts = seed.build(data, model, train)  # bad input fails here, before anything is written
     record = configs.record(data, model, train, **options)
