@@ -50,7 +50,10 @@ def check(argv):
                             "--epochs > 0 (training the model's raw twin)")
     common.check_keras_model_setup()
   else:
-    common.check_seed_setup()
+    common.check_seed_setup(replicas=True)
+    if FLAGS.replicas > 1:
+      common.refuse_present(("impl", "trace", "every", "histogram_every", "tensorboard"),
+                            "with --replicas the diagnosis is the raw run's, at its end, for now")
 
 
 def _twin_epochs() -> int:

@@ -23,7 +23,7 @@ Logical devices: N GPUs when there are that many, otherwise the CPU split into N
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -112,7 +112,9 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *,
                        (s.mean, s.variance, layer.moving_mean, layer.moving_variance)])
         for s, layer in zip(out.statistics, model.batch_norms)])
     return {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)), "scaled_loss": scaled,
-            "correct": model.correct(out.logits, y), "finite": finite}
+            "correct": model.correct(out.logits, y), "finite": finite,
+            "batch_mean": [s.mean for s in out.statistics],
+            "batch_variance": [s.variance for s in out.statistics]}
 
   return _per_replica(replica_step, strategy, mode)
 
@@ -142,9 +144,67 @@ def _per_replica(replica_step: Callable, strategy: tf.distribute.Strategy,
 
   def step(images: np.ndarray, labels: np.ndarray) -> dict:
     out = compiled(distribute(strategy, images), distribute(strategy, labels))
-    return {key: np.stack(local(strategy, value)) for key, value in out.items()}
+    return tf.nest.map_structure(lambda value: np.stack(local(strategy, value)), out)
 
   return step
+
+
+def make_train_branch_step(model, strategy: tf.distribute.Strategy, *, mode: str) -> Callable:
+  """``step(x, y) -> {"loss": [N], "correct": [N]}``: the training branch on each replica's
+  shard (BN with the shard's own moments, no update), as fit's forward pass normalises."""
+  from bnraw.core.layers import BATCH
+
+  def replica_step(x, y):
+    n = tf.distribute.get_replica_context().num_replicas_in_sync
+    logits = model(x, training=True, statistics=BATCH).logits
+    loss = model.loss(logits, y)
+    scaled = tf.multiply(loss, tf.cast(1.0 / n, loss.dtype))
+    return {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)),
+            "correct": model.correct(logits, y)}
+
+  return _per_replica(replica_step, strategy, mode)
+
+
+class History:
+  """What a replicated :func:`fit` leaves: per epoch what fit printed, the batch orders, and
+  each replica's batch statistics at the last step (``[replica][layer]`` Moments)."""
+
+  def __init__(self):
+    self.loss, self.accuracy, self.permutations = [], [], []
+    self.last_statistics = None
+
+
+def fit(model, optimizer, strategy: tf.distribute.Strategy, images: np.ndarray,
+        labels: np.ndarray, *, batch_size: int, epochs: int, seed: int, mode: str,
+        on_epoch: Optional[Callable] = None) -> History:
+  """``model.fit`` under the strategy: the same shuffling as :func:`bnraw.core.loop.fit`
+  (``default_rng(seed)``, a permutation per epoch), one replicated step per global batch, the
+  epoch means as :class:`ReplicaMeans`. A non-finite step raises ``FloatingPointError``."""
+  from bnraw.core.loop import batches, epoch_orders
+  from bnraw.core.ops import Moments
+  step = make_train_step(model, optimizer, strategy, mode=mode)
+  n = strategy.num_replicas_in_sync
+  history = History()
+  orders = epoch_orders(seed, len(images))
+  for epoch in range(epochs):
+    order = next(orders)
+    history.permutations.append(order)
+    losses, metrics = ReplicaMeans(n), ReplicaMeans(n)
+    for batch in batches(order, batch_size):
+      out = step(images[batch], labels[batch])
+      if not (np.all(out["finite"]) and np.all(np.isfinite(out["loss"]))):
+        raise FloatingPointError(f"non-finite value in epoch {epoch}")
+      sizes = [stop - start for start, stop in shard_bounds(len(batch), n)]
+      losses.update(out["loss"], sizes)
+      metrics.add(out["correct"], sizes)
+      history.last_statistics = [
+          [Moments(tf.constant(m[r]), tf.constant(v[r]))
+           for m, v in zip(out["batch_mean"], out["batch_variance"])] for r in range(n)]
+    history.loss.append(losses.result())
+    history.accuracy.append(metrics.result())
+    if on_epoch is not None:
+      on_epoch(epoch, history)
+  return history
 
 
 def evaluate(model, strategy: tf.distribute.Strategy, images: np.ndarray, labels: np.ndarray, *,
@@ -190,4 +250,5 @@ class ReplicaMeans:
 
 
 __all__ = ["ReplicaMeans", "assign_copies", "configure_devices", "copies", "distribute", "local",
-           "evaluate", "make_eval_step", "make_train_step", "shard_bounds", "strategy_for"]
+           "evaluate", "fit", "History", "make_eval_step", "make_train_branch_step",
+           "make_train_step", "shard_bounds", "strategy_for"]

@@ -14,6 +14,7 @@ DESCRIBE = {
     "last_batch_stats": "final weights, statistics of the last training batch",
     "no_bessel": "final weights, moving statistics without the Bessel factor",
     "evaluate": "what evaluate gives: final weights, final moving statistics",
+    "evaluate_distributed": "evaluate under the strategy: each shard with its replica's copy",
 }
 
 CAUSE = {
@@ -38,6 +39,12 @@ CAUSE = {
         "the moving variance holds the unbiased n/(n-1) variance while training normalised with "
         "the biased one (legacy Keras 2 / tf_keras fused BN)",
         "Keras 3's BN (no Bessel factor), or PreciseBN statistics"),
+    "replica_divergence": (
+        "each replica kept its own copy of the moving statistics, from its own shards; evaluate "
+        "under the strategy normalises each shard with its replica's copy, a saved model holds "
+        "replica 0's",
+        "synchronized BN (`--sync_bn`: one update for every copy), or PreciseBN statistics over "
+        "all shards written into every copy (`--fix precise_bn`)"),
     "moving_statistics": (
         "the moving statistics differ from the population statistics at the final weights "
         "(stale statistics, EMA lag and any Bessel factor together)",
@@ -78,7 +85,8 @@ def fixed_line(diagnosis: dict) -> str:
   """What the fixed model evaluates to, and where it went."""
   fixed = diagnosis["fixed"]
   return (f"fixed model: evaluate loss {fixed['evaluate']['loss']:.4f}  {metric_label(diagnosis)} "
-          f"{_num(fixed['evaluate']['accuracy'])}  saved to {fixed['saved']}")
+          f"{_num(fixed['evaluate']['accuracy'])}"
+          + (f"  saved to {fixed['saved']}" if fixed.get("saved") else ""))
 
 
 def mixed_precision_lines(diagnosis: dict) -> list[str]:
@@ -113,7 +121,12 @@ def report(diagnosis: dict, title: str = "") -> str:
   """The gap, the table, the attribution, the per-layer split, the dominant cause and the fix."""
   losses, accuracy = diagnosis["losses"], diagnosis["accuracy"]
   lines = [title] if title else []
-  fit, evaluate = losses["fit"], losses["evaluate"]
+  distributed = "evaluate_distributed" in losses  # replicas: the gap is to that evaluate
+  fit = losses["fit"]
+  evaluate = losses["evaluate_distributed" if distributed else "evaluate"]
+  if distributed:
+    accuracy = {**accuracy, "evaluate": accuracy["evaluate_distributed"],
+                "evaluate_saved": accuracy["evaluate"]}
   short = metric_label(diagnosis)
   if fit is not None:
     lines.append(f"fit printed    loss {fit:.4f}  {short} {_num(accuracy['fit'])}")
@@ -127,9 +140,17 @@ def report(diagnosis: dict, title: str = "") -> str:
     metric = diagnosis["metric"]
     lines.append(f"(second column: {metric['name']} ({metric['class']}), the model's first "
                  "compiled metric)" if metric else "(the model has no compiled metric)")
-  lines += ["", f"{'':18} {'loss':>9} {short[:9]:>9}  meaning"]
+  name = 20 if distributed else 18  # the name column fits evaluate_distributed
+  lines += ["", f"{'':{name}} {'loss':>9} {short[:9]:>9}  meaning"]
   for key in LOSS_KEYS:
-    lines.append(f"{key:18} {_num(losses[key]):>9} {_num(accuracy[key]):>9}  {DESCRIBE[key]}")
+    shown = "evaluate_saved" if distributed and key == "evaluate" else key
+    what = ("evaluate on one device after save/load: replica 0's copy" if shown != key
+            else DESCRIBE[key])
+    lines.append(f"{shown:{name}} {_num(losses[key]):>9} "
+                 f"{_num(accuracy[shown if distributed else key]):>9}  {what}")
+  if distributed:
+    lines.append(f"{'evaluate_distributed':{name}} {_num(evaluate):>9} "
+                 f"{_num(accuracy['evaluate']):>9}  {DESCRIBE['evaluate_distributed']}")
   parts, dominant = parts_of(diagnosis)
   no_history = "moving_statistics" in parts
   total = sum(abs(v) for v in parts.values()) or 1.0
@@ -138,9 +159,14 @@ def report(diagnosis: dict, title: str = "") -> str:
   lines.append("evaluate - fit, split by cause (the parts sum to the gap):" if fit is not None else
                "evaluate - train_mode_final, split by cause (no fit history: the training-"
                "history causes are n/a):")
-  for key, _, _ in ATTRIBUTION:
+  for key in [k for k, _, _ in ATTRIBUTION] + (["replica_divergence"] if distributed else []):
     value = diagnosis["attribution"][key]
     lines.append(f"  {key:20} {_num(value, '{:+.4f}'):>9}{'' if value is None else share(value)}")
+  if distributed:
+    r = diagnosis["replicas"]
+    lines += ["", f"{r['count']} replicas of {r['per_replica_batch']} examples each: the saved "
+              f"model holds {r['saved_copy'].split(' (')[0]}'s copy of the moving statistics; "
+              "--fix precise_bn writes one population statistic over all shards into every copy."]
   if no_history:
     value = parts["moving_statistics"]
     lines.append(f"  {'moving_statistics':20} {value:>+9.4f}{share(value)}  = evaluate - "

@@ -106,7 +106,13 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
   if histogram_every < 1:
     raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
-  seed.refuse_replicas(train, "diagnose")
+  if train.replicas > 1:  # the replicated run and its extra part (bnraw.diagnosis.replicas)
+    from bnraw.diagnosis import replicas
+    if impl != "raw" or trace or every:
+      raise UsageError("replicas", "diagnoses a raw run at its end for now (no --impl=keras, "
+                       "--trace or --every)")
+    return replicas.run(data, model, train, out_dir=out_dir, fix=fix, overwrite=overwrite,
+                        progress=progress)
   model = model.resolved()
   parts = seed.build(data, model, train)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)

@@ -151,10 +151,10 @@ def load_image(path: str | None) -> np.ndarray:
 
 
 def refuse_replicas(train: TrainConfig, tool: str) -> None:
-  """Replicas run in bnraw-compare so far; other tools refuse them (one line)."""
+  """Replicas run in bnraw-compare and bnraw-diagnose so far; other tools refuse them."""
   if train.replicas > 1:
-    raise UsageError("replicas", f"{tool} runs on one device so far; bnraw-compare runs the "
-                     "replicated step")
+    raise UsageError("replicas", f"{tool} runs on one device so far; bnraw-compare and "
+                     "bnraw-diagnose run the replicated step")
 
 
 def check_block(block: tuple[int, int]) -> None:

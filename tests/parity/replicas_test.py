@@ -41,7 +41,7 @@ def test_every_replica_copy_is_bit_identical_to_keras_fit_under_the_strategy(tmp
 
 
 @pytest.mark.parametrize("tool,flags,words", [
-    ("bnraw-train", ["--replicas=2"], "bnraw-compare runs the replicated step"),
+    ("bnraw-train", ["--replicas=2"], "bnraw-compare and bnraw-diagnose run the replicated"),
     ("bnraw-compare", ["--replicas=3", "--batch_size=64"], "divide evenly"),
     ("bnraw-compare", ["--replicas=2", "--l2=1e-4"], "without --l2"),
 ])
@@ -52,3 +52,27 @@ def test_what_replicas_do_not_support_yet_is_one_line(tmp_path, tool, flags, wor
   assert done.returncode == 2
   assert done.stderr.strip().count("\n") == 0 and words in done.stderr, done.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_the_replicated_diagnosis_closes_the_gap_to_the_distributed_evaluate(tmp_path):
+  """--replicas=2: six parts (replica_divergence last) sum to evaluate_distributed - fit; the
+  single-copy chain runs on replica 0's copy; the copies differ; the fix puts one population
+  statistic into every copy, so the distributed evaluate becomes PreciseBN's."""
+  script = os.path.join(os.path.dirname(sys.executable), "bnraw-diagnose")
+  out = tmp_path / "out"
+  done = subprocess.run([script, "--replicas=2", "--width=1/64", "--epochs=2",
+                         "--batch_size=128", "--mode=function", "--fix=precise_bn",
+                         f"--out_dir={out}"], capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  with open(out / "diagnosis.json") as f:
+    result = json.load(f)
+  losses, parts = result["losses"], result["attribution"]
+  assert list(parts)[-1] == "replica_divergence"
+  assert sum(parts.values()) == pytest.approx(losses["evaluate_distributed"] - losses["fit"],
+                                              abs=1e-5)
+  assert parts["replica_divergence"] == losses["evaluate_distributed"] - losses["evaluate"]
+  assert losses["evaluate_saved"] == losses["evaluate"]
+  spreads = result["replicas"]["copies"].values()
+  assert any(c["moving_mean_max_rel_spread"] > 0 for c in spreads)
+  assert result["fixed"]["evaluate"]["loss"] == pytest.approx(losses["precise_bn"], rel=1e-5)
+  assert "evaluate_distributed" in done.stdout and "replica 0's copy" in done.stdout

@@ -1,0 +1,144 @@
+"""The decomposition for a seed run on N replicas (``--replicas=N``): what replicas add to the
+fit/evaluate gap.
+
+Under ``MirroredStrategy`` every replica keeps its own copy of the moving statistics
+(bnraw.core.replicas). A user then sees two evaluates: ``evaluate_distributed`` (``evaluate``
+under the strategy: each shard normalised with its replica's copy) and ``evaluate_saved`` (one
+device after save/load: Keras 3 saves replica 0's copy). The single-copy chain of the seed's
+decomposition runs on replica 0's copy (so its ``evaluate`` is ``evaluate_saved``), and one more
+part closes it::
+
+    replica_divergence = evaluate_distributed - evaluate_saved
+
+so the six parts sum exactly to ``evaluate_distributed - fit``. ``train_mode_final`` is the
+training branch as fit ran it: each replica normalising its shard (global batch / N) with the
+shard's own moments, so ``batch_vs_population`` holds the per-replica batch size.
+``last_batch_stats`` is replica 0's last shard. PreciseBN aggregates over all shards (one
+population statistic, which ``fix`` writes into every copy).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from bnraw import config as configs
+from bnraw import outputs
+from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.core import loop, replicas
+from bnraw.diagnosis import decompose as dg
+from bnraw.errors import UsageError
+from bnraw.models import seed
+
+
+def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
+        fix: Optional[str] = None, overwrite: bool = False, progress: bool = True) -> dict:
+  """Trains the seed setup on ``train.replicas`` replicas (raw), then the decomposition of this
+  module's docstring; writes ``diagnosis.json``; returns its dict."""
+  if fix not in (None, "precise_bn"):
+    raise UsageError("fix", f"must be precise_bn, got {fix!r}")
+  model = model.resolved()
+  seed.check(data, model, train)
+  if model.bessel or model.l2 or model.dtype_policy != "float32":
+    raise UsageError("replicas", "diagnoses float32 runs without --l2 or --bessel for now")
+  n = train.replicas
+  try:
+    strategy = replicas.strategy_for(n)
+  except RuntimeError:
+    raise UsageError("replicas", "the devices must be split before TensorFlow starts: run "
+                     "with --replicas in a fresh process") from None
+  if train.mode == "xla" and not tf.config.list_physical_devices("GPU"):
+    raise UsageError("mode", "xla with --replicas needs GPUs: XLA cannot run a replica on a "
+                     "logical CPU device")
+  mode = "xla" if train.mode == "xla" else "function"
+  with strategy.scope():
+    parts = seed.build(data, model, train)
+  outputs.prepare_out_dir(out_dir, overwrite=overwrite)
+  raw, images, labels = parts.model, parts.data.images, parts.data.labels
+  printer = None
+  if progress:
+    from bnraw.progress import EpochProgress
+    printer = EpochProgress(train.epochs, label=f"raw x{n}",
+                            steps_per_epoch=loop.steps_per_epoch(len(images), train.batch_size))
+  history = replicas.fit(raw, parts.optimizer, strategy, images, labels,
+                         batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
+                         mode=mode, on_epoch=printer)
+  result = diagnose(raw, strategy, images, labels, history, batch_size=train.batch_size,
+                    mode=mode)
+  precise = result.pop("precise_statistics")
+  title = (f"case {data.case}, width {model.width:g}, momentum {model.momentum:g}, global "
+           f"batch {train.batch_size} over {n} replicas ({train.batch_size // n} each), "
+           f"{train.epochs} epochs, raw ({mode})")
+  out = {"config": configs.record(data, model, train, impl="raw", fix=fix),
+         "impl": "raw", "title": title, "resolved": {"width": model.width, "mode": mode},
+         "environment": outputs.environment(), **result,
+         "history": {"loss": history.loss, "accuracy": history.accuracy}}
+  if fix == "precise_bn":  # one population statistic into every copy
+    for layer, stats in zip(raw.batch_norms, precise):
+      layer.set_moving_statistics(stats)
+    loss, accuracy = replicas.evaluate(raw, strategy, images, labels,
+                                       batch_size=train.batch_size, mode=mode)
+    out["fixed"] = {"method": "precise_bn", "evaluate": {"loss": loss, "accuracy": accuracy},
+                    "saved": None}
+  outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)
+  return out
+
+
+def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
+             history: replicas.History, *, batch_size: int, mode: str) -> dict:
+  """The decomposition of a replicated run (module docstring), state left untouched."""
+  from bnraw.diagnosis.precise_bn import raw_population_statistics
+  n = strategy.num_replicas_in_sync
+  names = [layer.name for layer in raw.batch_norms]
+  per_layer = lambda stats: dict(zip(names, stats))
+  forward_loss = dg.forward_loss_fn(raw)  # one device: read outside a replica, replica 0's copy
+  loss = lambda stats, order=None: dg.raw_loss(raw, images, labels, stats, batch_size, order,
+                                               forward_loss)
+  moving = [layer.moving for layer in raw.batch_norms]
+  precise = raw_population_statistics(raw, images, batch_size)
+  branch = replicas.make_train_branch_step(raw, strategy, mode=mode)
+  losses_mean, metric_mean = replicas.ReplicaMeans(n), replicas.ReplicaMeans(n)
+  for batch in dg.batch_chunks(len(images), batch_size, history.permutations[-1]):
+    out = branch(images[batch], labels[batch])
+    sizes = [stop - start for start, stop in replicas.shard_bounds(len(batch), n)]
+    losses_mean.update(out["loss"], sizes)
+    metric_mean.add(out["correct"], sizes)
+  saved = loss(per_layer(moving))
+  results = {
+      "fit": (history.loss[-1], history.accuracy[-1]),
+      "train_mode_final": (losses_mean.result(), metric_mean.result()),
+      "precise_bn": loss(per_layer(precise)),
+      "last_batch_stats": loss(per_layer(history.last_statistics[0])),
+      "no_bessel": saved,  # no Bessel factor with replicas (refused)
+      "evaluate": saved,
+      "evaluate_distributed": replicas.evaluate(raw, strategy, images, labels,
+                                                batch_size=batch_size, mode=mode),
+  }
+  losses = {key: value[0] for key, value in results.items()}
+  attribution = dg.attribution(losses)
+  attribution["replica_divergence"] = losses["evaluate_distributed"] - losses["evaluate"]
+  copies = {}
+  for layer in raw.batch_norms:
+    spread = []
+    for variable in (layer.moving_mean, layer.moving_variance):
+      values = replicas.copies(variable)
+      scale = float(np.abs(values[0]).max()) or 1.0
+      spread.append(max(float(np.abs(v - values[0]).max()) for v in values) / scale)
+    copies[layer.name] = {"moving_mean_max_rel_spread": spread[0],
+                          "moving_variance_max_rel_spread": spread[1]}
+  return {
+      "losses": {**losses, "evaluate_saved": losses["evaluate"]},
+      "attribution": attribution,
+      "per_layer": dg.per_layer_split(lambda stats: loss(stats)[0], names, moving, precise),
+      "accuracy": {key: value[1] for key, value in results.items()},
+      "replicas": {"count": n, "per_replica_batch": batch_size // n,
+                   "saved_copy": "replica 0 (Keras 3 saves the copy read outside a replica)",
+                   "copies": copies},
+      "precise_statistics": precise,
+  }
+
+
+__all__ = ["diagnose", "run"]
