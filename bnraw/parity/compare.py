@@ -278,6 +278,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Op
                      "from Keras's state and would undo it")
   model = model_config_for(reference, model.resolved())
   if train.replicas > 1:
+    if perturbation:
+      raise UsageError("perturb", "is not supported with replicas yet")
     return _run_replicas(data, model, train, out_dir=out_dir, synced=synced,
                          progress=progress, overwrite=overwrite)
   parts = seed.build(data, model, train)
@@ -367,11 +369,11 @@ def _run_replicas(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
       keras_bridge.assign_all(group, values, "optimizer slots")
     optimizer.iterations.assign(value["iterations"])
 
-  set_raw_initial = state(raw.variables, optimizer)
+  initial = state(raw.variables, optimizer)
   for i, v in enumerate(keras_vars):
-    replicas.assign_copies(v, set_raw_initial["weights"][i * n:(i + 1) * n])
+    replicas.assign_copies(v, initial["weights"][i * n:(i + 1) * n])
   for group, values in zip(keras_bridge.optimizer_slots(kmodel.optimizer),
-                           set_raw_initial["slots"]):
+                           initial["slots"]):
     keras_bridge.assign_all(group, values, "optimizer slots")
   step_fn = replicas.make_train_step(raw, optimizer, strategy, mode=mode)
 
