@@ -23,7 +23,6 @@ import os
 from typing import Optional
 
 import numpy as np
-import tensorflow as tf
 
 from bnraw import config as configs
 from bnraw import outputs
@@ -45,15 +44,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   if model.bessel or model.l2 or model.dtype_policy != "float32":
     raise UsageError("replicas", "diagnoses float32 runs without --l2 or --bessel for now")
   n = train.replicas
-  try:
-    strategy = replicas.strategy_for(n)
-  except RuntimeError:
-    raise UsageError("replicas", "the devices must be split before TensorFlow starts: run "
-                     "with --replicas in a fresh process") from None
-  if train.mode == "xla" and not tf.config.list_physical_devices("GPU"):
-    raise UsageError("mode", "xla with --replicas needs GPUs: XLA cannot run a replica on a "
-                     "logical CPU device")
-  mode = "xla" if train.mode == "xla" else "function"
+  strategy, mode = seed.replicated(train)
   with strategy.scope():
     parts = seed.build(data, model, train)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)

@@ -157,6 +157,23 @@ def refuse_replicas(train: TrainConfig, tool: str) -> None:
                      "bnraw-diagnose run the replicated step")
 
 
+def replicated(train: TrainConfig):
+  """``(strategy, mode)`` for a seed run on ``train.replicas`` replicas: the devices split
+  (bnraw.core.replicas), the mode Keras's fit would compile the replicas in (jit auto is off
+  under a strategy; xla only on GPUs). Every problem a UsageError."""
+  import tensorflow as tf
+  from bnraw.core import replicas
+  if train.mode == "xla" and not tf.config.list_physical_devices("GPU"):
+    raise UsageError("mode", "xla with --replicas needs GPUs: XLA cannot run a replica on a "
+                     "logical CPU device")
+  try:
+    strategy = replicas.strategy_for(train.replicas)
+  except RuntimeError:
+    raise UsageError("replicas", "the devices must be split before TensorFlow starts: run "
+                     "with --replicas in a fresh process") from None
+  return strategy, "xla" if train.mode == "xla" else "function"
+
+
 def check_block(block: tuple[int, int]) -> None:
   start, stop = block
   if not 0 <= start < stop <= IMAGE_SIZE:

@@ -335,15 +335,7 @@ def _run_replicas(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
   from bnraw.core import replicas
   seed.check(data, model, train)
   n = train.replicas
-  try:
-    strategy = replicas.strategy_for(n)
-  except RuntimeError:
-    raise UsageError("replicas", "the devices must be split before TensorFlow starts: run "
-                     "with --replicas in a fresh process") from None
-  mode = "xla" if train.mode == "xla" else "function"  # Keras: jit auto is off under a strategy
-  if mode == "xla" and not tf.config.list_physical_devices("GPU"):
-    raise UsageError("mode", "xla with --replicas needs GPUs: XLA cannot run a replica on a "
-                     "logical CPU device")
+  strategy, mode = seed.replicated(train)
   with strategy.scope():
     parts = seed.build(data, model, train)
     kmodel = keras_bridge.build_model(model)
