@@ -97,6 +97,9 @@ class TrainConfig:
   # Replicas under tf.distribute.MirroredStrategy (bnraw.core.replicas): N GPUs, or the CPU
   # split into N logical devices; the global batch is split over them.
   replicas: int = 1
+  # How a global batch reaches the replicas: "iid" (as drawn), or "sorted" (each global batch
+  # sorted by label before it is split: non-iid shards, replica 0 the lowest labels).
+  shards: str = "iid"
 
   def initial_loss_scale(self, model: "ModelConfig") -> Optional[float]:
     """The loss scale a run starts with: None (no loss scaling) unless mixed_float16."""

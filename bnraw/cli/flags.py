@@ -21,7 +21,7 @@ FLAGS = flags.FLAGS
 SEED_FLAGS = ("case", "image", "block", "width", "momentum", "epsilon", "bessel",
               "bessel_scope", "l2", "fast_conv", "epochs", "optimizer", "lr", "sgd_momentum",
               "nesterov", "seed", "mode", "steps_per_execution", "dtype_policy", "loss_scale",
-              "sync_bn", "replicas")
+              "sync_bn", "replicas", "shards")
 # Of those, what a user's model brings itself (its layers, compile and policy): refused with
 # --keras_model when its raw twin trains; the loop's own flags (epochs, seed, mode, ...) apply.
 MODEL_FLAGS = tuple(f for f in SEED_FLAGS if f not in ("epochs", "seed", "mode",
@@ -130,7 +130,10 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
                        lower_bound=1)
   flags.DEFINE_integer("replicas", train.replicas, "Replicas under MirroredStrategy: N GPUs, or "
                        "the CPU split into N logical devices; the global batch is split over "
-                       "them (bnraw-compare so far).", lower_bound=1)
+                       "them (bnraw-compare and bnraw-diagnose so far).", lower_bound=1)
+  flags.DEFINE_enum("shards", train.shards, ["iid", "sorted"], "With --replicas: iid shards "
+                    "(each global batch as drawn), or sorted: each global batch sorted by label "
+                    "before it is split (non-iid shards).")
   if trace:
     flags.DEFINE_bool("trace", False, "Record every BN layer's batch and moving statistics at "
                       "every step (trace.npz + TensorBoard in --out_dir).")
@@ -244,7 +247,8 @@ def configs(announce_width: bool = True, resolve: bool = True
                       lr=FLAGS.lr, sgd_momentum=FLAGS.sgd_momentum, nesterov=FLAGS.nesterov,
                       seed=FLAGS.seed, mode=FLAGS.mode,
                       steps_per_execution=FLAGS.steps_per_execution,
-                      loss_scale=FLAGS.loss_scale, replicas=FLAGS.replicas)
+                      loss_scale=FLAGS.loss_scale, replicas=FLAGS.replicas,
+                      shards=FLAGS.shards)
   return data, model, train
 
 

@@ -45,6 +45,14 @@ def epoch_orders(seed: int, n: int):
     yield rng.permutation(n)
 
 
+def sorted_within_batches(order: np.ndarray, labels: np.ndarray,
+                          batch_size: int) -> np.ndarray:
+  """``order`` with each batch's examples sorted by label (stable): split contiguously over
+  replicas, each shard then holds a band of labels (non-iid shards)."""
+  return np.concatenate([chunk[np.argsort(labels[chunk], kind="stable")]
+                         for chunk in batches(np.asarray(order), batch_size)])
+
+
 def steps_per_epoch(examples: int, batch_size: int) -> int:
   """How many batches :func:`batches` cuts an epoch into (the last may be partial)."""
   return -(-examples // batch_size)

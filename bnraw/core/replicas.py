@@ -176,11 +176,12 @@ class History:
 
 def fit(model, optimizer, strategy: tf.distribute.Strategy, images: np.ndarray,
         labels: np.ndarray, *, batch_size: int, epochs: int, seed: int, mode: str,
-        on_epoch: Optional[Callable] = None) -> History:
+        on_epoch: Optional[Callable] = None, sorted_shards: bool = False) -> History:
   """``model.fit`` under the strategy: the same shuffling as :func:`bnraw.core.loop.fit`
-  (``default_rng(seed)``, a permutation per epoch), one replicated step per global batch, the
-  epoch means as :class:`ReplicaMeans`. A non-finite step raises ``FloatingPointError``."""
-  from bnraw.core.loop import batches, epoch_orders
+  (``default_rng(seed)``, a permutation per epoch; ``sorted_shards``: each batch sorted by
+  label, :func:`bnraw.core.loop.sorted_within_batches`), one replicated step per global batch,
+  the epoch means as :class:`ReplicaMeans`. A non-finite step raises ``FloatingPointError``."""
+  from bnraw.core.loop import batches, epoch_orders, sorted_within_batches
   from bnraw.core.ops import Moments
   step = make_train_step(model, optimizer, strategy, mode=mode)
   n = strategy.num_replicas_in_sync
@@ -188,6 +189,8 @@ def fit(model, optimizer, strategy: tf.distribute.Strategy, images: np.ndarray,
   orders = epoch_orders(seed, len(images))
   for epoch in range(epochs):
     order = next(orders)
+    if sorted_shards:
+      order = sorted_within_batches(order, labels, batch_size)
     history.permutations.append(order)
     losses, metrics = ReplicaMeans(n), ReplicaMeans(n)
     for batch in batches(order, batch_size):

@@ -56,12 +56,13 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                             steps_per_epoch=loop.steps_per_epoch(len(images), train.batch_size))
   history = replicas.fit(raw, parts.optimizer, strategy, images, labels,
                          batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
-                         mode=mode, on_epoch=printer)
+                         mode=mode, on_epoch=printer, sorted_shards=train.shards == "sorted")
   result = diagnose(raw, strategy, images, labels, history, batch_size=train.batch_size,
                     mode=mode)
   precise = result.pop("precise_statistics")
   title = (f"case {data.case}, width {model.width:g}, momentum {model.momentum:g}, global "
-           f"batch {train.batch_size} over {n} replicas ({train.batch_size // n} each), "
+           f"batch {train.batch_size} over {n} replicas ({train.batch_size // n} each"
+           + (", shards sorted by label" if train.shards == "sorted" else "") + "), "
            f"{train.epochs} epochs, raw ({mode})")
   out = {"config": configs.record(data, model, train, impl="raw", fix=fix),
          "impl": "raw", "title": title, "resolved": {"width": model.width, "mode": mode},

@@ -100,6 +100,11 @@ def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
     raise UsageError("replicas", f"needs a batch size that divides the {NUM_IMAGES} images and "
                      f"that {train.replicas} replicas divide evenly (partial batches over "
                      f"replicas are not supported yet), got batch {train.batch_size}")
+  if train.shards not in ("iid", "sorted"):
+    raise UsageError("shards", f"must be iid or sorted, got {train.shards!r}")
+  if train.shards == "sorted" and train.replicas == 1:
+    raise UsageError("shards", "sorts each global batch before it is split over replicas: "
+                     "needs --replicas > 1")
   if train.replicas > 1 and train.steps_per_execution > 1:
     raise UsageError("replicas", "runs one step per call (--steps_per_execution=1)")
   if train.optimizer not in ("adam", "sgd"):

@@ -200,8 +200,11 @@ def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: boo
       if progress is not None:
         progress(row)
 
-  keras_bridge.fit_replaying(kmodel, sides.images, sides.keras_y,
-                             loop.epoch_orders(train.seed, len(sides.images)),
+  orders = loop.epoch_orders(train.seed, len(sides.images))
+  if train.shards == "sorted":  # non-iid shards: the same orders on both sides
+    orders = (loop.sorted_within_batches(order, sides.labels, train.batch_size)
+              for order in orders)
+  keras_bridge.fit_replaying(kmodel, sides.images, sides.keras_y, orders,
                              batch_size=train.batch_size, epochs=train.epochs,
                              callbacks_for=lambda epoch, order: [Lockstep(order)])
   return steps

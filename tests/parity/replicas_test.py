@@ -44,6 +44,7 @@ def test_every_replica_copy_is_bit_identical_to_keras_fit_under_the_strategy(tmp
     ("bnraw-train", ["--replicas=2"], "bnraw-compare and bnraw-diagnose run the replicated"),
     ("bnraw-compare", ["--replicas=3", "--batch_size=64"], "divide evenly"),
     ("bnraw-compare", ["--replicas=2", "--l2=1e-4"], "without --l2"),
+    ("bnraw-diagnose", ["--shards=sorted"], "needs --replicas > 1"),
 ])
 def test_what_replicas_do_not_support_yet_is_one_line(tmp_path, tool, flags, words):
   done = subprocess.run([os.path.join(os.path.dirname(sys.executable), tool), "--width=1/64",
@@ -55,12 +56,13 @@ def test_what_replicas_do_not_support_yet_is_one_line(tmp_path, tool, flags, wor
 
 
 def test_the_replicated_diagnosis_closes_the_gap_to_the_distributed_evaluate(tmp_path):
-  """--replicas=2: six parts (replica_divergence last) sum to evaluate_distributed - fit; the
+  """--replicas=2 on non-iid shards: six parts (replica_divergence last) sum to
+  evaluate_distributed - fit; the
   single-copy chain runs on replica 0's copy; the copies differ; the fix puts one population
   statistic into every copy, so the distributed evaluate becomes PreciseBN's."""
   script = os.path.join(os.path.dirname(sys.executable), "bnraw-diagnose")
   out = tmp_path / "out"
-  done = subprocess.run([script, "--replicas=2", "--width=1/64", "--epochs=2",
+  done = subprocess.run([script, "--replicas=2", "--shards=sorted", "--width=1/64", "--epochs=2",
                          "--batch_size=128", "--mode=function", "--fix=precise_bn",
                          f"--out_dir={out}"], capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-2000:]
