@@ -176,8 +176,8 @@ def twin_train_config() -> TrainConfig:
   from bnraw.models.user import KERAS_FIT_BATCH_SIZE
   return TrainConfig(batch_size=(FLAGS.batch_size if FLAGS["batch_size"].present
                                  else KERAS_FIT_BATCH_SIZE),
-                     epochs=FLAGS.epochs if FLAGS["epochs"].present else 1, seed=FLAGS.seed, mode=FLAGS.mode,
-                     steps_per_execution=FLAGS.steps_per_execution)
+                     epochs=FLAGS.epochs if FLAGS["epochs"].present else 1, seed=FLAGS.seed,
+                     mode=FLAGS.mode, steps_per_execution=FLAGS.steps_per_execution)
 
 
 def define_output_flags(out_dir: str) -> None:
