@@ -49,12 +49,11 @@ def strategy_for(n: int) -> tf.distribute.Strategy:
 
 
 def shard_bounds(batch: int, n: int) -> list[tuple[int, int]]:
-  """Each replica's contiguous ``[start, stop)`` of a global batch of ``batch`` examples (equal
-  shards: the caller refuses batches N does not divide)."""
-  if batch % n:
-    raise ValueError(f"a batch of {batch} does not split evenly over {n} replicas")
-  per = batch // n
-  return [(r * per, (r + 1) * per) for r in range(n)]
+  """Each replica's contiguous ``[start, stop)`` of a global batch of ``batch`` examples, as
+  Keras's distributed dataset cuts it (measured): ``ceil(batch / n)`` to each replica in turn,
+  the rest to the next, none after (10 over 4: 3, 3, 3, 1; 3 over 4: 1, 1, 1, 0)."""
+  per = -(-batch // n)
+  return [(min(r * per, batch), min((r + 1) * per, batch)) for r in range(n)]
 
 
 def distribute(strategy: tf.distribute.Strategy, array: np.ndarray):

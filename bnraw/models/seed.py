@@ -95,11 +95,8 @@ def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
                        f"{train.loss_scale}")
   if train.replicas < 1:
     raise UsageError("replicas", f"must be >= 1, got {train.replicas}")
-  if train.replicas > 1 and (train.batch_size % train.replicas
-                             or NUM_IMAGES % train.batch_size):
-    raise UsageError("replicas", f"needs a batch size that divides the {NUM_IMAGES} images and "
-                     f"that {train.replicas} replicas divide evenly (partial batches over "
-                     f"replicas are not supported yet), got batch {train.batch_size}")
+  if train.replicas > 1:
+    check_shards(NUM_IMAGES, train.batch_size, train.replicas)
   if train.shards not in ("iid", "sorted"):
     raise UsageError("shards", f"must be iid or sorted, got {train.shards!r}")
   if train.shards == "sorted" and train.replicas == 1:
@@ -153,6 +150,23 @@ def load_image(path: str | None) -> np.ndarray:
     except OSError as e:
       raise UsageError("image", f"cannot read {path}: {e.strerror or e}") from None
   return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.uint8)
+
+
+def check_shards(examples: int, batch_size: int, replicas: int) -> None:
+  """Batches Keras's fit can split over the replicas: the first must divide evenly (else
+  Keras's own symbolic build fails, keras-team/keras#19246) and the last partial one must leave
+  every replica an example (an empty shard's BN moments are NaN, written into that replica's
+  copy)."""
+  if batch_size % replicas:
+    raise UsageError("replicas", f"need a batch size {replicas} replicas divide (Keras's fit "
+                     f"fails on a first batch they do not, keras-team/keras#19246), got "
+                     f"{batch_size}")
+  last = examples % batch_size
+  per = -(-last // replicas)
+  if last and per * (replicas - 1) >= last:
+    raise UsageError("replicas", f"the last batch ({last} of {examples} examples) would leave a "
+                     f"replica no example (shards of {per}): its BN copy would turn NaN; pick "
+                     "another batch size")
 
 
 def refuse_replicas(train: TrainConfig, tool: str) -> None:

@@ -42,7 +42,8 @@ def test_every_replica_copy_is_bit_identical_to_keras_fit_under_the_strategy(tmp
 
 @pytest.mark.parametrize("tool,flags,words", [
     ("bnraw-train", ["--replicas=2"], "bnraw-compare and bnraw-diagnose run the replicated"),
-    ("bnraw-compare", ["--replicas=3", "--batch_size=64"], "divide evenly"),
+    ("bnraw-compare", ["--replicas=3", "--batch_size=64"], "keras-team/keras#19246"),
+    ("bnraw-compare", ["--replicas=3", "--batch_size=9"], "would leave a replica no example"),
     ("bnraw-compare", ["--replicas=2", "--l2=1e-4"], "without --l2"),
     ("bnraw-diagnose", ["--shards=sorted"], "needs --replicas > 1"),
 ])
