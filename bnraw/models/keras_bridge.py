@@ -153,12 +153,17 @@ def model_weights(model) -> list:
   return [by_key[key] for key in keys]
 
 
-def assign_all(targets: Sequence, values: Sequence[np.ndarray], what: str) -> None:
+def check_shapes(targets: Sequence, values: Sequence[np.ndarray], what: str) -> None:
   if len(targets) != len(values):
     raise ValueError(f"{what}: {len(targets)} targets for {len(values)} values")
   for target, value in zip(targets, values):
     if tuple(target.shape) != tuple(np.shape(value)):
       raise ValueError(f"{what}: shape {tuple(target.shape)} != {np.shape(value)}")
+
+
+def assign_all(targets: Sequence, values: Sequence[np.ndarray], what: str) -> None:
+  check_shapes(targets, values, what)
+  for target, value in zip(targets, values):
     target.assign(value)
 
 
@@ -169,11 +174,19 @@ def loss_scale_variables(optimizer) -> list:
   return []
 
 
-def get_state(variables: Sequence, optimizer) -> dict:
+def _slots_of(optimizer) -> list[list]:
+  return optimizer.slots if hasattr(optimizer, "slots") else optimizer_slots(optimizer)
+
+
+def get_state(variables: Sequence, optimizer, *, per_replica: bool = False) -> dict:
   """Numpy copies of weights (Keras order), optimizer slots, iteration count and, with loss
-  scaling, ``loss_scale``: [scale, counter]."""
-  slots = optimizer.slots if hasattr(optimizer, "slots") else optimizer_slots(optimizer)
-  state = {"weights": [np.array(v.numpy()) for v in variables],
+  scaling, ``loss_scale``: [scale, counter]. ``per_replica``: every replica's copy of each
+  (mirrored) weight in turn, replica order (bnraw.core.replicas.copies)."""
+  from bnraw.core.replicas import copies
+  slots = _slots_of(optimizer)
+  weights = ([c for v in variables for c in copies(v)] if per_replica
+             else [np.array(v.numpy()) for v in variables])
+  state = {"weights": weights,
            "slots": [[np.array(s.numpy()) for s in group] for group in slots],
            "iterations": int(np.asarray(optimizer.iterations.numpy()))}
   if loss_scale_variables(optimizer):
@@ -190,6 +203,25 @@ def assign_loss_scale(optimizer, state: dict) -> None:
                                            else target.dtype))
 
 
+def set_state(variables: Sequence, optimizer, state: dict, *,
+              per_replica: bool = False) -> None:
+  """Loads a :func:`get_state` state (from either side) into ``variables`` and ``optimizer``
+  (raw or Keras); ``per_replica``: the weights hold every replica's copy in turn."""
+  if per_replica:
+    from bnraw.core.replicas import assign_copies
+    n = len(state["weights"]) // max(len(variables), 1)
+    groups = [state["weights"][i * n:(i + 1) * n] for i in range(len(variables))]
+    check_shapes(variables, [values[0] for values in groups], "weights")
+    for variable, values in zip(variables, groups):
+      assign_copies(variable, values)
+  else:
+    assign_all(variables, state["weights"], "weights")
+  for group, values in zip(_slots_of(optimizer), state["slots"]):
+    assign_all(group, values, "optimizer slots")
+  optimizer.iterations.assign(state["iterations"])
+  assign_loss_scale(optimizer, state)
+
+
 def keras_state(model) -> dict:
   return get_state(model_weights(model), model.optimizer)
 
@@ -200,20 +232,12 @@ def raw_state(raw, optimizer) -> dict:
 
 def set_raw_state(raw, optimizer, state: dict) -> None:
   """Loads a state (from either side) into the raw model and its optimizer."""
-  assign_all(raw.variables, state["weights"], "weights")
-  for group, values in zip(optimizer.slots, state["slots"]):
-    assign_all(group, values, "optimizer slots")
-  optimizer.iterations.assign(state["iterations"])
-  assign_loss_scale(optimizer, state)
+  set_state(raw.variables, optimizer, state)
 
 
 def set_keras_state(model, state: dict) -> None:
   """Loads a state (from either side) into the Keras model and its optimizer."""
-  assign_all(model_weights(model), state["weights"], "weights")
-  for group, values in zip(optimizer_slots(model.optimizer), state["slots"]):
-    assign_all(group, values, "optimizer slots")
-  model.optimizer.iterations.assign(state["iterations"])
-  assign_loss_scale(model.optimizer, state)
+  set_state(model_weights(model), model.optimizer, state)
 
 
 def fit_replaying(model, images: np.ndarray, one_hot: np.ndarray, orders, *, batch_size: int,

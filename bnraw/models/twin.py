@@ -88,7 +88,6 @@ class _Walk:
   pairs: list = dataclasses.field(default_factory=list)  # (keras variable, raw variable)
   seeds: list = dataclasses.field(default_factory=list)  # (keras state, raw state)
   seen: set = dataclasses.field(default_factory=set)
-  keras_layers: list = dataclasses.field(default_factory=list)  # (path, keras layer, raw)
 
 
 def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
@@ -138,7 +137,6 @@ def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
         walk.pairs += list(zip(layer.weights, raw.variables))
         walk.seeds += list(zip(twin_layers.keras_state_variables(layer),
                                getattr(raw, "state_variables", ())))
-        walk.keras_layers.append((name, layer, raw))
         walk.nodes.append(Node(raw, inputs))
         out = len(walk.nodes)
       for tensor in node.outputs:
@@ -177,44 +175,44 @@ class Twin:
   ``raw.trainable_variables`` in Keras's order, so slots pair by position).
   """
 
-  def __init__(self, kmodel, raw: Graph, pairs: list, seeds: list, layers: list):
+  def __init__(self, kmodel, raw: Graph, seeds: list, metric_name: Optional[str]):
     self.kmodel, self.raw, self.optimizer = kmodel, raw, None
-    self._pairs, self._seeds, self.layers = pairs, seeds, layers
+    self._seeds, self.metric_name = seeds, metric_name
 
-  @property
-  def keras_variables(self) -> list:
-    """Keras's ``model.weights`` (the order of ``raw.variables``)."""
-    return [k for k, _ in self._pairs]
+  def _sides(self, keras: bool):
+    """One side's weights, optimizer and seed states (Keras's or the raw twin's)."""
+    seeds = [pair[0 if keras else 1] for pair in self._seeds]
+    if keras:
+      return self.kmodel.weights, self.kmodel.optimizer, seeds
+    return self.raw.variables, self.optimizer, seeds
+
+  def _state(self, keras: bool) -> dict:
+    from bnraw.models import keras_bridge
+    variables, optimizer, seeds = self._sides(keras)
+    state = keras_bridge.get_state(variables, optimizer)
+    state["seeds"] = [np.array(v.numpy()) for v in seeds]
+    return state
+
+  def _load(self, keras: bool, state: dict) -> None:
+    from bnraw.models import keras_bridge
+    variables, optimizer, seeds = self._sides(keras)
+    keras_bridge.set_state(variables, optimizer, state)
+    if "seeds" in state:
+      keras_bridge.assign_all(seeds, state["seeds"], "seeds")
 
   def keras_state(self) -> dict:
     """The Keras model's state (weights, optimizer, seeds) as numpy."""
-    from bnraw.models import keras_bridge
-    state = keras_bridge.get_state(self.kmodel.weights, self.kmodel.optimizer)
-    state["seeds"] = [np.array(k.numpy()) for k, _ in self._seeds]
-    return state
+    return self._state(keras=True)
 
   def raw_state(self) -> dict:
-    from bnraw.models import keras_bridge
-    state = keras_bridge.get_state(self.raw.variables, self.optimizer)
-    state["seeds"] = [np.array(r.numpy()) for _, r in self._seeds]
-    return state
+    """The raw twin's state, in the same layout."""
+    return self._state(keras=False)
 
   def set_raw_state(self, state: dict) -> None:
-    from bnraw.models import keras_bridge
-    keras_bridge.set_raw_state(self.raw, self.optimizer, state)
-    for (_, target), value in zip(self._seeds, state.get("seeds", ())):
-      target.assign(value)
+    self._load(False, state)
 
   def set_keras_state(self, state: dict) -> None:
-    from bnraw.models import keras_bridge
-    keras_bridge.assign_all(self.kmodel.weights, state["weights"], "weights")
-    for group, values in zip(keras_bridge.optimizer_slots(self.kmodel.optimizer),
-                             state["slots"]):
-      keras_bridge.assign_all(group, values, "optimizer slots")
-    self.kmodel.optimizer.iterations.assign(state["iterations"])
-    keras_bridge.assign_loss_scale(self.kmodel.optimizer, state)
-    for (target, _), value in zip(self._seeds, state.get("seeds", ())):
-      target.assign(value)
+    self._load(True, state)
 
 
 def convert(kmodel, y: Optional[np.ndarray] = None, *, optimizer: bool = True) -> Twin:
@@ -249,15 +247,11 @@ def convert(kmodel, y: Optional[np.ndarray] = None, *, optimizer: bool = True) -
               output_activation=output_activation,
               loss_uses_logits=output_activation is not None,
               compute_dtype=kmodel.dtype_policy.compute_dtype)
-  twin = Twin(kmodel, raw, [(k, by_keras[id(k)]) for k in kmodel.weights], walk.seeds,
-              walk.keras_layers)
-  twin.metric_name = metric[0] if metric else None
+  twin = Twin(kmodel, raw, walk.seeds, metric[0] if metric else None)
   if optimizer:
     from bnraw.models import twin_optimizer
     twin.optimizer = twin_optimizer.raw_optimizer(kmodel.optimizer, raw.trainable_variables)
-    from bnraw.models import keras_bridge
-    state = keras_bridge.get_state(kmodel.weights, kmodel.optimizer)
-    keras_bridge.set_raw_state(raw, twin.optimizer, state)
+    twin.set_raw_state(twin.keras_state())
   return twin
 
 

@@ -1,5 +1,5 @@
-"""The raw twin of a user's Keras 3 optimizer (``bnraw.core.optim``), and the Keras optimizer's
-slots in the raw one's layout, so that state is copied by position.
+"""The raw twin of a user's Keras 3 optimizer (``bnraw.core.optim``), its slots in the Keras
+optimizer's layout (keras_bridge.optimizer_slots), so that state is copied by position.
 
 Supported: ``Adam`` (amsgrad too), ``AdamW``, ``SGD`` and ``RMSprop`` with a float learning
 rate, optionally with ``weight_decay`` and one of ``clipnorm``, ``global_clipnorm`` or
@@ -15,7 +15,6 @@ from typing import Sequence
 
 from bnraw.core import optim
 from bnraw.errors import UsageError
-from bnraw.models.keras_bridge import optimizer_slots
 
 SUPPORTED = "supported: Adam, AdamW, SGD, RMSprop"
 
@@ -86,9 +85,3 @@ def raw_optimizer(keras_optimizer, variables: Sequence):
                      **common)
   return optim.RMSprop(variables, rho=_number(opt, "rho"), momentum=_number(opt, "momentum"),
                        epsilon=_number(opt, "epsilon"), centered=bool(opt.centered), **common)
-
-
-def keras_slots(keras_optimizer) -> list[list]:
-  """The Keras optimizer's slot variables in the layout of its raw twin's ``slots`` (a loss
-  scale optimizer's: its inner optimizer's); the optimizer must be built."""
-  return optimizer_slots(keras_optimizer)

@@ -351,25 +351,10 @@ def _run_replicas(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
   keras_vars = [v.value for v in keras_bridge.model_weights(kmodel)]
 
-  def state(variables, opt):
-    slots = opt.slots if hasattr(opt, "slots") else keras_bridge.optimizer_slots(opt)
-    return {"weights": [c for v in variables for c in replicas.copies(v)],
-            "slots": [[np.array(s.numpy()) for s in group] for group in slots],
-            "iterations": int(np.asarray(opt.iterations.numpy()))}
-
-  def set_raw(value):
-    for i, v in enumerate(raw.variables):
-      replicas.assign_copies(v, value["weights"][i * n:(i + 1) * n])
-    for group, values in zip(optimizer.slots, value["slots"]):
-      keras_bridge.assign_all(group, values, "optimizer slots")
-    optimizer.iterations.assign(value["iterations"])
-
-  initial = state(raw.variables, optimizer)
-  for i, v in enumerate(keras_vars):
-    replicas.assign_copies(v, initial["weights"][i * n:(i + 1) * n])
-  for group, values in zip(keras_bridge.optimizer_slots(kmodel.optimizer),
-                           initial["slots"]):
-    keras_bridge.assign_all(group, values, "optimizer slots")
+  state = lambda variables, opt: keras_bridge.get_state(variables, opt, per_replica=True)
+  load = lambda variables, opt, value: keras_bridge.set_state(variables, opt, value,
+                                                              per_replica=True)
+  load(keras_vars, kmodel.optimizer, state(raw.variables, optimizer))
   step_fn = replicas.make_train_step(raw, optimizer, strategy, mode=mode)
 
   def run_group(group):
@@ -384,7 +369,8 @@ def _run_replicas(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
 
   names = [f"{v.name.split(':')[0]}@{r}" for v in raw.variables for r in range(n)]
   sides = Sides(raw, optimizer, kmodel, images, labels, one_hot,
-                raw_state=lambda: state(raw.variables, optimizer), set_raw_state=set_raw,
+                raw_state=lambda: state(raw.variables, optimizer),
+                set_raw_state=lambda value: load(raw.variables, optimizer, value),
                 keras_state=lambda: state(keras_vars, kmodel.optimizer), run_group=run_group,
                 names=names,
                 evaluate=lambda: replicas.evaluate(raw, strategy, images, labels,

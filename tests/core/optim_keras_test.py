@@ -9,7 +9,8 @@ from absl.testing import parameterized
 
 from bnraw.core import optim
 from bnraw.errors import UsageError
-from bnraw.models.twin_optimizer import keras_slots, raw_optimizer
+from bnraw.models.keras_bridge import optimizer_slots
+from bnraw.models.twin_optimizer import raw_optimizer
 
 O = keras.optimizers
 CASES = (
@@ -45,8 +46,8 @@ class OptimKerasTest(tf.test.TestCase, parameterized.TestCase):
     for i, (a, b) in enumerate(zip(raw_vars, keras_vars)):
       self.assertTrue(np.array_equal(a.numpy(), b.numpy()), f"step {step}: variable {i}")
     self.assertEqual([len(group) for group in raw_opt.slots],
-                     [len(group) for group in keras_slots(keras_opt)])
-    for g, (group_a, group_b) in enumerate(zip(raw_opt.slots, keras_slots(keras_opt))):
+                     [len(group) for group in optimizer_slots(keras_opt)])
+    for g, (group_a, group_b) in enumerate(zip(raw_opt.slots, optimizer_slots(keras_opt))):
       for i, (a, b) in enumerate(zip(group_a, group_b)):
         self.assertTrue(np.array_equal(a.numpy(), b.numpy()), f"step {step}: slot {g}.{i}")
     self.assertEqual(int(raw_opt.iterations.numpy()), int(keras_opt.iterations.numpy()))
