@@ -33,6 +33,14 @@ class Forward(NamedTuple):
   counts: list[tf.Tensor]
 
 
+class Node(NamedTuple):
+  """One call of a layer in a :class:`Graph`: the value ids it reads (0 is the model's input,
+  node k's output is value k + 1); several ids: a list argument (a merge layer)."""
+
+  layer: object
+  inputs: tuple[int, ...]
+
+
 class Model:
   """Layers in order; ``model(x, training=...)`` is Keras's ``model(x, training=...)``, state
   changes included."""
@@ -45,6 +53,9 @@ class Model:
     self.name, self.layers, self.l2 = name, list(layers), l2
     self.compute_dtype = tf.as_dtype(compute_dtype)
     self.batch_norms: list[BatchNorm] = [l for l in self.layers if isinstance(l, BatchNorm)]
+    # a chain: node k reads value k (the input, or layer k-1's output); Graph sets its own
+    self.nodes = [Node(layer, (k,)) for k, layer in enumerate(self.layers)]
+    self.output_activation: Optional[Callable] = None  # see Graph
 
   @property
   def variables(self) -> list[tf.Variable]:
@@ -80,16 +91,21 @@ class Model:
       if unknown:
         raise KeyError(f"no BN layer {sorted(unknown)}")
     used, counts = [], []
-    h = tf.cast(x, self.compute_dtype)  # Keras casts a model's float inputs to its policy
-    for layer in self.layers:
+    values = [tf.cast(x, self.compute_dtype)]  # Keras casts a model's float inputs to its policy
+    last = len(self.nodes) - 1
+    for k, (layer, inputs) in enumerate(self.nodes):
+      h = values[inputs[0]] if len(inputs) == 1 else [values[i] for i in inputs]
       if isinstance(layer, BatchNorm):
         out = layer(h, training=training, statistics=self._choice(statistics, layer), hook=hook)
         h = out.y
         used.append(out.statistics)
         counts.append(out.count)
+      elif k == last and self.output_activation is not None:  # the loss applies it
+        h = layer.preactivation(h, training=training)
       else:
         h = layer(h, training=training)
-    return Forward(h, used, counts)
+      values.append(h)
+    return Forward(values[-1], used, counts)
 
   def loss(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """What fit and evaluate report: cross-entropy (float32, :func:`ops.cross_entropy`), plus
@@ -107,14 +123,6 @@ class Model:
   def _choice(self, statistics: StatisticsChoice, layer: BatchNorm):
     return (statistics if statistics is None or isinstance(statistics, str)
             else statistics.get(layer.name))
-
-
-class Node(NamedTuple):
-  """One call of a layer in a :class:`Graph`: the value ids it reads (0 is the model's input,
-  node k's output is value k + 1); several ids: a list argument (a merge layer)."""
-
-  layer: object
-  inputs: tuple[int, ...]
 
 
 class Graph(Model):
@@ -157,29 +165,6 @@ class Graph(Model):
   @property
   def kernels(self) -> list[tf.Variable]:
     return [variable for variable, _ in self.regularizers]
-
-  def __call__(self, x: tf.Tensor, *, training: bool, statistics: StatisticsChoice = None,
-               hook: Optional[UpdateHook] = None) -> Forward:
-    if statistics is not None and not isinstance(statistics, str):
-      unknown = set(statistics) - {layer.name for layer in self.batch_norms}
-      if unknown:
-        raise KeyError(f"no BN layer {sorted(unknown)}")
-    used, counts = [], []
-    values = [tf.cast(x, self.compute_dtype)]
-    last = len(self.nodes) - 1
-    for k, (layer, inputs) in enumerate(self.nodes):
-      h = values[inputs[0]] if len(inputs) == 1 else [values[i] for i in inputs]
-      if isinstance(layer, BatchNorm):
-        out = layer(h, training=training, statistics=self._choice(statistics, layer), hook=hook)
-        h = out.y
-        used.append(out.statistics)
-        counts.append(out.count)
-      elif k == last and self.output_activation is not None:
-        h = layer.preactivation(h, training=training)
-      else:
-        h = layer(h, training=training)
-      values.append(h)
-    return Forward(values[-1], used, counts)
 
   def predictions(self, logits: tf.Tensor) -> tf.Tensor:
     """``y_pred``: the model's output from what the forward pass returned."""
