@@ -28,6 +28,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from bnraw.core.step import layers_finite
+
 
 def configure_devices(n: int) -> list[str]:
   """N devices for a MirroredStrategy: the first N GPUs, else the CPU split into N logical
@@ -106,10 +108,7 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *,
     gradients = tape.gradient(scaled, model.trainable_variables)
     gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
     optimizer.apply(gradients)
-    finite = tf.stack([
-        tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in
-                       (s.mean, s.variance, layer.moving_mean, layer.moving_variance)])
-        for s, layer in zip(out.statistics, model.batch_norms)])
+    finite = layers_finite(model, out.statistics)
     return {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)), "scaled_loss": scaled,
             "correct": model.correct(out.logits, y), "finite": finite,
             "batch_mean": [s.mean for s in out.statistics],
@@ -196,7 +195,7 @@ def fit(model, optimizer, strategy: tf.distribute.Strategy, images: np.ndarray,
       out = step(images[batch], labels[batch])
       if not (np.all(out["finite"]) and np.all(np.isfinite(out["loss"]))):
         raise FloatingPointError(f"non-finite value in epoch {epoch}")
-      sizes = [stop - start for start, stop in shard_bounds(len(batch), n)]
+      sizes = shard_sizes(len(batch), n)
       losses.update(out["loss"], sizes)
       metrics.add(out["correct"], sizes)
       history.last_statistics = [
@@ -213,13 +212,26 @@ def evaluate(model, strategy: tf.distribute.Strategy, images: np.ndarray, labels
              batch_size: int, mode: str) -> tuple[float, float]:
   """``model.evaluate`` under the strategy (each shard normalised with its replica's copy):
   loss and metric, averaged as :class:`ReplicaMeans`."""
-  step = make_eval_step(model, strategy, mode=mode)
-  n = strategy.num_replicas_in_sync
+  from bnraw.core.loop import batches
+  return mean_over_batches(make_eval_step(model, strategy, mode=mode), images, labels,
+                           batches(np.arange(len(images)), batch_size),
+                           strategy.num_replicas_in_sync)
+
+
+def shard_sizes(batch: int, n: int) -> list[int]:
+  """Each replica's number of examples of a global batch (:func:`shard_bounds`)."""
+  return [stop - start for start, stop in shard_bounds(batch, n)]
+
+
+def mean_over_batches(step: Callable, images: np.ndarray, labels: np.ndarray,
+                      chunks, n: int) -> tuple[float, float]:
+  """``step`` (a per-replica loss and metric step) over the batches ``chunks`` (example
+  indices), its loss and metric averaged as fit and evaluate average them under a strategy
+  (:class:`ReplicaMeans`)."""
   losses, metrics = ReplicaMeans(n), ReplicaMeans(n)
-  for start in range(0, len(images), batch_size):
-    size = min(batch_size, len(images) - start)
-    out = step(images[start:start + size], labels[start:start + size])
-    sizes = [stop - begin for begin, stop in shard_bounds(size, n)]
+  for batch in chunks:
+    out = step(images[batch], labels[batch])
+    sizes = shard_sizes(len(batch), n)
     losses.update(out["loss"], sizes)
     metrics.add(out["correct"], sizes)
   return losses.result(), metrics.result()
@@ -253,4 +265,5 @@ class ReplicaMeans:
 
 __all__ = ["ReplicaMeans", "assign_copies", "configure_devices", "copies", "distribute", "local",
            "evaluate", "fit", "History", "make_eval_step", "make_train_branch_step",
-           "make_train_step", "shard_bounds", "strategy_for"]
+           "make_train_step", "mean_over_batches", "shard_bounds", "shard_sizes",
+           "strategy_for"]

@@ -91,17 +91,12 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
                                                forward_loss)
   moving = [layer.moving for layer in raw.batch_norms]
   precise = raw_population_statistics(raw, images, batch_size)
-  branch = replicas.make_train_branch_step(raw, strategy, mode=mode)
-  losses_mean, metric_mean = replicas.ReplicaMeans(n), replicas.ReplicaMeans(n)
-  for batch in dg.batch_chunks(len(images), batch_size, history.permutations[-1]):
-    out = branch(images[batch], labels[batch])
-    sizes = [stop - start for start, stop in replicas.shard_bounds(len(batch), n)]
-    losses_mean.update(out["loss"], sizes)
-    metric_mean.add(out["correct"], sizes)
   saved = loss(per_layer(moving))
   results = {
       "fit": (history.loss[-1], history.accuracy[-1]),
-      "train_mode_final": (losses_mean.result(), metric_mean.result()),
+      "train_mode_final": replicas.mean_over_batches(
+          replicas.make_train_branch_step(raw, strategy, mode=mode), images, labels,
+          dg.batch_chunks(len(images), batch_size, history.permutations[-1]), n),
       "precise_bn": loss(per_layer(precise)),
       "last_batch_stats": loss(per_layer(history.last_statistics[0])),
       "no_bessel": saved,  # no Bessel factor with replicas (refused)
