@@ -327,7 +327,19 @@ class Dense(_Activated):
     return y
 
 
-class _Conv(_Activated):
+class _Strided(_Activated):
+  """What the convolutions share: strides, padding, dilation, and the bias added as Keras adds
+  it (:func:`ops.add_bias`)."""
+
+  def _setup(self, strides, padding, dilation_rate):
+    self.strides, self.dilation_rate = tuple(strides), tuple(dilation_rate)
+    self.padding = padding
+
+  def _add_bias(self, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    return y if self.bias is None else ops.add_bias(y, _autocast(self.bias, x))
+
+
+class _Conv(_Strided):
   """Keras's ``Conv1D``/``Conv2D`` (``BaseConv.call``): :func:`convolution`, the bias reshaped
   to ``(1, ..., 1, C)`` and added (:func:`ops.add_bias`), the activation. ``kernel:
   [*kernel_size, Cin / groups, Cout]``."""
@@ -340,8 +352,7 @@ class _Conv(_Activated):
     super().__init__(name, activation, compute_dtype=compute_dtype)
     made = self._weights({"kernel": kernel, "bias": bias}, paths, trainable)
     self.kernel, self.bias = made["kernel"], made.get("bias")
-    self.strides, self.dilation_rate = tuple(strides), tuple(dilation_rate)
-    self.padding = padding
+    self._setup(strides, padding, dilation_rate)
 
   def _linear(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
     del training
@@ -351,9 +362,7 @@ class _Conv(_Activated):
       x = tf.pad(x, tf.convert_to_tensor([[0, 0], [left, 0], [0, 0]], tf.int32), "CONSTANT")
       padding = "valid"
     y = convolution(x, _autocast(self.kernel, x), self.strides, padding, self.dilation_rate)
-    if self.bias is not None:
-      y = ops.add_bias(y, _autocast(self.bias, x))
-    return y
+    return self._add_bias(y, x)
 
 
 class Conv1D(_Conv):
@@ -369,31 +378,10 @@ class Conv2D(_Conv):
   """``[N, H, W, Cin] -> [N, H', W', Cout]``; ``padding`` "valid" or "same"."""
 
 
-class _DepthwiseBase(_Activated):
-  """Shared by the depthwise and separable convolutions."""
-
-  def _setup(self, strides, padding, dilation_rate):
-    self.strides, self.dilation_rate = tuple(strides), tuple(dilation_rate)
-    self.padding = padding
-
-  def _add_bias(self, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    return y if self.bias is None else ops.add_bias(y, _autocast(self.bias, x))
-
-
-class DepthwiseConv(_DepthwiseBase):
+class DepthwiseConv(_Conv):
   """Keras's ``DepthwiseConv1D``/``DepthwiseConv2D``: :func:`depthwise_convolution`, bias,
   activation. ``kernel: [*kernel_size, Cin, depth_multiplier]`` (Keras's variable "kernel"),
-  ``bias: [Cin * depth_multiplier]``."""
-
-  def __init__(self, name: str, kernel: Value, bias: Optional[Value] = None, *,
-               strides: Sequence[int] = (1, 1), padding: str = "valid",
-               dilation_rate: Sequence[int] = (1, 1), activation: str = "linear",
-               trainable: bool = True, compute_dtype: tf.DType = tf.float32,
-               paths: Optional[Sequence[str]] = None):
-    super().__init__(name, activation, compute_dtype=compute_dtype)
-    made = self._weights({"kernel": kernel, "bias": bias}, paths, trainable)
-    self.kernel, self.bias = made["kernel"], made.get("bias")
-    self._setup(strides, padding, dilation_rate)
+  ``bias: [Cin * depth_multiplier]``; the constructor is the convolution's."""
 
   def _linear(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
     del training
@@ -402,7 +390,7 @@ class DepthwiseConv(_DepthwiseBase):
     return self._add_bias(y, x)
 
 
-class SeparableConv(_DepthwiseBase):
+class SeparableConv(_Strided):
   """Keras's ``SeparableConv1D``/``SeparableConv2D``: :func:`depthwise_convolution` with the
   pointwise kernel, bias, activation. ``depthwise_kernel: [*kernel_size, Cin, multiplier]``,
   ``pointwise_kernel: [1, ..., Cin * multiplier, Cout]``, ``bias: [Cout]``."""

@@ -172,12 +172,17 @@ def binary_crossentropy_values(y_true: tf.Tensor, y_pred: tf.Tensor,
   return keras_mean(bce, -1)
 
 
+def _aligned(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """The regression losses' start (losses.py ``mean_squared_error`` ...): ``y_true`` in
+  ``y_pred``'s dtype, then the ranks squeezed or expanded to match."""
+  return squeeze_or_expand_to_same_rank(tf.cast(y_true, y_pred.dtype), y_pred)
+
+
 def mean_squared_error_values(y_true: tf.Tensor, y_pred: tf.Tensor,
                               logits: Optional[tf.Tensor] = None) -> tf.Tensor:
   """``mean((y_true - y_pred)^2)`` over the last axis, ``y_true`` in ``y_pred``'s dtype."""
   del logits
-  y_true = tf.cast(y_true, y_pred.dtype)
-  y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
+  y_true, y_pred = _aligned(y_true, y_pred)
   return keras_mean(tf.square(y_true - y_pred), -1)
 
 
@@ -185,8 +190,7 @@ def mean_absolute_error_values(y_true: tf.Tensor, y_pred: tf.Tensor,
                                logits: Optional[tf.Tensor] = None) -> tf.Tensor:
   """``mean(|y_true - y_pred|)`` over the last axis, ``y_true`` in ``y_pred``'s dtype."""
   del logits
-  y_true = tf.cast(y_true, y_pred.dtype)
-  y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
+  y_true, y_pred = _aligned(y_true, y_pred)
   return keras_mean(tf.abs(y_true - y_pred), -1)
 
 
@@ -195,8 +199,7 @@ def huber_values(y_true: tf.Tensor, y_pred: tf.Tensor, logits: Optional[tf.Tenso
   """Huber loss over the last axis: ``0.5 e^2`` where ``|e| <= delta``, else
   ``delta |e| - 0.5 delta^2``, for ``e = y_pred - y_true``."""
   del logits
-  y_true = tf.cast(y_true, y_pred.dtype)
-  y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
+  y_true, y_pred = _aligned(y_true, y_pred)
   delta = tf.convert_to_tensor(delta, dtype=y_pred.dtype)
   error = tf.subtract(y_pred, y_true)
   abs_error = tf.abs(error)
