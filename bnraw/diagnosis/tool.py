@@ -23,7 +23,7 @@ from bnraw.diagnosis import board as diagnosis_board
 from bnraw.diagnosis import decompose as dg
 from bnraw.diagnosis.precise_bn import keras_bn_layers, set_keras_moving_statistics
 from bnraw.errors import UsageError
-from bnraw.models import keras_bridge, seed
+from bnraw.models import keras_bridge, seed, user
 from bnraw.models.user import KERAS_FIT_BATCH_SIZE
 from bnraw.progress import EpochProgress
 
@@ -283,15 +283,18 @@ def _fix_keras(kmodel, precise, x, y, batch_size: int, out_dir: str) -> dict:
   for layer, stats in zip(keras_bn_layers(kmodel), precise):
     set_keras_moving_statistics(layer, stats)
   loss, accuracy = dg.keras_loss(kmodel, x, y, batch_size, training=False)
-  path = os.path.join(out_dir, "fixed.keras")
-  tmp = os.path.join(out_dir, ".tmp-fixed.keras")
-  kmodel.save(tmp)
-  os.replace(tmp, path)
   return {"method": "precise_bn", "evaluate": {"loss": loss, "accuracy": accuracy},
-          "saved": path}
+          "saved": user.save_model(kmodel, os.path.join(out_dir, "fixed.keras"))}
 
 
 DROPOUT_SEED = 0  # the noise layers' seed for the dropout part: the same masks on every run
+
+
+def _dropout_block(layers: list, with_noise: float, result: dict) -> dict:
+  """The ``dropout`` paragraph: the training branch with the noise layers on, and how far it is
+  from ``train_mode_final`` (which runs without them)."""
+  return {"layers": layers, "train_mode_with_dropout": with_noise,
+          "effect": with_noise - result["losses"]["train_mode_final"]}
 
 
 def _raw_dropout_part(model, images, labels, batch_size: int, order) -> float:
@@ -353,10 +356,9 @@ def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: st
   if raw.state_variables:  # dropout: what it adds to the training branch, apart from BN
     with_noise = _raw_dropout_part(raw, images, labels, train.batch_size,
                                    history.permutations[-1])
-    result["dropout"] = {"layers": [layer.name for layer in raw.layers
-                                    if getattr(layer, "state_variables", ())],
-                         "train_mode_with_dropout": with_noise,
-                         "effect": with_noise - result["losses"]["train_mode_final"]}
+    result["dropout"] = _dropout_block(
+        [layer.name for layer in raw.layers if getattr(layer, "state_variables", ())],
+        with_noise, result)
   title = (f"{model_path} on {data_path}, raw twin trained {train.epochs} more epochs, batch "
            f"{train.batch_size} ({mode})")
   if tensorboard:
@@ -390,7 +392,6 @@ def run_keras_model(model_path: str, data_path: str, *, batch_size: Optional[int
   ``precise_bn`` and the per-layer split (the rest needs the training history); with
   ``tensorboard`` also as TensorBoard charts, text and images. ``batch_size`` None: Keras
   ``fit``'s default, 32 (capped at the number of examples)."""
-  from bnraw.models import user
   if fix not in (None, "precise_bn"):
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
   given = batch_size is not None
@@ -412,8 +413,7 @@ def run_keras_model(model_path: str, data_path: str, *, batch_size: Optional[int
   if noise:  # what dropout adds to the training branch, apart from BN
     with_noise = dg.keras_loss(seeded_clone(kmodel, DROPOUT_SEED), x, y, batch_size,
                                training=True, order=shuffled)[0]
-    result["dropout"] = {"layers": noise, "train_mode_with_dropout": with_noise,
-                         "effect": with_noise - result["losses"]["train_mode_final"]}
+    result["dropout"] = _dropout_block(noise, with_noise, result)
   # frozen layers ran their inference branch in fit: PreciseBN and the fix keep their statistics
   result["frozen"] = [layer.name for layer in keras_bn_layers(kmodel) if not layer.trainable]
   policy = next((layer.dtype_policy.name for layer in kmodel.layers

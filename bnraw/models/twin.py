@@ -303,12 +303,9 @@ def record(model_path: str, data_path: str, train, **options) -> dict:
 def save_trained(twin: Twin, path: str) -> str:
   """Writes the user's Keras model holding the twin's whole state (weights, statistics,
   optimizer slots and iterations, seed states) to ``path`` (atomically); returns the path."""
+  from bnraw.models import user
   twin.set_keras_state(twin.raw_state())  # weights, statistics, optimizer state and seeds
-  kmodel = twin.kmodel
-  tmp = path + ".tmp.keras"
-  kmodel.save(tmp)
-  os.replace(tmp, path)
-  return path
+  return user.save_model(twin.kmodel, path)
 
 
 __all__ = ["Parts", "Twin", "check_train", "convert", "penalty", "raw_batch_norm", "record",

@@ -62,6 +62,14 @@ def load_keras_model(path: str, *, nested_bn: bool = False):
   return model
 
 
+def save_model(model, path: str) -> str:
+  """``model.save(path)``, complete or absent (a temporary file, then a rename); returns it."""
+  tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.path.basename(path)}")
+  model.save(tmp)
+  os.replace(tmp, path)
+  return path
+
+
 def all_layers(model):
   """Every layer of ``model``, nested models' layers included."""
   for layer in model.layers:
