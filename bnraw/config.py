@@ -128,11 +128,15 @@ def normalized(saved: dict) -> dict:
   return record(data, model, train, **options)
 
 
+def from_values(cls, values: dict):
+  """A config of class ``cls`` from its stored (JSON) values: lists back to tuples, settings
+  this version does not know dropped, missing ones at their defaults."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+                if k in fields})
+
+
 def from_record(saved: dict) -> tuple[DataConfig, ModelConfig, TrainConfig, dict]:
   """The inverse of :func:`record`: the configs a stored run was made with, and its options."""
-  def build(cls, values):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
-                  if k in fields})
-  return (*(build(cls, saved[name]) for name, cls in SECTIONS.items()),
+  return (*(from_values(cls, saved[name]) for name, cls in SECTIONS.items()),
           dict(saved.get("options", {})))

@@ -170,12 +170,16 @@ def check_keras_model_setup(*, resume: bool = False) -> None:
   check_outputs(resume=resume)
 
 
+def keras_fit_batch_size() -> int:
+  """--batch_size for a user's model: as given, else Keras fit's default (32)."""
+  from bnraw.models.user import KERAS_FIT_BATCH_SIZE
+  return FLAGS.batch_size if FLAGS["batch_size"].present else KERAS_FIT_BATCH_SIZE
+
+
 def twin_train_config() -> TrainConfig:
   """The loop's flags for a user's model: --batch_size and --epochs default to Keras fit's
   (32 and 1)."""
-  from bnraw.models.user import KERAS_FIT_BATCH_SIZE
-  return TrainConfig(batch_size=(FLAGS.batch_size if FLAGS["batch_size"].present
-                                 else KERAS_FIT_BATCH_SIZE),
+  return TrainConfig(batch_size=keras_fit_batch_size(),
                      epochs=FLAGS.epochs if FLAGS["epochs"].present else 1, seed=FLAGS.seed,
                      mode=FLAGS.mode, steps_per_execution=FLAGS.steps_per_execution)
 

@@ -99,10 +99,8 @@ def check(argv):
 def main(argv):
   from bnraw import profiling
   if FLAGS.keras_model:
-    from bnraw.models.user import KERAS_FIT_BATCH_SIZE
     result = profiling.run_keras_model(
-        FLAGS.keras_model, FLAGS.data,
-        batch_size=FLAGS.batch_size if FLAGS["batch_size"].present else KERAS_FIT_BATCH_SIZE,
+        FLAGS.keras_model, FLAGS.data, batch_size=common.keras_fit_batch_size(),
         steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
         raw_modes=FLAGS.raw_modes if FLAGS["raw_modes"].present else ["function", "xla"],
         keras_jit=([v == "true" for v in FLAGS.keras_jit] if FLAGS["keras_jit"].present

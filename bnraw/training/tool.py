@@ -213,8 +213,7 @@ def resume(out_dir: str, *, epochs: Optional[int] = None, **kwargs) -> dict:
   from bnraw.training.checkpoint import read_state
   saved = read_state(out_dir)["config"]
   if "keras_model" in saved:  # a user's model's run
-    train = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in saved["train"].items()})
+    train = configs.from_values(TrainConfig, saved["train"])
     data = model = None
     kwargs.setdefault("keras_model", (saved["keras_model"]["path"], saved["data"]["path"]))
     options = dict(saved.get("options", {}))

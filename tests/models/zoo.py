@@ -81,8 +81,9 @@ def frozen_bn(keras, rng):
   base = keras.Sequential([keras.Input((6, 6, 3)), L.Conv2D(4, 3, name="conv"),
                            L.BatchNormalization(name="bn"), L.ReLU(),
                            L.GlobalAveragePooling2D()], name="base")
-  base.layers[1].moving_mean.assign(np.linspace(-0.5, 0.5, 4).astype(np.float32))
-  base.layers[1].moving_variance.assign(np.linspace(0.5, 2.0, 4).astype(np.float32))
+  gamma, beta, _, _ = base.layers[1].get_weights()  # statistics a pretrained base would carry
+  base.layers[1].set_weights([gamma, beta, np.linspace(-0.5, 0.5, 4).astype(np.float32),
+                              np.linspace(0.5, 2.0, 4).astype(np.float32)])
   base.trainable = False
   inp = keras.Input((6, 6, 3))
   h = L.BatchNormalization(name="head_bn")(L.Dense(5, name="fc")(base(inp)))
