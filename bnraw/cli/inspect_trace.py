@@ -3,6 +3,7 @@
   bnraw-train --trace --epochs=50 --out_dir=runs/t
   bnraw-inspect --run_dir=runs/t --layer=bn_3 --step=41
   bnraw-inspect --run_dir=runs/t --where=max_amplification --above=100
+  bnraw-inspect --run_dir=runs/r2 --layer=bn_3 --step=41 --replica=1   (a --replicas run)
 
 The second form prints, per layer (or for --layer), the first step at which the per-step summary
 exceeds the value (summaries: mean_gap, variance_gap, min_batch_variance, max_amplification).
@@ -21,6 +22,9 @@ flags.DEFINE_enum("where", None, ["mean_gap", "variance_gap", "min_batch_varianc
                                   "max_amplification"], "Find the first step where this "
                   "summary exceeds --above.")
 flags.DEFINE_float("above", None, "Threshold for --where.")
+flags.DEFINE_integer("replica", None, "A run on several replicas (--replicas): whose copy of "
+                     "the statistics (0-based). With --where: only that replica's (default: "
+                     "any replica's).", lower_bound=0)
 flags.DEFINE_integer("channels", 6, "How many channels to print per array.", lower_bound=1)
 flags.mark_flag_as_required("run_dir")
 FLAGS = flags.FLAGS
@@ -47,16 +51,21 @@ def main(argv):
   trace = Trace.load(path)
   if FLAGS.layer is not None and FLAGS.layer not in trace.layers:
     raise UsageError("layer", f"no layer {FLAGS.layer!r}; layers: {', '.join(trace.layers)}")
+  if FLAGS.replica is not None or (trace.replicas is not None and not FLAGS.where):
+    try:
+      trace.check_replica(FLAGS.replica)
+    except ValueError as e:
+      raise UsageError("replica", str(e)) from None
   if FLAGS.where:
     for layer in [FLAGS.layer] if FLAGS.layer else trace.layers:
-      step = trace.first_step_where(layer, FLAGS.where, FLAGS.above)
+      step = trace.first_step_where(layer, FLAGS.where, FLAGS.above, FLAGS.replica)
       print(f"{layer}: {FLAGS.where} > {FLAGS.above:g} first at step "
             f"{'never' if step is None else step}")
     return
   if FLAGS.step not in set(trace.steps.tolist()):
     raise UsageError("step", f"{FLAGS.step} is not in the trace (steps "
                      f"{trace.steps.min()}..{trace.steps.max()})")
-  print(describe(trace, FLAGS.layer, FLAGS.step, FLAGS.channels))
+  print(describe(trace, FLAGS.layer, FLAGS.step, FLAGS.channels, FLAGS.replica))
 
 
 def console():

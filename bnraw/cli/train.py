@@ -15,6 +15,7 @@ from absl import flags
 
 from bnraw.cli import app
 from bnraw.cli import flags as common
+from bnraw.errors import UsageError
 
 common.define_common_flags(out_dir="runs/train", trace=True)
 flags.DEFINE_string("break_at", None, "LAYER:STEP, e.g. bn_3:41: stop in the Python debugger "
@@ -33,9 +34,11 @@ def check(argv):
   if FLAGS.keras_model:
     common.check_keras_model_setup(resume=FLAGS.resume)
   else:
-    common.check_seed_setup(resume=FLAGS.resume)
+    common.check_seed_setup(resume=FLAGS.resume, replicas=True)
   if FLAGS.break_at:
     common.parse_break_at(FLAGS.break_at)
+    if FLAGS.replicas > 1:
+      raise UsageError("break_at", "stops one device's step; runs with --replicas=1")
 
 
 def main(argv):

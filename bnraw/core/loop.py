@@ -18,24 +18,43 @@ from bnraw.core.step import make_eval_step, make_multi_step, make_train_step, re
 
 
 class MeanTracker:
-  """Keras's ``Mean`` metric in float32: ``total += value * weight; count += weight``."""
+  """Keras's ``Mean`` metric in float32: ``total += value * weight; count += weight``.
 
-  def __init__(self, total: float = 0.0, count: float = 0.0):
-    self.total = np.float32(total)
-    self.count = np.float32(count)
+  On N replicas each replica's metric keeps its own (total, count) and adds its own shard; the
+  result reads them as Keras's SUM-on-read variables: ``sum(totals) / sum(counts)``. One
+  replica is the one-device metric exactly (``0 + total`` is ``total``)."""
 
-  def update(self, value, weight: int) -> None:
-    self.total = np.float32(self.total + np.float32(value) * np.float32(weight))
-    self.count = np.float32(self.count + np.float32(weight))
+  def __init__(self, total=0.0, count=0.0, *, replicas: int = 1):
+    if np.ndim(total):  # a saved state of several replicas (:meth:`state`)
+      replicas = len(total)
+    self.totals = [np.float32(t) for t in np.broadcast_to(total, [replicas])]
+    self.counts = [np.float32(c) for c in np.broadcast_to(count, [replicas])]
 
-  def add(self, total, count: int) -> None:
-    """A metric's own update (``total += sum(values); count += size``): ``total`` already summed
-    over ``count`` examples."""
-    self.total = np.float32(self.total + np.float32(total))
-    self.count = np.float32(self.count + np.float32(count))
+  def update(self, values, weights) -> None:
+    """Each replica's mean ``values[r]`` over its ``weights[r]`` examples (or one scalar each)."""
+    for r, (value, weight) in enumerate(zip(np.atleast_1d(values), np.atleast_1d(weights))):
+      self.totals[r] = np.float32(self.totals[r] + np.float32(value) * np.float32(weight))
+      self.counts[r] = np.float32(self.counts[r] + np.float32(weight))
+
+  def add(self, totals, counts) -> None:
+    """A metric's own update (``total += sum(values); count += size``): each ``totals[r]``
+    already summed over ``counts[r]`` examples (or one scalar each)."""
+    for r, (total, count) in enumerate(zip(np.atleast_1d(totals), np.atleast_1d(counts))):
+      self.totals[r] = np.float32(self.totals[r] + np.float32(total))
+      self.counts[r] = np.float32(self.counts[r] + np.float32(count))
 
   def result(self) -> float:
-    return float(self.total / self.count) if self.count else 0.0
+    total = np.float32(0)
+    for t in self.totals:
+      total = np.float32(total + t)
+    count = np.float32(sum(self.counts))
+    return float(total / count) if count else 0.0
+
+  def state(self) -> tuple:
+    """``(total, count)`` as floats (one replica) or lists (several), for :class:`FitState`."""
+    if len(self.totals) == 1:
+      return float(self.totals[0]), float(self.counts[0])
+    return [float(t) for t in self.totals], [float(c) for c in self.counts]
 
 
 def epoch_orders(seed: int, n: int):
@@ -51,6 +70,19 @@ def sorted_within_batches(order: np.ndarray, labels: np.ndarray,
   replicas, each shard then holds a band of labels (non-iid shards)."""
   return np.concatenate([chunk[np.argsort(labels[chunk], kind="stable")]
                          for chunk in batches(np.asarray(order), batch_size)])
+
+
+def shard_bounds(batch: int, n: int) -> list[tuple[int, int]]:
+  """Each replica's contiguous ``[start, stop)`` of a global batch of ``batch`` examples, as
+  Keras's distributed dataset cuts it (measured): ``ceil(batch / n)`` to each replica in turn,
+  the rest to the next, none after (10 over 4: 3, 3, 3, 1; 3 over 4: 1, 1, 1, 0)."""
+  per = -(-batch // n)
+  return [(min(r * per, batch), min((r + 1) * per, batch)) for r in range(n)]
+
+
+def shard_sizes(batch: int, n: int) -> list[int]:
+  """Each replica's number of examples of a global batch (:func:`shard_bounds`)."""
+  return [stop - start for start, stop in shard_bounds(batch, n)]
 
 
 def steps_per_epoch(examples: int, batch_size: int) -> int:
@@ -127,7 +159,9 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
         on_epoch: Optional[Callable[[int, History], None]] = None,
         hook: Optional[UpdateHook] = None, hook_step: Optional[int] = None,
         resume: Optional[FitState] = None, should_stop: Optional[Callable[[], bool]] = None,
-        step_fn: Optional[Callable] = None, steps_per_execution: int = 1) -> History:
+        step_fn: Optional[Callable] = None, steps_per_execution: int = 1,
+        strategy: Optional[tf.distribute.Strategy] = None,
+        sorted_shards: bool = False) -> History:
   """Trains until ``epochs`` epochs are done, reshuffling every epoch from
   ``np.random.default_rng(seed)``; or continues from ``resume``.
 
@@ -143,6 +177,10 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   (:func:`run_chunk`: one compiled call per batch size; as Keras, never across epochs), their
   per-step outputs returned stacked, so ``on_step`` still sees every step; ``should_stop`` is
   asked after each execution, and the hook's step always runs alone.
+  ``strategy``: the replicated step (bnraw.core.replicas) on its N replicas, every output per
+  replica (the trace ``[N, C]`` per layer), the epoch means per replica (:class:`MeanTracker`);
+  ``on_step`` gets the global batch's loss and accuracy. ``sorted_shards``: each batch sorted
+  by label before it is split (:func:`sorted_within_batches`, non-iid shards).
   """
   if (hook is None) != (hook_step is None):
     raise ValueError("hook and hook_step go together: the hook runs at that one step")
@@ -150,6 +188,13 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
     raise ValueError(f"steps_per_execution must be >= 1, got {steps_per_execution}")
   relax = relaxed_batch(len(images), batch_size)
   tuning = None
+  n = 1 if strategy is None else strategy.num_replicas_in_sync
+  if strategy is not None:
+    from bnraw.core import replicas
+    if hook is not None or steps_per_execution > 1 or mode not in ("function", "xla", "eager"):
+      raise ValueError("replicas run one step per call, in a fixed mode, without a hook")
+    step_fn = step_fn or replicas.make_train_step(model, optimizer, strategy, mode=mode,
+                                                  trace=trace)
   if step_fn is None and mode == "auto":  # measured here, on this state (which it puts back)
     from bnraw.core import autotune
     choice = autotune.choose(model, optimizer, images, labels, mode=mode,
@@ -170,9 +215,15 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   started = time.perf_counter()
   for epoch in range(state.epoch, epochs):
     resuming = state.order is not None and epoch == state.epoch
-    order = np.asarray(state.order) if resuming else rng.permutation(len(images))
-    loss_mean = MeanTracker(*state.loss_mean) if resuming else MeanTracker()
-    accuracy_mean = MeanTracker(*state.accuracy_mean) if resuming else MeanTracker()
+    if resuming:
+      order = np.asarray(state.order)
+    else:
+      order = rng.permutation(len(images))
+      if sorted_shards:
+        order = sorted_within_batches(order, labels, batch_size)
+    loss_mean = MeanTracker(*state.loss_mean) if resuming else MeanTracker(replicas=n)
+    accuracy_mean = (MeanTracker(*state.accuracy_mean) if resuming else
+                     MeanTracker(replicas=n))
     first = state.next_batch if resuming else 0
     history.permutations.append(order)
     epoch_batches = batches(order, batch_size)
@@ -181,20 +232,25 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
       chunk = _chunk(epoch_batches, number, global_step, steps_per_execution, hook_step)
       run_step = debug_fn if debug_fn is not None and global_step == hook_step else step_fn
       for batch, out in zip(chunk, run_chunk(run_step, multi_fn, x, y, chunk)):
-        loss, correct, finite = float(out["loss"]), float(out["correct"]), out["finite"]
-        if not finite.all() or not np.isfinite(loss):
+        losses, correct = np.reshape(out["loss"], [n]), np.reshape(out["correct"], [n])
+        finite = np.reshape(out["finite"], [n, -1]).all(axis=0)
+        if not finite.all() or not np.isfinite(losses).all():
           where = (model.batch_norms[int(np.argmin(finite))].name if not finite.all()
                    else "the loss")
           history.status, history.error = "non_finite", NonFiniteError(global_step, where)
           history.seconds = time.perf_counter() - started
           return history
-        loss_mean.update(loss, len(batch))
-        accuracy_mean.add(correct, len(batch))
+        sizes = shard_sizes(len(batch), n)
+        loss_mean.update(losses, sizes)
+        accuracy_mean.add(correct, sizes)
+        # the global batch's loss (one device: exactly the step's)
+        loss = float(losses[0] if n == 1 else np.dot(losses.astype(np.float64), sizes) /
+                     len(batch))
         scaled = "skipped" in out
         if scaled and out["skipped"]:
           history.skipped.append(global_step)
         if on_step is not None:
-          on_step(StepRecord(epoch, global_step, batch, loss, correct / len(batch),
+          on_step(StepRecord(epoch, global_step, batch, loss, float(correct.sum()) / len(batch),
                              out["trace"] if trace else None,
                              float(out["loss_scale"]) if scaled else None,
                              bool(out["skipped"]) if scaled else None))
@@ -202,8 +258,8 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
       number += len(chunk)
       if should_stop is not None and should_stop():
         history.state = state = FitState(
-            epoch, number, order.tolist(), (float(loss_mean.total), float(loss_mean.count)),
-            (float(accuracy_mean.total), float(accuracy_mean.count)), rng.bit_generator.state,
+            epoch, number, order.tolist(), loss_mean.state(), accuracy_mean.state(),
+            rng.bit_generator.state,
             list(history.loss), list(history.accuracy))
         history.status = "interrupted"
         history.seconds = time.perf_counter() - started
@@ -231,7 +287,7 @@ def run_chunk(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor, y: 
       end += 1
     outs += _run_one_size(step_fn, multi_fn, x, y, chunk[start:end])
     last = outs[-1]
-    if not (np.all(last["finite"]) and np.isfinite(last["loss"])):
+    if not (np.all(last["finite"]) and np.all(np.isfinite(last["loss"]))):
       break
     start = end
   return outs
@@ -241,7 +297,7 @@ def _run_one_size(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor,
                   chunk: list[np.ndarray]) -> list[dict]:
   if len(chunk) == 1:
     index = tf.constant(chunk[0])
-    return [tf.nest.map_structure(lambda t: t.numpy(),
+    return [tf.nest.map_structure(np.asarray,
                                   step_fn(tf.gather(x, index), tf.gather(y, index)))]
   index = tf.constant(np.concatenate(chunk))
   shape = (len(chunk), len(chunk[0]))

@@ -15,7 +15,7 @@ losses/loss.py), and verified bit for bit against it:
   copy of the weights, which therefore stay identical;
 * the reported loss is the scaled loss times ``N`` (``unscale_loss_for_distribution``), and
   ``fit``'s epoch loss adds each replica's ``loss * shard size`` into that replica's own total:
-  ``sum(totals) / sum(counts)`` (:class:`ReplicaMeans`).
+  ``sum(totals) / sum(counts)`` (:class:`bnraw.core.loop.MeanTracker`).
 
 Logical devices: N GPUs when there are that many, otherwise the CPU split into N logical devices
 (:func:`configure_devices`, before TensorFlow initialises its devices).
@@ -23,12 +23,14 @@ Logical devices: N GPUs when there are that many, otherwise the CPU split into N
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from bnraw.core.step import layers_finite
+from bnraw.core.layers import BATCH
+from bnraw.core.loop import MeanTracker, batches, shard_bounds, shard_sizes
+from bnraw.core.step import TRACE_KEYS, layers_finite, moving_statistics
 
 
 def configure_devices(n: int) -> list[str]:
@@ -50,24 +52,11 @@ def strategy_for(n: int) -> tf.distribute.Strategy:
   return tf.distribute.MirroredStrategy(configure_devices(n))
 
 
-def shard_bounds(batch: int, n: int) -> list[tuple[int, int]]:
-  """Each replica's contiguous ``[start, stop)`` of a global batch of ``batch`` examples, as
-  Keras's distributed dataset cuts it (measured): ``ceil(batch / n)`` to each replica in turn,
-  the rest to the next, none after (10 over 4: 3, 3, 3, 1; 3 over 4: 1, 1, 1, 0)."""
-  per = -(-batch // n)
-  return [(min(r * per, batch), min((r + 1) * per, batch)) for r in range(n)]
-
-
 def distribute(strategy: tf.distribute.Strategy, array: np.ndarray):
   """``array`` (one global batch) as per-replica values, contiguous shards in replica order."""
   bounds = shard_bounds(len(array), strategy.num_replicas_in_sync)
   return strategy.experimental_distribute_values_from_function(
       lambda context: tf.constant(array[slice(*bounds[context.replica_id_in_sync_group])]))
-
-
-def local(strategy: tf.distribute.Strategy, value) -> list:
-  """Each replica's part of a per-replica value, in replica order, as numpy."""
-  return [np.asarray(v) for v in strategy.experimental_local_results(value)]
 
 
 def copies(variable) -> list[np.ndarray]:
@@ -76,6 +65,52 @@ def copies(variable) -> list[np.ndarray]:
   if parts is None or callable(parts):
     return [np.array(variable.numpy())]
   return [np.array(part.numpy()) for part in parts]
+
+
+def gathered_copies(strategy: tf.distribute.Strategy, variables: Sequence) -> list[np.ndarray]:
+  """Per variable ``[N, ...]``: every replica's copy, all-gathered in one call, so that every
+  worker of a multi-worker strategy holds them all (every worker must call it: a collective)."""
+  def gather():
+    context = tf.distribute.get_replica_context()
+    return [context.all_gather(tf.identity(v)[None], axis=0) for v in variables]
+  out = tf.function(lambda: strategy.run(gather))()
+  return [np.asarray(strategy.experimental_local_results(value)[0]) for value in out]
+
+
+def copy_spread(strategy: tf.distribute.Strategy, variable) -> float:
+  """How far the replicas' copies of ``variable`` spread: ``max |copy_r - copy_0| /
+  max |copy_0|`` (0: identical, as synchronized BN keeps them)."""
+  values = gathered_copies(strategy, [variable])[0]
+  return float(np.abs(values - values[0]).max() / (np.abs(values[0]).max() or 1.0))
+
+
+class CopyStore:
+  """Every replica's copy of the moving statistics as plain ``[N, C]`` variables (created
+  outside the strategy), which a checkpoint holds beside the mirrored ones (whose saved value is
+  replica 0's copy): :meth:`gather` fills them from the replicas (every worker takes part),
+  :meth:`scatter` puts each row back into its own replica's copy, on every worker."""
+
+  def __init__(self, strategy: tf.distribute.Strategy, variables: Sequence):
+    self.strategy, self.mirrored = strategy, list(variables)
+    n = strategy.num_replicas_in_sync
+    with tf.init_scope():
+      self.variables = [tf.Variable(tf.zeros([n, *v.shape], v.dtype), trainable=False,
+                                    name=v.name.split(":")[0] + "/replicas")
+                        for v in self.mirrored]
+
+  def gather(self) -> None:
+    for store, value in zip(self.variables, gathered_copies(self.strategy, self.mirrored)):
+      store.assign(value)
+
+  def scatter(self) -> None:
+    values = [tf.identity(v) for v in self.variables]
+
+    def put():
+      replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+      for variable, value in zip(self.mirrored, values):
+        variable.assign(value[replica])  # in a replica context: that replica's copy only
+
+    tf.function(lambda: self.strategy.run(put))()
 
 
 def assign_copies(variable, values: Sequence[np.ndarray]) -> None:
@@ -90,17 +125,20 @@ def assign_copies(variable, values: Sequence[np.ndarray]) -> None:
     part.assign(value)
 
 
-def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *,
-                    mode: str) -> Callable:
-  """``step(x, y) -> {"loss": [N], "correct": [N], "finite": [N, L]}`` (numpy, per replica) for
-  one global batch: the replicated step of this module's docstring, compiled as ``mode``
-  (function or xla; XLA inside each replica's function, as Keras's jit would)."""
+def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *, mode: str,
+                    trace: bool = False) -> Callable:
+  """``step(x, y) -> {"loss": [N], "scaled_loss": [N], "correct": [N], "finite": [N, L],
+  "batch_mean"/"batch_variance": [L] of [N, C][, "trace"]}`` (numpy, every replica's, on every
+  worker) for one global batch: the replicated step of this module's docstring, compiled as
+  ``mode`` (function or xla; XLA inside each replica's function, as Keras's jit would).
+  ``trace``: per BN layer each replica's statistics (bnraw.core.step.TRACE_KEYS, ``[N, C]``)."""
   if mode not in ("function", "xla", "eager"):
     raise ValueError(f"mode must be eager, function or xla, got {mode!r}")
 
   def replica_step(x, y):
     context = tf.distribute.get_replica_context()
     n = context.num_replicas_in_sync
+    before = moving_statistics(model) if trace else None  # this replica's copies
     with tf.GradientTape() as tape:
       out = model(x, training=True)
       loss = model.loss(out.logits, y)
@@ -109,10 +147,14 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *,
     gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
     optimizer.apply(gradients)
     finite = layers_finite(model, out.statistics)
-    return {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)), "scaled_loss": scaled,
-            "correct": model.correct(out.logits, y), "finite": finite,
-            "batch_mean": [s.mean for s in out.statistics],
-            "batch_variance": [s.variance for s in out.statistics]}
+    result = {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)), "scaled_loss": scaled,
+              "correct": model.correct(out.logits, y), "finite": finite,
+              "batch_mean": [s.mean for s in out.statistics],
+              "batch_variance": [s.variance for s in out.statistics]}
+    if trace:
+      result["trace"] = dict(zip(TRACE_KEYS, (result["batch_mean"], result["batch_variance"],
+                                              *before, *moving_statistics(model))))
+    return result
 
   return _per_replica(replica_step, strategy, mode)
 
@@ -135,14 +177,27 @@ def make_eval_step(model, strategy: tf.distribute.Strategy, *, mode: str) -> Cal
 
 def _per_replica(replica_step: Callable, strategy: tf.distribute.Strategy,
                  mode: str) -> Callable:
+  """``replica_step`` on every replica's shard, its outputs all-gathered (outside XLA) so that
+  each worker holds every replica's (``[N, ...]``, replica order), as Keras's metrics read their
+  SUM-on-read totals across workers."""
   inner = replica_step if mode == "eager" else tf.function(replica_step,
                                                            jit_compile=(mode == "xla"))
-  run = lambda x, y: strategy.run(inner, args=(x, y))
+
+  def gather(out):
+    context = tf.distribute.get_replica_context()
+    stack = lambda t: context.all_gather(t[None], axis=0)
+    return tf.nest.map_structure(
+        lambda t: tf.cast(stack(tf.cast(t, tf.int32)), tf.bool) if t.dtype == tf.bool
+        else stack(t), out)
+
+  # two runs: a synchronisation inside a nested tf.function must be the whole replica fn
+  run = lambda x, y: strategy.run(gather, args=(strategy.run(inner, args=(x, y)),))
   compiled = run if mode == "eager" else tf.function(run)
 
-  def step(images: np.ndarray, labels: np.ndarray) -> dict:
+  def step(images, labels) -> dict:
     out = compiled(distribute(strategy, images), distribute(strategy, labels))
-    return tf.nest.map_structure(lambda value: np.stack(local(strategy, value)), out)
+    return tf.nest.map_structure(
+        lambda value: np.asarray(strategy.experimental_local_results(value)[0]), out)
 
   return step
 
@@ -150,7 +205,6 @@ def _per_replica(replica_step: Callable, strategy: tf.distribute.Strategy,
 def make_train_branch_step(model, strategy: tf.distribute.Strategy, *, mode: str) -> Callable:
   """``step(x, y) -> {"loss": [N], "correct": [N]}``: the training branch on each replica's
   shard (BN with the shard's own moments, no update), as fit's forward pass normalises."""
-  from bnraw.core.layers import BATCH
 
   def replica_step(x, y):
     n = tf.distribute.get_replica_context().num_replicas_in_sync
@@ -163,72 +217,21 @@ def make_train_branch_step(model, strategy: tf.distribute.Strategy, *, mode: str
   return _per_replica(replica_step, strategy, mode)
 
 
-class History:
-  """What a replicated :func:`fit` leaves: per epoch what fit printed, the batch orders, and
-  each replica's batch statistics at the last step (``[replica][layer]`` Moments)."""
-
-  def __init__(self):
-    self.loss, self.accuracy, self.permutations = [], [], []
-    self.last_statistics = None
-
-
-def fit(model, optimizer, strategy: tf.distribute.Strategy, images: np.ndarray,
-        labels: np.ndarray, *, batch_size: int, epochs: int, seed: int, mode: str,
-        on_epoch: Optional[Callable] = None, sorted_shards: bool = False) -> History:
-  """``model.fit`` under the strategy: the same shuffling as :func:`bnraw.core.loop.fit`
-  (``default_rng(seed)``, a permutation per epoch; ``sorted_shards``: each batch sorted by
-  label, :func:`bnraw.core.loop.sorted_within_batches`), one replicated step per global batch,
-  the epoch means as :class:`ReplicaMeans`. A non-finite step raises ``FloatingPointError``."""
-  from bnraw.core.loop import batches, epoch_orders, sorted_within_batches
-  from bnraw.core.ops import Moments
-  step = make_train_step(model, optimizer, strategy, mode=mode)
-  n = strategy.num_replicas_in_sync
-  history = History()
-  orders = epoch_orders(seed, len(images))
-  for epoch in range(epochs):
-    order = next(orders)
-    if sorted_shards:
-      order = sorted_within_batches(order, labels, batch_size)
-    history.permutations.append(order)
-    losses, metrics = ReplicaMeans(n), ReplicaMeans(n)
-    for batch in batches(order, batch_size):
-      out = step(images[batch], labels[batch])
-      if not (np.all(out["finite"]) and np.all(np.isfinite(out["loss"]))):
-        raise FloatingPointError(f"non-finite value in epoch {epoch}")
-      sizes = shard_sizes(len(batch), n)
-      losses.update(out["loss"], sizes)
-      metrics.add(out["correct"], sizes)
-      history.last_statistics = [
-          [Moments(tf.constant(m[r]), tf.constant(v[r]))
-           for m, v in zip(out["batch_mean"], out["batch_variance"])] for r in range(n)]
-    history.loss.append(losses.result())
-    history.accuracy.append(metrics.result())
-    if on_epoch is not None:
-      on_epoch(epoch, history)
-  return history
-
-
 def evaluate(model, strategy: tf.distribute.Strategy, images: np.ndarray, labels: np.ndarray, *,
              batch_size: int, mode: str) -> tuple[float, float]:
   """``model.evaluate`` under the strategy (each shard normalised with its replica's copy):
-  loss and metric, averaged as :class:`ReplicaMeans`."""
-  from bnraw.core.loop import batches
+  loss and metric, averaged as :class:`bnraw.core.loop.MeanTracker`."""
   return mean_over_batches(make_eval_step(model, strategy, mode=mode), images, labels,
                            batches(np.arange(len(images)), batch_size),
                            strategy.num_replicas_in_sync)
-
-
-def shard_sizes(batch: int, n: int) -> list[int]:
-  """Each replica's number of examples of a global batch (:func:`shard_bounds`)."""
-  return [stop - start for start, stop in shard_bounds(batch, n)]
 
 
 def mean_over_batches(step: Callable, images: np.ndarray, labels: np.ndarray,
                       chunks, n: int) -> tuple[float, float]:
   """``step`` (a per-replica loss and metric step) over the batches ``chunks`` (example
   indices), its loss and metric averaged as fit and evaluate average them under a strategy
-  (:class:`ReplicaMeans`)."""
-  losses, metrics = ReplicaMeans(n), ReplicaMeans(n)
+  (:class:`bnraw.core.loop.MeanTracker`)."""
+  losses, metrics = MeanTracker(replicas=n), MeanTracker(replicas=n)
   for batch in chunks:
     out = step(images[batch], labels[batch])
     sizes = shard_sizes(len(batch), n)
@@ -237,33 +240,7 @@ def mean_over_batches(step: Callable, images: np.ndarray, labels: np.ndarray,
   return losses.result(), metrics.result()
 
 
-class ReplicaMeans:
-  """``fit``'s epoch mean under a strategy: one float32 (total, count) per replica, each adding
-  its own ``value * shard size``; the result is ``sum(totals) / sum(counts)``."""
-
-  def __init__(self, n: int):
-    self.totals = [np.float32(0)] * n
-    self.counts = [np.float32(0)] * n
-
-  def update(self, values: Sequence[float], sizes: Sequence[int]) -> None:
-    for r, (value, size) in enumerate(zip(values, sizes)):
-      self.totals[r] = np.float32(self.totals[r] + np.float32(value) * np.float32(size))
-      self.counts[r] = np.float32(self.counts[r] + np.float32(size))
-
-  def add(self, sums: Sequence[float], sizes: Sequence[int]) -> None:
-    for r, (total, size) in enumerate(zip(sums, sizes)):
-      self.totals[r] = np.float32(self.totals[r] + np.float32(total))
-      self.counts[r] = np.float32(self.counts[r] + np.float32(size))
-
-  def result(self) -> float:
-    total = np.float32(0)
-    for t in self.totals:
-      total = np.float32(total + t)
-    count = np.float32(sum(self.counts))
-    return float(total / count) if count else 0.0
-
-
-__all__ = ["ReplicaMeans", "assign_copies", "configure_devices", "copies", "distribute", "local",
-           "evaluate", "fit", "History", "make_eval_step", "make_train_branch_step",
+__all__ = ["CopyStore", "assign_copies", "copy_spread", "gathered_copies", "configure_devices", "copies", "distribute",
+           "evaluate", "make_eval_step", "make_train_branch_step",
            "make_train_step", "mean_over_batches", "shard_bounds", "shard_sizes",
            "strategy_for"]

@@ -74,7 +74,7 @@ def _traced_for(fn: Callable, dims: Callable, *, jit_compile: bool = False) -> C
   return call
 
 
-def _moving(model: Model) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+def moving_statistics(model: Model) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
   return ([tf.identity(layer.moving_mean) for layer in model.batch_norms],
           [tf.identity(layer.moving_variance) for layer in model.batch_norms])
 
@@ -95,7 +95,7 @@ def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
     raise ValueError("a BN update hook needs mode='eager'")
 
   def train_step(images: tf.Tensor, labels: tf.Tensor) -> dict:
-    before = _moving(model) if trace else None
+    before = moving_statistics(model) if trace else None
     scaling = isinstance(optimizer, LossScale)
     with tf.GradientTape() as tape:
       out = model(images, training=True, hook=hook)
@@ -112,7 +112,7 @@ def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
     if trace:
       result["trace"] = dict(zip(TRACE_KEYS, (
           [s.mean for s in out.statistics], [s.variance for s in out.statistics], *before,
-          *_moving(model))))
+          *moving_statistics(model))))
     return result
 
   return compile_fn(train_step, mode, relax_batch=relax_batch)

@@ -23,11 +23,12 @@ import os
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 
 from bnraw import config as configs
 from bnraw import outputs
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
-from bnraw.core import loop, replicas
+from bnraw.core import loop, ops, replicas
 from bnraw.diagnosis import decompose as dg
 from bnraw.errors import UsageError
 from bnraw.models import seed
@@ -41,8 +42,6 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
   model = model.resolved()
   seed.check(data, model, train)
-  if model.bessel or model.l2 or model.dtype_policy != "float32":
-    raise UsageError("replicas", "diagnoses float32 runs without --l2 or --bessel for now")
   n = train.replicas
   strategy, mode = seed.replicated(train)
   with strategy.scope():
@@ -54,11 +53,21 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     from bnraw.progress import EpochProgress
     printer = EpochProgress(train.epochs, label=f"raw x{n}",
                             steps_per_epoch=loop.steps_per_epoch(len(images), train.batch_size))
-  history = replicas.fit(raw, parts.optimizer, strategy, images, labels,
-                         batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
-                         mode=mode, on_epoch=printer, sorted_shards=train.shards == "sorted")
-  result = diagnose(raw, strategy, images, labels, history, batch_size=train.batch_size,
-                    mode=mode)
+  last = []  # the last step's trace: every replica's batch statistics
+
+  def keep_last(record):
+    last[:] = [record.trace]
+
+  history = loop.fit(raw, parts.optimizer, images, labels, batch_size=train.batch_size,
+                     epochs=train.epochs, seed=train.seed, mode=mode, trace=True,
+                     on_step=keep_last, on_epoch=printer, strategy=strategy,
+                     sorted_shards=train.shards == "sorted")
+  if history.status == "non_finite":
+    raise history.error
+  last_statistics = [ops.Moments(tf.constant(mean[0]), tf.constant(variance[0]))
+                     for mean, variance in zip(last[0]["batch_mean"], last[0]["batch_variance"])]
+  result = diagnose(raw, strategy, images, labels, history, last_statistics,
+                    batch_size=train.batch_size, mode=mode)
   precise = result.pop("precise_statistics")
   title = (f"case {data.case}, width {model.width:g}, momentum {model.momentum:g}, global "
            f"batch {train.batch_size} over {n} replicas ({train.batch_size // n} each"
@@ -80,8 +89,10 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
 
 
 def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
-             history: replicas.History, *, batch_size: int, mode: str) -> dict:
-  """The decomposition of a replicated run (module docstring), state left untouched."""
+             history: loop.History, last_statistics: list, *, batch_size: int,
+             mode: str) -> dict:
+  """The decomposition of a replicated run (module docstring), state left untouched;
+  ``last_statistics``: replica 0's batch moments at the last step, per layer."""
   from bnraw.diagnosis.precise_bn import raw_population_statistics
   n = strategy.num_replicas_in_sync
   names = [layer.name for layer in raw.batch_norms]
@@ -98,7 +109,7 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
           replicas.make_train_branch_step(raw, strategy, mode=mode), images, labels,
           dg.batch_chunks(len(images), batch_size, history.permutations[-1]), n),
       "precise_bn": loss(per_layer(precise)),
-      "last_batch_stats": loss(per_layer(history.last_statistics[0])),
+      "last_batch_stats": loss(per_layer(last_statistics)),
       "no_bessel": saved,  # no Bessel factor with replicas (refused)
       "evaluate": saved,
       "evaluate_distributed": replicas.evaluate(raw, strategy, images, labels,
@@ -107,15 +118,11 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
   losses = {key: value[0] for key, value in results.items()}
   attribution = dg.attribution(losses)
   attribution["replica_divergence"] = losses["evaluate_distributed"] - losses["evaluate"]
-  copies = {}
-  for layer in raw.batch_norms:
-    spread = []
-    for variable in (layer.moving_mean, layer.moving_variance):
-      values = replicas.copies(variable)
-      scale = float(np.abs(values[0]).max()) or 1.0
-      spread.append(max(float(np.abs(v - values[0]).max()) for v in values) / scale)
-    copies[layer.name] = {"moving_mean_max_rel_spread": spread[0],
-                          "moving_variance_max_rel_spread": spread[1]}
+  copies = {layer.name: {"moving_mean_max_rel_spread":
+                             replicas.copy_spread(strategy, layer.moving_mean),
+                         "moving_variance_max_rel_spread":
+                             replicas.copy_spread(strategy, layer.moving_variance)}
+            for layer in raw.batch_norms}
   return {
       "losses": {**losses, "evaluate_saved": losses["evaluate"]},
       "attribution": attribution,

@@ -48,10 +48,6 @@ def check_comparable(model: ModelConfig, train: TrainConfig, reference: str) -> 
   if reference == "tf_keras" and model.l2:
     raise UsageError("l2", "compares against Keras 3 only (tf_keras sums the regularisation "
                      "into its loss in another order)")
-  if train.replicas > 1 and (model.l2 or model.dtype_policy != "float32" or model.bessel):
-    raise UsageError("replicas", "compares float32 runs without --l2 or --bessel for now (the "
-                     "per-replica scaling of regularisation and loss scaling are not written "
-                     "out yet)")
   if reference == "tf_keras" and (train.replicas > 1 or model.sync_bn):
     raise UsageError("reference", "replicas and synchronized BN compare against Keras 3 only")
   if reference == "tf_keras" and model.dtype_policy != "float32":

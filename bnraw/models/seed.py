@@ -102,6 +102,10 @@ def check(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
   if train.shards == "sorted" and train.replicas == 1:
     raise UsageError("shards", "sorts each global batch before it is split over replicas: "
                      "needs --replicas > 1")
+  if train.replicas > 1 and (model.l2 or model.dtype_policy != "float32" or model.bessel):
+    raise UsageError("replicas", "runs float32 without --l2 or --bessel for now (the "
+                     "per-replica scaling of regularisation and loss scaling are not written "
+                     "out and checked against Keras yet)")
   if train.replicas > 1 and train.steps_per_execution > 1:
     raise UsageError("replicas", "runs one step per call (--steps_per_execution=1)")
   if train.optimizer not in ("adam", "sgd"):

@@ -3,7 +3,8 @@
 Per step the compiled training step returns (bnraw.core.step.TRACE_KEYS), for each BN layer:
 the batch mean/variance it normalised with, and its moving mean/variance before and after the
 update. :class:`TraceRecorder` collects them; ``trace.npz`` holds one array per layer and quantity,
-``[steps, channels]``, plus per-step summaries per layer:
+``[steps, channels]`` (on N replicas ``[steps, N, channels]``, every replica's own statistics,
+and each summary ``[steps, N]``), plus per-step summaries per layer:
 
 * ``mean_gap``: ``max |moving_mean_before - batch_mean|`` (how stale the statistics inference
   would have used on this batch are),
@@ -138,6 +139,9 @@ class Trace:
     self.arrays = arrays
     self.layers = [str(name) for name in arrays["layers"]]
     self.steps = arrays["step"]
+    # a run on N replicas holds every replica's statistics: [steps, N, C] (None: one device)
+    first = arrays.get(f"{self.layers[0]}/batch_mean") if self.layers else None
+    self.replicas = int(first.shape[1]) if first is not None and first.ndim == 3 else None
 
   @classmethod
   def load(cls, path: str) -> "Trace":
@@ -159,16 +163,33 @@ class Trace:
       raise KeyError(f"no layer {layer!r}; layers: {', '.join(self.layers)}")
     return self.arrays[f"{layer}/{key}"]
 
-  def at(self, layer: str, step: int) -> LayerStep:
-    """Everything recorded for ``layer`` at ``step``."""
+  def check_replica(self, replica: Optional[int]) -> None:
+    """A ValueError unless ``replica`` names one of this trace's replicas (None: one device)."""
+    if self.replicas is None and replica is not None:
+      raise ValueError("the run was on one device: there is no replica to choose")
+    if self.replicas is not None and not (replica is not None and 0 <= replica < self.replicas):
+      raise ValueError(f"the run was on {self.replicas} replicas, each with its own copy of the "
+                       f"statistics: choose one of 0..{self.replicas - 1}")
+
+  def at(self, layer: str, step: int, replica: Optional[int] = None) -> LayerStep:
+    """Everything recorded for ``layer`` at ``step`` (on replicas: ``replica``'s)."""
+    self.check_replica(replica)
     row = self._row(step)
-    values = {key: self.series(layer, key)[row] for key in (*TRACE_KEYS, *SUMMARY_KEYS)}
+    pick = (lambda a: a) if replica is None else (lambda a: a[replica])
+    values = {key: pick(self.series(layer, key)[row]) for key in (*TRACE_KEYS, *SUMMARY_KEYS)}
     branch = "training" if self.arrays["branch"][row] else "inference"
     return LayerStep(layer, step, int(self.arrays["epoch"][row]), branch, values)
 
-  def first_step_where(self, layer: str, key: str, above: float) -> Optional[int]:
-    """The first step at which summary ``key`` of ``layer`` exceeds ``above`` (None if never)."""
-    hits = np.nonzero(self.series(layer, key) > above)[0]
+  def first_step_where(self, layer: str, key: str, above: float,
+                       replica: Optional[int] = None) -> Optional[int]:
+    """The first step at which summary ``key`` of ``layer`` exceeds ``above`` (None if never);
+    on replicas in ``replica``'s copy, or in any replica's (None)."""
+    series = self.series(layer, key)
+    if self.replicas is not None:
+      series = series.max(axis=1) if replica is None else series[:, replica]
+    elif replica is not None:
+      self.check_replica(replica)
+    hits = np.nonzero(series > above)[0]
     return int(self.steps[hits[0]]) if len(hits) else None
 
 
@@ -178,9 +199,11 @@ def _shown(values, limit: int) -> str:
   return shown + (f" ... ({len(values)} channels)" if len(values) > limit else "")
 
 
-def describe(trace: "Trace", layer: str, step: int, limit: int = 6) -> str:
-  """The update of ``layer`` at ``step``, with the moving-average identity checked."""
-  at = trace.at(layer, step)
+def describe(trace: "Trace", layer: str, step: int, limit: int = 6,
+             replica: Optional[int] = None) -> str:
+  """The update of ``layer`` at ``step`` (on replicas: ``replica``'s copy), with the
+  moving-average identity checked."""
+  at = trace.at(layer, step, replica)
   v = at.values
   momentum_hint = ""
   delta = v["moving_mean_before"] - v["batch_mean"]
@@ -188,7 +211,9 @@ def describe(trace: "Trace", layer: str, step: int, limit: int = 6) -> str:
     # recover m from moving_after = m * before + (1 - m) * batch, as a readable check
     m = (v["moving_mean_after"] - v["batch_mean"]) / delta
     momentum_hint = f"  (implied momentum {np.median(m):.6g})"
-  lines = [f"{layer} at step {step} (epoch {at.epoch + 1}), branch: {at.branch}{momentum_hint}"]
+  where = "" if replica is None else f", replica {replica} of {trace.replicas}"
+  lines = [f"{layer} at step {step} (epoch {at.epoch + 1}{where}), branch: {at.branch}"
+           f"{momentum_hint}"]
   if "loss_scale" in trace.arrays:
     row = trace._row(step)
     skipped = bool(trace.arrays["skipped"][row])

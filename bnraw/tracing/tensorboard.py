@@ -3,6 +3,7 @@
 Per step and BN layer: scalars ``{layer}/mean_gap``, ``variance_gap``, ``min_batch_variance``,
 ``max_amplification``; histograms of the batch and moving (after update) means and variances
 every ``histogram_every`` steps;
+on replicas each of these per replica's copy, under ``{layer}/replica_{r}/...``;
 ``train/loss`` and ``train/accuracy`` per step (with loss scaling also ``train/loss_scale`` and
 ``train/skipped``), ``evaluate/loss`` and ``evaluate/accuracy`` at the
 end. The diagnose tool writes its own tags through the same writer (bnraw.diagnosis.board: losses,
@@ -97,9 +98,15 @@ class TensorBoardWriter:
       for i, layer in enumerate(self.layer_names):
         values = {key: np.asarray(record.trace[key][i]) for key in record.trace}
         epsilon = layer_epsilon(self.epsilon, i)
-        scalars.update({f"{layer}/{key}": value
-                        for key, value in summarize(values, epsilon).items()})
-        layers.append((layer, values))
+        if values["batch_mean"].ndim == 1:
+          parts = [(layer, values)]
+        else:  # on replicas ([N, C]): one set of curves per replica's copy
+          parts = [(f"{layer}/replica_{r}", {key: value[r] for key, value in values.items()})
+                   for r in range(len(values["batch_mean"]))]
+        for name, part in parts:
+          scalars.update({f"{name}/{key}": float(value)
+                          for key, value in summarize(part, epsilon).items()})
+        layers += parts
     histograms = []
     if layers and record.step % self.histogram_every == 0:
       for layer, values in layers:

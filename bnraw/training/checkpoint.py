@@ -29,8 +29,8 @@ MAY_DIFFER = {("train", "epochs"), ("train", "mode"), ("train", "steps_per_execu
               ("options", "checkpoint_every"), ("options", "break_at")}
 
 
-def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
-  variables = [*model.variables, *getattr(model, "state_variables", ())]
+def _checkpoint(model, optimizer, extra=()) -> tf.train.Checkpoint:
+  variables = [*model.variables, *getattr(model, "state_variables", ()), *extra]
   named = {v.name.split(":")[0].replace("/", "."): v for v in variables}
   if len(named) != len(variables):  # never let one variable hide another in a checkpoint
     raise UsageError("keras_model", "two variables share a name, so a checkpoint cannot hold "
@@ -41,16 +41,25 @@ def _checkpoint(model, optimizer) -> tf.train.Checkpoint:
 class Checkpointer:
   """Saves and restores one run's model, optimizer and loop state in ``out_dir``."""
 
-  def __init__(self, out_dir: str, model, optimizer, config: dict, max_to_keep: int = 2):
+  def __init__(self, out_dir: str, model, optimizer, config: dict, max_to_keep: int = 2,
+               strategy=None):
     self.out_dir = out_dir
     self.config = config
-    self.checkpoint = _checkpoint(model, optimizer)
+    # on replicas: every replica's copy of the moving statistics too (bnraw.core.replicas)
+    self.copies = None
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+      from bnraw.core.replicas import CopyStore
+      self.copies = CopyStore(strategy, [v for layer in model.batch_norms
+                                         for v in (layer.moving_mean, layer.moving_variance)])
+    self.checkpoint = _checkpoint(model, optimizer, self.copies.variables if self.copies else ())
     self.optimizer = optimizer
     self.resolved: dict = {}  # what the run decided (its mode, the autotune record): kept on resume
     self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(out_dir, "checkpoints"),
                                               max_to_keep=max_to_keep)
 
   def save(self, state: FitState, status: str) -> str:
+    if self.copies is not None:
+      self.copies.gather()
     path = self.manager.save(checkpoint_number=optim.steps_run(self.optimizer))
     outputs.write_json(os.path.join(self.out_dir, STATE_FILE),
                        {"checkpoint": os.path.basename(path), "status": status,
@@ -64,6 +73,8 @@ class Checkpointer:
     check_config(saved["config"], self.config)
     path = os.path.join(self.out_dir, "checkpoints", saved["checkpoint"])
     self.checkpoint.restore(path).assert_existing_objects_matched()
+    if self.copies is not None:
+      self.copies.scatter()
     return FitState(**saved["state"])
 
 

@@ -60,18 +60,23 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict (DESIGN.md section 4).
   """
   from bnraw import machine
-  from bnraw.core import autotune, loop, optim, step
+  from bnraw.core import autotune, loop, optim, replicas, step
   from bnraw.models import seed
   from bnraw.training.checkpoint import Checkpointer, read_state
   if histogram_every < 1:
     raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
   options = dict(trace=trace, checkpoint_every=checkpoint_every,
                  break_at=list(break_at) if break_at else None)
-  twin, metric = None, "accuracy"
+  twin, metric, strategy = None, "accuracy", None
   if keras_model is None:
-    seed.refuse_replicas(train, "train")
     model = model.resolved()
-    parts = seed.build(data, model, train)  # bad input fails here, before anything is written
+    seed.check(data, model, train)  # bad input fails here, before anything is written
+    if train.replicas > 1:
+      if break_at is not None:
+        raise UsageError("break_at", "stops one device's step; runs with --replicas=1")
+      strategy, replicated_mode = seed.replicated(train)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+      parts = seed.build(data, model, train)
     record = configs.record(data, model, train, **options)
     workload, epsilon, width = seed.workload(model, train), model.epsilon, model.width
   else:  # a user's model: its raw twin (bad model or data fails here, before any output)
@@ -101,7 +106,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     hook = BreakAt(*break_at, lambda: optim.steps_run(parts.optimizer), break_action)
   saved = read_state(out_dir) if resume else None  # nothing to resume: refused here
   outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
-  checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record)
+  checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record, strategy=strategy)
   resume_state = checkpointer.restore() if resume else None
   if resume_state is not None:
     if train.epochs < resume_state.epoch:
@@ -118,12 +123,15 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   chosen = train.mode
   if saved is not None and train.mode == "auto":
     chosen = earlier.get("mode") or step.resolve_mode("auto")
-  choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
-                               parts.data.labels, mode=chosen, batch_size=train.batch_size,
-                               trace=trace, workload=workload)
-  mode = choice.mode
-  tuning = choice.record or (dict(earlier["autotune"], reused=True)
-                             if chosen != train.mode and earlier.get("autotune") else None)
+  if strategy is None:
+    choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
+                                 parts.data.labels, mode=chosen, batch_size=train.batch_size,
+                                 trace=trace, workload=workload)
+    mode, step_fn = choice.mode, choice.step_fn
+    tuning = choice.record or (dict(earlier["autotune"], reused=True)
+                               if chosen != train.mode and earlier.get("autotune") else None)
+  else:  # the mode Keras compiles replicas in (bnraw.models.seed.replicated): nothing to measure
+    mode, step_fn, tuning = replicated_mode, None, None
   if progress and tuning:
     print(autotune.describe(tuning), file=sys.stderr)
   checkpointer.resolved = {"mode": mode, "autotune": tuning}
@@ -160,12 +168,14 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                        on_step=(lambda r: [f(r) for f in recorders]) if recorders else None,
                        on_epoch=on_epoch, hook=hook, hook_step=break_at and break_at[1],
                        resume=resume_state, should_stop=lambda: stopped() is not None,
-                       step_fn=choice.step_fn, steps_per_execution=train.steps_per_execution)
+                       step_fn=step_fn, steps_per_execution=train.steps_per_execution,
+                       strategy=strategy, sorted_shards=train.shards == "sorted")
     summary = {
         "config": record,
         "status": history.status,
         "complete": history.status == "complete",
         "resolved": {"width": width, "mode": mode},
+        **({"replicas": replicas_summary(parts.model, strategy)} if strategy else {}),
         "autotune": tuning,
         "environment": outputs.environment(),
         "parameters": parts.model.count_parameters(),
@@ -183,8 +193,12 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
           "final_scale": float(parts.optimizer.dynamic_scale.numpy()),
           "skipped_steps": int(parts.optimizer.skipped_steps.numpy())}
     if history.status == "complete":
-      eval_loss, eval_accuracy = loop.evaluate(parts.model, parts.data.images, parts.data.labels,
-                                               batch_size=train.batch_size, mode=mode)
+      data_and_batch = dict(images=parts.data.images, labels=parts.data.labels,
+                            batch_size=train.batch_size, mode=mode)
+      if strategy is None:
+        eval_loss, eval_accuracy = loop.evaluate(parts.model, **data_and_batch)
+      else:  # evaluate under the strategy: each shard with its replica's copy
+        eval_loss, eval_accuracy = replicas.evaluate(parts.model, strategy, **data_and_batch)
       summary["evaluate"] = {"loss": eval_loss, "accuracy": eval_accuracy if metric else None}
       if twin is not None:  # the trained twin as the user's own Keras model
         summary["trained_model"] = twins.save_trained(twin, os.path.join(out_dir,
@@ -204,6 +218,18 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   if history.status == "non_finite":
     raise history.error
   return summary
+
+
+def replicas_summary(model, strategy) -> dict:
+  """The replicas, and per BN layer how far the copies of its moving statistics spread
+  (bnraw.core.replicas.copy_spread of the mean and the variance; 0 with synchronized BN)."""
+  from bnraw.core import replicas
+  return {"count": strategy.num_replicas_in_sync,
+          "devices": list(strategy.extended.worker_devices), "saved_copy": "replica 0",
+          "moving_statistics_rel_spread": {
+              layer.name: [replicas.copy_spread(strategy, v) for v in
+                           (layer.moving_mean, layer.moving_variance)]
+              for layer in model.batch_norms}}
 
 
 def resume(out_dir: str, *, epochs: Optional[int] = None, **kwargs) -> dict:
