@@ -4,6 +4,7 @@
 0      done
 2      bad input: one line naming the input and the problem, no traceback, nothing written
 3      a step produced a non-finite value (the line names the step and the BN layer)
+4      a multi-worker run lost a worker (the line names it); resume from the last checkpoint
 128+s  stopped by signal s (130: Ctrl-C); a train run leaves a checkpoint to ``--resume``
 =====  ====================================================================================
 
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 
 EXIT_USAGE = 2
 EXIT_NON_FINITE = 3
+EXIT_LOST_WORKER = 4
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -96,12 +98,17 @@ def run(main: Callable[[list[str]], Optional[int]],
       if check is not None:
         check(argv)
       import_tensorflow_quietly()
+      from bnraw.cluster import LostWorker
       from bnraw.core.loop import NonFiniteError
       try:
         return main(argv)
       except NonFiniteError as e:
         print(f"{_name()}: {e}; stopped.", file=sys.stderr)
         return EXIT_NON_FINITE
+      except LostWorker as e:
+        print(f"{_name()}: {e}; stopped (resume from the last checkpoint with --resume).",
+              file=sys.stderr)
+        return EXIT_LOST_WORKER
     except UsageError as e:
       _fail(_usage_message(e))
     except KeyboardInterrupt:

@@ -165,8 +165,12 @@ def define_keras_model_flags(what: str) -> None:
 
 def check_keras_model_setup(*, resume: bool = False) -> None:
   """With --keras_model: the seed's model flags refused, the output folder checked."""
+  from bnraw import cluster as clusters
   refuse_present(MODEL_FLAGS, "describes the seed setup; with --keras_model the model, its "
                  "compile and its dtype policy come from the saved model")
+  if clusters.from_environment() is not None:
+    raise UsageError("TF_CONFIG", "describes a cluster; a --keras_model run is on one device so "
+                     "far: unset TF_CONFIG")
   check_outputs(resume=resume)
 
 
@@ -202,16 +206,29 @@ def resolve_width(announce: bool = True) -> float:
   return width
 
 
-def check_seed_setup(*, resume: bool = False, replicas: bool = False) -> None:
-  """Meaningless flags, the seed settings, the output folder and the photo, all checked before
-  TensorFlow loads (the library checks them again before it works); ``replicas``: whether this
-  tool runs --replicas > 1."""
+def check_seed_setup(*, resume: bool = False, replicas: bool = False,
+                     multi_worker: bool = False) -> None:
+  """Meaningless flags, the seed settings, the cluster, the output folder and the photo, all
+  checked before TensorFlow loads (the library checks them again before it works);
+  ``replicas``: whether this tool runs --replicas > 1; ``multi_worker``: on a cluster in
+  TF_CONFIG (bnraw.cluster), where only the chief writes (and checks) the output folder."""
+  from bnraw import cluster as clusters
   from bnraw.models import seed
   refuse_ignored_seed_flags()
   if not replicas and FLAGS.replicas > 1:
     seed.refuse_replicas(configs(resolve=False)[2], os.path.basename(sys.argv[0]))
+  cluster = clusters.from_environment()
+  if cluster is not None:
+    if not multi_worker:
+      raise UsageError("TF_CONFIG", f"describes a cluster; {os.path.basename(sys.argv[0])} runs "
+                       "in one process (bnraw-train runs on many workers): unset TF_CONFIG")
+    if FLAGS.replicas == 1:
+      raise UsageError("replicas", f"TF_CONFIG describes {cluster.workers} workers: give "
+                       f"--replicas (one per device of each worker, e.g. {cluster.workers})")
+    clusters.check_replicas(cluster, FLAGS.replicas)
   seed.check(*configs(resolve=False))
-  check_outputs(resume=resume)
+  if clusters.is_chief(cluster):
+    check_outputs(resume=resume)
 
 
 def check_outputs(*, resume: bool = False) -> None:

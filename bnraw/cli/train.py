@@ -3,6 +3,9 @@
   bnraw-train --case=2 --epochs=500 --out_dir=runs/train
   bnraw-train --keras_model=model.keras --data=train.npz --epochs=5 --out_dir=runs/mine
 
+On many workers (TF_CONFIG; bnraw-launch starts local ones) every worker runs this same command
+with --replicas = the workers' devices in all; the chief alone writes --out_dir.
+
 With --keras_model: that model's raw twin trains from its saved weights and optimizer state, with
 its compiled optimizer and loss, and the trained model is written as trained.keras.
 
@@ -13,6 +16,7 @@ import sys
 
 from absl import flags
 
+from bnraw import cluster as clusters
 from bnraw.cli import app
 from bnraw.cli import flags as common
 from bnraw.errors import UsageError
@@ -34,7 +38,7 @@ def check(argv):
   if FLAGS.keras_model:
     common.check_keras_model_setup(resume=FLAGS.resume)
   else:
-    common.check_seed_setup(resume=FLAGS.resume, replicas=True)
+    common.check_seed_setup(resume=FLAGS.resume, replicas=True, multi_worker=True)
   if FLAGS.break_at:
     common.parse_break_at(FLAGS.break_at)
     if FLAGS.replicas > 1:
@@ -62,7 +66,12 @@ def main(argv):
           file=sys.stderr)
     return app.exit_status_for_signal(summary["signal"])
   print(training.report(summary))
-  print(f"wrote {FLAGS.out_dir}/summary.json")
+  cluster = clusters.from_environment()
+  if clusters.is_chief(cluster):
+    print(f"wrote {FLAGS.out_dir}/summary.json")
+  else:
+    print(f"{cluster.name(cluster.task_type, cluster.task_index)} done; the chief wrote "
+          f"{FLAGS.out_dir}/summary.json")
 
 
 def console():

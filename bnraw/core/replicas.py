@@ -52,6 +52,13 @@ def strategy_for(n: int) -> tf.distribute.Strategy:
   return tf.distribute.MirroredStrategy(configure_devices(n))
 
 
+def multi_worker_strategy() -> tf.distribute.Strategy:
+  """A MultiWorkerMirroredStrategy over the cluster in ``TF_CONFIG``: each worker's GPUs, or
+  its CPU as one replica; replicas numbered chief first, then worker 0, 1, ... Must be made
+  before TensorFlow initialises its devices."""
+  return tf.distribute.MultiWorkerMirroredStrategy()
+
+
 def distribute(strategy: tf.distribute.Strategy, array: np.ndarray):
   """``array`` (one global batch) as per-replica values, contiguous shards in replica order."""
   bounds = shard_bounds(len(array), strategy.num_replicas_in_sync)
@@ -240,7 +247,7 @@ def mean_over_batches(step: Callable, images: np.ndarray, labels: np.ndarray,
   return losses.result(), metrics.result()
 
 
-__all__ = ["CopyStore", "assign_copies", "copy_spread", "gathered_copies", "configure_devices", "copies", "distribute",
+__all__ = ["CopyStore", "multi_worker_strategy", "assign_copies", "copy_spread", "gathered_copies", "configure_devices", "copies", "distribute",
            "evaluate", "make_eval_step", "make_train_branch_step",
            "make_train_step", "mean_over_batches", "shard_bounds", "shard_sizes",
            "strategy_for"]

@@ -182,18 +182,29 @@ def refuse_replicas(train: TrainConfig, tool: str) -> None:
 
 def replicated(train: TrainConfig):
   """``(strategy, mode)`` for a seed run on ``train.replicas`` replicas: the devices split
-  (bnraw.core.replicas), the mode Keras's fit would compile the replicas in (jit auto is off
-  under a strategy; xla only on GPUs). Every problem a UsageError."""
+  (bnraw.core.replicas), or with a cluster in ``TF_CONFIG`` (bnraw.cluster) a
+  MultiWorkerMirroredStrategy over its workers; the mode Keras's fit would compile the replicas
+  in (jit auto is off under a strategy; xla only on GPUs). Every problem a UsageError."""
   import tensorflow as tf
+  from bnraw import cluster as clusters
   from bnraw.core import replicas
   if train.mode == "xla" and not tf.config.list_physical_devices("GPU"):
     raise UsageError("mode", "xla with --replicas needs GPUs: XLA cannot run a replica on a "
                      "logical CPU device")
+  cluster = clusters.from_environment()
   try:
-    strategy = replicas.strategy_for(train.replicas)
+    if cluster is None:
+      strategy = replicas.strategy_for(train.replicas)
+    else:
+      clusters.check_replicas(cluster, train.replicas)
+      strategy = replicas.multi_worker_strategy()
   except RuntimeError:
     raise UsageError("replicas", "the devices must be split before TensorFlow starts: run "
                      "with --replicas in a fresh process") from None
+  if strategy.num_replicas_in_sync != train.replicas:
+    raise UsageError("replicas", f"the {cluster.workers} workers in TF_CONFIG hold "
+                     f"{strategy.num_replicas_in_sync} devices in all, one replica each: give "
+                     f"--replicas={strategy.num_replicas_in_sync}")
   return strategy, "xla" if train.mode == "xla" else "function"
 
 

@@ -42,7 +42,7 @@ class Checkpointer:
   """Saves and restores one run's model, optimizer and loop state in ``out_dir``."""
 
   def __init__(self, out_dir: str, model, optimizer, config: dict, max_to_keep: int = 2,
-               strategy=None):
+               strategy=None, writer: bool = True):
     self.out_dir = out_dir
     self.config = config
     # on replicas: every replica's copy of the moving statistics too (bnraw.core.replicas)
@@ -54,12 +54,16 @@ class Checkpointer:
     self.checkpoint = _checkpoint(model, optimizer, self.copies.variables if self.copies else ())
     self.optimizer = optimizer
     self.resolved: dict = {}  # what the run decided (its mode, the autotune record): kept on resume
-    self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(out_dir, "checkpoints"),
-                                              max_to_keep=max_to_keep)
+    # on many workers only the chief writes (every worker gathers the replicas' copies)
+    self.manager = (tf.train.CheckpointManager(self.checkpoint,
+                                               os.path.join(out_dir, "checkpoints"),
+                                               max_to_keep=max_to_keep) if writer else None)
 
   def save(self, state: FitState, status: str) -> str:
     if self.copies is not None:
       self.copies.gather()
+    if self.manager is None:
+      return ""
     path = self.manager.save(checkpoint_number=optim.steps_run(self.optimizer))
     outputs.write_json(os.path.join(self.out_dir, STATE_FILE),
                        {"checkpoint": os.path.basename(path), "status": status,

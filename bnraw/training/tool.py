@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -67,7 +68,10 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
   options = dict(trace=trace, checkpoint_every=checkpoint_every,
                  break_at=list(break_at) if break_at else None)
+  from bnraw import cluster as clusters
   twin, metric, strategy = None, "accuracy", None
+  cluster = clusters.from_environment()  # on many workers only the chief writes
+  writer = clusters.is_chief(cluster)
   if keras_model is None:
     model = model.resolved()
     seed.check(data, model, train)  # bad input fails here, before anything is written
@@ -105,8 +109,10 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                        f"{first}..{last})")
     hook = BreakAt(*break_at, lambda: optim.steps_run(parts.optimizer), break_action)
   saved = read_state(out_dir) if resume else None  # nothing to resume: refused here
-  outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
-  checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record, strategy=strategy)
+  if writer:
+    outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
+  checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record, strategy=strategy,
+                              writer=writer)
   resume_state = checkpointer.restore() if resume else None
   if resume_state is not None:
     if train.epochs < resume_state.epoch:
@@ -132,6 +138,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
                                if chosen != train.mode and earlier.get("autotune") else None)
   else:  # the mode Keras compiles replicas in (bnraw.models.seed.replicated): nothing to measure
     mode, step_fn, tuning = replicated_mode, None, None
+  progress = progress and writer
   if progress and tuning:
     print(autotune.describe(tuning), file=sys.stderr)
   checkpointer.resolved = {"mode": mode, "autotune": tuning}
@@ -139,7 +146,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   printer = (EpochProgress(train.epochs, steps_per_epoch=loop.steps_per_epoch(
       len(parts.data.images), train.batch_size)) if progress else None)
   with contextlib.ExitStack() as stack:
-    if trace:
+    stack.enter_context(lost_workers(cluster))
+    if trace and writer:  # every worker traces in its step (gathers are collectives)
       from bnraw.tracing.store import TRACE_FILE, Trace, TraceRecorder
       from bnraw.tracing.tensorboard import TensorBoardWriter
       recorder = TraceRecorder(names, epsilon)
@@ -150,7 +158,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
       recorders += [recorder, board.step]
 
     def save_trace():
-      if trace:
+      if trace and writer:
         recorder.save(os.path.join(out_dir, TRACE_FILE))
 
     def on_epoch(epoch, history):
@@ -203,7 +211,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
       if twin is not None:  # the trained twin as the user's own Keras model
         summary["trained_model"] = twins.save_trained(twin, os.path.join(out_dir,
                                                                          "trained.keras"))
-      if trace:
+      if trace and writer:
         board.scalars(summary["steps_done"], {"evaluate/loss": eval_loss,
                                               "evaluate/accuracy": eval_accuracy})
     if history.status == "non_finite":
@@ -214,10 +222,30 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     if history.status == "interrupted":
       summary["signal"] = stopped()
     save_trace()
-  outputs.write_json(os.path.join(out_dir, "summary.json"), summary)
+  if writer:
+    outputs.write_json(os.path.join(out_dir, "summary.json"), summary)
   if history.status == "non_finite":
     raise history.error
   return summary
+
+
+@contextlib.contextmanager
+def lost_workers(cluster):
+  """On a worker of ``cluster``: a collective that fails because a peer is gone (TensorFlow
+  aborts them when its health check, every 30 s, finds one down; at once when the peer's port
+  refuses) becomes :class:`bnraw.cluster.LostWorker`, naming the peer. Without one: nothing."""
+  if cluster is None:
+    yield
+    return
+  import tensorflow as tf
+  from bnraw import cluster as clusters
+  try:
+    yield
+  except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+          tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError) as e:
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(e)).strip()
+    raise clusters.LostWorker(f"lost {clusters.lost_peer(cluster, str(e))}: "
+                              f"{text.splitlines()[0][:160]}") from None
 
 
 def replicas_summary(model, strategy) -> dict:

@@ -84,11 +84,16 @@ def test_the_replicated_diagnosis_closes_the_gap_to_the_distributed_evaluate(tmp
   assert "evaluate_distributed" in done.stdout and "replica 0's copy" in done.stdout
 
 
-def tool(name, *flags):
-  done = subprocess.run([os.path.join(os.path.dirname(sys.executable), name), "--width=1/64",
-                         "--batch_size=64", "--mode=function", *flags],
-                        capture_output=True, text=True)
+def tool(name, *flags, launch=False):
+  """Runs a bnraw command (``launch``: as 2 local workers under bnraw-launch)."""
+  command = [os.path.join(os.path.dirname(sys.executable), name), "--width=1/64",
+             "--batch_size=64", "--mode=function", *flags]
+  if launch:
+    command = [os.path.join(os.path.dirname(sys.executable), "bnraw-launch"), "--workers=2",
+               "--", *command]
+  done = subprocess.run(command, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-2000:]
+  return done
 
 
 def load(path):
@@ -96,13 +101,16 @@ def load(path):
     return json.load(f)
 
 
-def test_train_on_replicas_is_keras_fit_and_resumes_every_copy(tmp_path):
+def test_train_on_replicas_is_keras_fit_and_two_workers_resume_it(tmp_path):
   """bnraw-train --replicas=2 against an independent oracle, Keras's own fit and evaluate under
   the same strategy (bnraw-compare --nosynced runs them free, from the same start): evaluate
   equal to the bit, every step's loss equal (the global batch's mean of the two replicas').
-  The trace holds both replicas' statistics ([steps, 2, C]), and they differ. A run stopped
-  after one epoch and resumed repeats the uninterrupted one bit for bit, trace included: the
-  checkpoint holds each replica's copy of the moving statistics, not only replica 0's."""
+  The trace holds both replicas' statistics ([steps, 2, C]), and they differ.
+
+  Then the same run on 2 worker processes (MultiWorkerMirroredStrategy, bnraw-launch), stopped
+  after one epoch and resumed on 2 new workers: it repeats the one-process run bit for bit,
+  trace included. So the workers are the replicas, the chief's checkpoint holds each replica's
+  copy of the moving statistics (not only its own), and each worker takes its copy back."""
   tool("bnraw-compare", "--replicas=2", "--epochs=2", "--nosynced", f"--out_dir={tmp_path / 'k'}")
   tool("bnraw-train", "--replicas=2", "--epochs=2", "--trace", f"--out_dir={tmp_path / 'a'}")
   keras, train = load(tmp_path / "k" / "compare.json"), load(tmp_path / "a" / "summary.json")
@@ -117,12 +125,88 @@ def test_train_on_replicas_is_keras_fit_and_resumes_every_copy(tmp_path):
   spread = train["replicas"]["moving_statistics_rel_spread"]
   assert train["replicas"]["count"] == 2 and max(max(v) for v in spread.values()) > 0
 
-  tool("bnraw-train", "--replicas=2", "--epochs=1", "--trace", f"--out_dir={tmp_path / 'b'}")
-  tool("bnraw-train", "--replicas=2", "--epochs=2", "--trace", "--resume",
-       f"--out_dir={tmp_path / 'b'}")
-  resumed = load(tmp_path / "b" / "summary.json")
+  workers = tmp_path / "b"
+  tool("bnraw-train", "--epochs=1", "--trace", f"--out_dir={workers}", launch=True)
+  done = tool("bnraw-train", "--epochs=2", "--trace", "--resume", f"--out_dir={workers}",
+              launch=True)
+  assert "[worker 1] worker 1 (localhost:" in done.stderr + done.stdout
+  resumed = load(workers / "summary.json")
+  assert [d.split("/")[1] for d in resumed["replicas"]["devices"]] == ["job:worker"]
   assert resumed["history"] == train["history"]
   assert resumed["evaluate"] == train["evaluate"]
-  with np.load(tmp_path / "b" / "trace.npz") as trace:
+  with np.load(workers / "trace.npz") as trace:
     for key, value in arrays.items():
       np.testing.assert_array_equal(trace[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("victim", [1])
+def test_a_lost_worker_stops_the_others_with_one_line_naming_it(tmp_path, victim):
+  """SIGKILL one of 2 workers after the first checkpoint: the other exits 4 at once (its
+  collective fails; TensorFlow's health check would abort it within about a minute anyway),
+  with one line naming the lost worker and its address; the checkpoint stays resumable."""
+  import signal
+  import time
+  from bnraw import cluster
+  out = tmp_path / "out"
+  configs = cluster.local_tf_configs(cluster.free_ports(2))
+  command = [os.path.join(os.path.dirname(sys.executable), "bnraw-train"), "--width=1/64",
+             "--batch_size=64", "--mode=function", "--epochs=200", "--checkpoint_every=1",
+             "--replicas=2", f"--out_dir={out}"]
+  workers = [subprocess.Popen(command, env={**os.environ, "TF_CONFIG": c},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in configs]
+  try:
+    deadline = time.monotonic() + 240
+    while not (out / "run_state.json").exists():
+      assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
+      time.sleep(0.05)
+    workers[victim].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = workers[1 - victim].communicate(timeout=120)
+  finally:
+    for w in workers:
+      w.kill()
+  assert workers[1 - victim].returncode == 4
+  assert time.monotonic() - killed < 90
+  line = stderr.strip().splitlines()[-1]
+  address = json.loads(configs[victim])["cluster"]["worker"][victim]
+  assert line.startswith(f"bnraw-train: lost worker {victim} ({address}): "), line
+  assert "--resume" in line
+  assert load(out / "run_state.json")["status"] == "running"
+
+
+def test_the_launcher_reports_the_first_failure_and_stops_the_rest(tmp_path):
+  """Worker 1 kills itself; worker 0 would run on: after --grace it is killed, and one line
+  says who failed how; the launcher's status is the first failure's (128 + 9)."""
+  child = ("import json, os, time; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
+           "print('replicas', os.sys.argv[1:]); "
+           "os.kill(os.getpid(), 9) if i == 1 else time.sleep(60)")
+  done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "bnraw-launch"),
+                         "--workers=2", "--grace=1", "--", sys.executable, "-c", child],
+                        capture_output=True, text=True, timeout=50)
+  assert done.returncode == 128 + 9
+  assert "replicas ['--replicas=2']" in done.stdout
+  assert done.stderr.strip().splitlines()[-1] == (
+      "bnraw-launch: worker 1 was killed by SIGKILL first; worker 0 was killed by SIGKILL "
+      "(killed after --grace=1s)")
+
+
+@pytest.mark.parametrize("tool_name,flags,env,words", [
+    ("bnraw-launch", ["--workers=2"], None, "give the command after --"),
+    ("bnraw-launch", ["--workers=2", "--", "bnraw-train", "--replicas=3"], None,
+     "2 workers cannot share --replicas=3"),
+    ("bnraw-train", ["--replicas=2"], "{not json", "TF_CONFIG: not a cluster description"),
+    ("bnraw-train", [], '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", '
+     '"index": 1}}', "TF_CONFIG describes 2 workers: give --replicas"),
+    ("bnraw-compare", ["--replicas=2"], '{"cluster": {"worker": ["a:1", "b:2"]}, "task": '
+     '{"type": "worker", "index": 0}}', "runs in one process"),
+])
+def test_cluster_mistakes_are_one_line(tmp_path, tool_name, flags, env, words):
+  environment = dict(os.environ)
+  if env is not None:
+    environment["TF_CONFIG"] = env
+  done = subprocess.run([os.path.join(os.path.dirname(sys.executable), tool_name), *flags],
+                        capture_output=True, text=True, env=environment, cwd=tmp_path)
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.strip().count("\n") == 0 and words in done.stderr, done.stderr
+  assert os.listdir(tmp_path) == []
