@@ -2,6 +2,11 @@
 
   bnraw-profile --widths=1/16,1/4 --out_dir=runs/profile
   bnraw-profile --keras_model=model.keras --data=train.npz --out_dir=runs/profile_mine
+  bnraw-profile --replicas=1,2 --widths=1/4 --out_dir=runs/profile_replicas
+
+With --replicas: the raw replicated step and Keras fit under the same MirroredStrategy at each
+replica count (N GPUs, or the CPU split into N logical devices), the speed-up over one replica
+and raw/Keras (bnraw.profiling.replicas).
 
 With --keras_model: that model's raw twin (function, xla; eager on request) against its own fit
 (jit off and on), and the ratio of the best exact raw step to the best fit.
@@ -41,12 +46,15 @@ flags.DEFINE_bool("breakdown", True, "Time the best exact raw mode's step with o
 flags.DEFINE_string("profile_dir", None, "Write a TensorFlow profiler trace of a few steady raw "
                     "steps of the best mode here (TensorBoard's Profile tab).")
 flags.DEFINE_string("hlo_dir", None, "Write the raw xla step's HLO before/after optimisation.")
+flags.DEFINE_list("replicas", None, "Replica counts to time, e.g. 1,2: the replicated step "
+                  "and fit under MirroredStrategy (one width; the other seed-only flags do not "
+                  "apply).")
 common.define_output_flags("runs/profile")
 common.define_keras_model_flags("Profile")
 FLAGS = flags.FLAGS
 # what only the seed's profile has
 SEED_ONLY = ("widths", "steps_per_execution", "dtype_policy", "breakdown", "profile_dir",
-             "hlo_dir")
+             "hlo_dir", "replicas")
 
 
 def check(argv):
@@ -63,6 +71,19 @@ def check(argv):
       if value not in ("false", "true"):
         raise UsageError("keras_jit", f"expected false or true with --keras_model; got {value!r}")
     return
+  if FLAGS.replicas:
+    common.refuse_present(("raw_modes", "steps_per_execution", "dtype_policy", "breakdown",
+                           "profile_dir", "hlo_dir"), "times the function step and fit (jit "
+                          "off, as under a strategy) per replica count; --replicas says which")
+    if len(FLAGS.widths) != 1:
+      raise UsageError("widths", "give one width with --replicas")
+    for value in FLAGS.replicas:
+      if not value.isdigit() or int(value) < 1:
+        raise UsageError("replicas", f"expected integers >= 1, got {value!r}")
+    from bnraw.models.seed import check_shards
+    for value in FLAGS.replicas:
+      if int(value) > 1:
+        check_shards(NUM_IMAGES, FLAGS.batch_size, int(value))
   if FLAGS.batch_size > NUM_IMAGES:
     raise UsageError("batch_size", f"must be in [1, {NUM_IMAGES}] (the seed's dataset has "
                      f"{NUM_IMAGES} images)")
@@ -107,6 +128,19 @@ def main(argv):
                    else [False, True]),
         out_dir=FLAGS.out_dir, progress=True, overwrite=FLAGS.overwrite)
     print(profiling.report_keras_model(result))
+    print(f"wrote {FLAGS.out_dir}/profile.json")
+    return
+  if FLAGS.replicas:
+    import os
+    from bnraw import outputs
+    from bnraw.profiling import replicas
+    result = replicas.run(counts=[int(v) for v in FLAGS.replicas],
+                          width=common.parse_width(FLAGS.widths[0]), batch_size=FLAGS.batch_size,
+                          steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
+                          keras="false" in FLAGS.keras_jit, progress=True)
+    outputs.prepare_out_dir(FLAGS.out_dir, overwrite=FLAGS.overwrite)
+    outputs.write_json(os.path.join(FLAGS.out_dir, "profile.json"), result)
+    print(replicas.report(result))
     print(f"wrote {FLAGS.out_dir}/profile.json")
     return
   result = profiling.run(

@@ -200,8 +200,11 @@ def test_the_launcher_reports_the_first_failure_and_stops_the_rest(tmp_path):
      '"index": 1}}', "TF_CONFIG describes 2 workers: give --replicas"),
     ("bnraw-compare", ["--replicas=2"], '{"cluster": {"worker": ["a:1", "b:2"]}, "task": '
      '{"type": "worker", "index": 0}}', "runs in one process"),
+    ("bnraw-profile", ["--replicas=1,3"], None, "keras-team/keras#19246"),
+    ("bnraw-profile", ["--replicas=1,2", "--raw_modes=xla"], None,
+     "--raw_modes: times the function"),
 ])
-def test_cluster_mistakes_are_one_line(tmp_path, tool_name, flags, env, words):
+def test_cluster_and_profile_mistakes_are_one_line(tmp_path, tool_name, flags, env, words):
   environment = dict(os.environ)
   if env is not None:
     environment["TF_CONFIG"] = env
@@ -210,3 +213,21 @@ def test_cluster_mistakes_are_one_line(tmp_path, tool_name, flags, env, words):
   assert done.returncode == 2, done.stderr
   assert done.stderr.strip().count("\n") == 0 and words in done.stderr, done.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_profile_times_every_replica_count_for_both_sides(tmp_path):
+  """bnraw-profile --replicas=1,2: one process split into 2 devices, the raw step and fit
+  timed at each count; the speed-up is against each side's own 1-replica row."""
+  done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "bnraw-profile"),
+                         "--replicas=1,2", "--widths=1/64", "--batch_size=64", "--steps=1",
+                         "--rounds=1", "--warmup=0", f"--out_dir={tmp_path / 'out'}"],
+                        capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = load(tmp_path / "out" / "profile.json")
+  assert len(result["devices"]) == 2
+  rows = {(row["impl"], row["replicas"]): row for row in result["rows"]}
+  assert set(rows) == {("raw", 1), ("keras", 1), ("raw", 2), ("keras", 2)}
+  for s in result["scaling"]:
+    assert s["speedup_over_1"] == pytest.approx(rows[(s["impl"], 1)]["ms_per_step"] /
+                                                rows[(s["impl"], s["replicas"])]["ms_per_step"])
+  assert "not a speed-up" in done.stdout
