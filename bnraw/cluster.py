@@ -87,7 +87,7 @@ def check_replicas(cluster: Cluster, replicas: int) -> None:
                      f"TF_CONFIG (one replica per device of each), got {replicas}")
 
 
-_PEER = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+_PEER = re.compile(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)")
 
 
 def lost_peer(cluster: Cluster, error_text: str) -> str:
