@@ -15,6 +15,7 @@ DESCRIBE = {
     "no_bessel": "final weights, moving statistics without the Bessel factor",
     "evaluate": "what evaluate gives: final weights, final moving statistics",
     "evaluate_distributed": "evaluate under the strategy: each shard with its replica's copy",
+    "tf_keras_saved": "the same model saved by tf_keras 2: the mean of the replicas' copies",
 }
 
 CAUSE = {
@@ -151,6 +152,9 @@ def report(diagnosis: dict, title: str = "") -> str:
   if distributed:
     lines.append(f"{'evaluate_distributed':{name}} {_num(evaluate):>9} "
                  f"{_num(accuracy['evaluate']):>9}  {DESCRIBE['evaluate_distributed']}")
+    if "tf_keras_saved" in losses:
+      lines.append(f"{'tf_keras_saved':{name}} {_num(losses['tf_keras_saved']):>9} "
+                   f"{_num(accuracy['tf_keras_saved']):>9}  {DESCRIBE['tf_keras_saved']}")
   parts, dominant = parts_of(diagnosis)
   no_history = "moving_statistics" in parts
   total = sum(abs(v) for v in parts.values()) or 1.0
@@ -165,8 +169,11 @@ def report(diagnosis: dict, title: str = "") -> str:
   if distributed:
     r = diagnosis["replicas"]
     lines += ["", f"{r['count']} replicas of {r['per_replica_batch']} examples each: the saved "
-              f"model holds {r['saved_copy'].split(' (')[0]}'s copy of the moving statistics; "
-              "--fix precise_bn writes one population statistic over all shards into every copy."]
+              f"model holds {r['saved_copy'].split(' (')[0]}'s copy of the moving statistics"
+              + (" (tf_keras 2 would save the mean of the copies)" if "tf_keras_saved" in r
+                 else "") +
+              "; --fix precise_bn writes one population statistic over all shards into every "
+              "copy."]
   if no_history:
     value = parts["moving_statistics"]
     lines.append(f"  {'moving_statistics':20} {value:>+9.4f}{share(value)}  = evaluate - "

@@ -78,6 +78,8 @@ def test_the_replicated_diagnosis_closes_the_gap_to_the_distributed_evaluate(tmp
                                               abs=1e-5)
   assert parts["replica_divergence"] == losses["evaluate_distributed"] - losses["evaluate"]
   assert losses["evaluate_saved"] == losses["evaluate"]
+  # and what a tf_keras user would have saved (test_tf_keras_saves_the_mean...)
+  assert "tf_keras_saved" in losses and "mean of the copies" in result["replicas"]["tf_keras_saved"]
   spreads = result["replicas"]["copies"].values()
   assert any(c["moving_mean_max_rel_spread"] > 0 for c in spreads)
   assert result["fixed"]["evaluate"]["loss"] == pytest.approx(losses["precise_bn"], rel=1e-5)
@@ -231,3 +233,33 @@ def test_profile_times_every_replica_count_for_both_sides(tmp_path):
     assert s["speedup_over_1"] == pytest.approx(rows[(s["impl"], 1)]["ms_per_step"] /
                                                 rows[(s["impl"], s["replicas"])]["ms_per_step"])
   assert "not a speed-up" in done.stdout
+
+
+TF_KERAS_PROBE = """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import tf_keras
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+  model = tf_keras.Sequential([tf_keras.layers.Input((3,)),
+                               tf_keras.layers.BatchNormalization(momentum=0.5),
+                               tf_keras.layers.Dense(1)])
+  model.compile("sgd", "mse")
+x = np.concatenate([np.zeros((4, 3)), np.full((4, 3), 10.0)]).astype("float32")
+model.fit(x, np.zeros((8, 1), "float32"), batch_size=8, epochs=1, shuffle=False, verbose=0)
+bn = model.layers[0]
+print(([v.numpy().tolist() for v in bn.moving_mean.values], bn.get_weights()[2].tolist()))
+"""
+
+
+def test_tf_keras_saves_the_mean_of_the_replicas_copies():
+  """What the diagnosis's tf_keras_saved line assumes, asked of tf_keras itself: one step on
+  shards of zeros and tens (momentum 0.5) leaves copies 0 and 5; get_weights (what a save
+  holds) reads 2.5, their mean. (Keras 3 reads replica 0's copy: the compare tests.)"""
+  pytest.importorskip("tf_keras")
+  done = subprocess.run([sys.executable, "-c", TF_KERAS_PROBE], capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  copies, saved = eval(done.stdout.strip().splitlines()[-1])
+  assert copies == [[0.0] * 3, [5.0] * 3]
+  assert saved == [2.5] * 3
