@@ -36,7 +36,7 @@ def check(argv):
   if FLAGS.keras_model:
     common.refuse_present(("reference", "perturb"), "compares a --keras_model with its own "
                           "Keras 3 fit, synced or free-running")
-    common.check_keras_model_setup()
+    common.check_keras_model_setup(replicas=True)
     return
   common.check_seed_setup(replicas=True)
   from bnraw.models.keras_bridge import check_comparable

@@ -163,11 +163,15 @@ def define_keras_model_flags(what: str) -> None:
       message="--keras_model and --data go together")
 
 
-def check_keras_model_setup(*, resume: bool = False) -> None:
-  """With --keras_model: the seed's model flags refused, the output folder checked."""
+def check_keras_model_setup(*, resume: bool = False, replicas: bool = False) -> None:
+  """With --keras_model: the seed's model flags refused (``replicas``: but --replicas, which
+  this tool runs), the output folder checked."""
   from bnraw import cluster as clusters
-  refuse_present(MODEL_FLAGS, "describes the seed setup; with --keras_model the model, its "
-                 "compile and its dtype policy come from the saved model")
+  refuse_present([f for f in MODEL_FLAGS if not (replicas and f == "replicas")],
+                 "describes the seed setup; with --keras_model the model, its compile and its "
+                 "dtype policy come from the saved model")
+  if replicas and FLAGS.replicas < 1:
+    raise UsageError("replicas", f"must be >= 1, got {FLAGS.replicas}")
   if clusters.from_environment() is not None:
     raise UsageError("TF_CONFIG", "describes a cluster; a --keras_model run is on one device so "
                      "far: unset TF_CONFIG")
@@ -185,7 +189,8 @@ def twin_train_config() -> TrainConfig:
   (32 and 1)."""
   return TrainConfig(batch_size=keras_fit_batch_size(),
                      epochs=FLAGS.epochs if FLAGS["epochs"].present else 1, seed=FLAGS.seed,
-                     mode=FLAGS.mode, steps_per_execution=FLAGS.steps_per_execution)
+                     mode=FLAGS.mode, steps_per_execution=FLAGS.steps_per_execution,
+                     replicas=FLAGS.replicas)
 
 
 def define_output_flags(out_dir: str) -> None:

@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 def check(argv):
   common.reject_extra_args(argv)
   if FLAGS.keras_model:
-    common.check_keras_model_setup(resume=FLAGS.resume)
+    common.check_keras_model_setup(resume=FLAGS.resume, replicas=True)
   else:
     common.check_seed_setup(resume=FLAGS.resume, replicas=True, multi_worker=True)
   if FLAGS.break_at:

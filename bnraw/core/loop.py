@@ -194,7 +194,7 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
     if hook is not None or steps_per_execution > 1 or mode not in ("function", "xla", "eager"):
       raise ValueError("replicas run one step per call, in a fixed mode, without a hook")
     step_fn = step_fn or replicas.make_train_step(model, optimizer, strategy, mode=mode,
-                                                  trace=trace)
+                                                  trace=trace, relax_batch=relax)
   if step_fn is None and mode == "auto":  # measured here, on this state (which it puts back)
     from bnraw.core import autotune
     choice = autotune.choose(model, optimizer, images, labels, mode=mode,

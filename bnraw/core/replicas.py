@@ -30,7 +30,8 @@ import tensorflow as tf
 
 from bnraw.core.layers import BATCH
 from bnraw.core.loop import MeanTracker, batches, shard_bounds, shard_sizes
-from bnraw.core.step import TRACE_KEYS, layers_finite, moving_statistics
+from bnraw.core.step import (TRACE_KEYS, _traced_for, layers_finite, moving_statistics,
+                             relaxed_batch)
 
 
 def configure_devices(n: int) -> list[str]:
@@ -57,13 +58,6 @@ def multi_worker_strategy() -> tf.distribute.Strategy:
   its CPU as one replica; replicas numbered chief first, then worker 0, 1, ... Must be made
   before TensorFlow initialises its devices."""
   return tf.distribute.MultiWorkerMirroredStrategy()
-
-
-def distribute(strategy: tf.distribute.Strategy, array: np.ndarray):
-  """``array`` (one global batch) as per-replica values, contiguous shards in replica order."""
-  bounds = shard_bounds(len(array), strategy.num_replicas_in_sync)
-  return strategy.experimental_distribute_values_from_function(
-      lambda context: tf.constant(array[slice(*bounds[context.replica_id_in_sync_group])]))
 
 
 def copies(variable) -> list[np.ndarray]:
@@ -133,12 +127,15 @@ def assign_copies(variable, values: Sequence[np.ndarray]) -> None:
 
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *, mode: str,
-                    trace: bool = False) -> Callable:
+                    trace: bool = False, relax_batch: bool = False) -> Callable:
   """``step(x, y) -> {"loss": [N], "scaled_loss": [N], "correct": [N], "finite": [N, L],
   "batch_mean"/"batch_variance": [L] of [N, C][, "trace"]}`` (numpy, every replica's, on every
   worker) for one global batch: the replicated step of this module's docstring, compiled as
   ``mode`` (function or xla; XLA inside each replica's function, as Keras's jit would).
-  ``trace``: per BN layer each replica's statistics (bnraw.core.step.TRACE_KEYS, ``[N, C]``)."""
+  ``trace``: per BN layer each replica's statistics (bnraw.core.step.TRACE_KEYS, ``[N, C]``).
+  ``relax_batch``: traced for an unknown batch size, as Keras's distributed dataset is when the
+  batch size does not divide the examples (bnraw.core.step.relaxed_batch; it rounds
+  differently, measured: 3 replicas of batch 48 and the zoo's 40 examples of batch 16)."""
   if mode not in ("function", "xla", "eager"):
     raise ValueError(f"mode must be eager, function or xla, got {mode!r}")
 
@@ -163,10 +160,11 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *, mode:
                                               *before, *moving_statistics(model))))
     return result
 
-  return _per_replica(replica_step, strategy, mode)
+  return _per_replica(replica_step, strategy, mode, relax_batch)
 
 
-def make_eval_step(model, strategy: tf.distribute.Strategy, *, mode: str) -> Callable:
+def make_eval_step(model, strategy: tf.distribute.Strategy, *, mode: str,
+                   relax_batch: bool = False) -> Callable:
   """``step(x, y) -> {"loss": [N], "correct": [N]}``: Keras's ``evaluate`` under the strategy,
   each replica in the inference branch with *its own* copy of the moving statistics, its loss
   scaled by 1/N and back (as ``test_step`` reports it)."""
@@ -179,11 +177,11 @@ def make_eval_step(model, strategy: tf.distribute.Strategy, *, mode: str) -> Cal
     return {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)),
             "correct": model.correct(logits, y)}
 
-  return _per_replica(replica_step, strategy, mode)
+  return _per_replica(replica_step, strategy, mode, relax_batch)
 
 
-def _per_replica(replica_step: Callable, strategy: tf.distribute.Strategy,
-                 mode: str) -> Callable:
+def _per_replica(replica_step: Callable, strategy: tf.distribute.Strategy, mode: str,
+                 relax_batch: bool = False) -> Callable:
   """``replica_step`` on every replica's shard, its outputs all-gathered (outside XLA) so that
   each worker holds every replica's (``[N, ...]``, replica order), as Keras's metrics read their
   SUM-on-read totals across workers."""
@@ -197,19 +195,43 @@ def _per_replica(replica_step: Callable, strategy: tf.distribute.Strategy,
         lambda t: tf.cast(stack(tf.cast(t, tf.int32)), tf.bool) if t.dtype == tf.bool
         else stack(t), out)
 
-  # two runs: a synchronisation inside a nested tf.function must be the whole replica fn
-  run = lambda x, y: strategy.run(gather, args=(strategy.run(inner, args=(x, y)),))
-  compiled = run if mode == "eager" else tf.function(run)
+  def shard(x, y):
+    """This replica's contiguous part of the global batch (:func:`shard_bounds`), cut inside
+    the graph so that its size stays unknown when the batch's is."""
+    context = tf.distribute.get_replica_context()
+    n, r = context.num_replicas_in_sync, context.replica_id_in_sync_group
+    size = tf.shape(x)[0]
+    per = (size + n - 1) // n
+    start = tf.minimum(r * per, size)
+    stop = tf.minimum(start + per, size)
+    parts = x[start:stop], y[start:stop]
+    if x.shape[0] is not None and x.shape[0] % n == 0:  # a known batch: known equal shards
+      for part, whole in zip(parts, (x, y)):
+        part.set_shape([whole.shape[0] // n, *whole.shape[1:]])
+    return parts
+
+  # separate runs: a synchronisation inside a nested tf.function must be the whole replica fn
+  def run(x, y):
+    shards = strategy.run(shard, args=(x, y))
+    return strategy.run(gather, args=(strategy.run(inner, args=shards),))
+
+  if mode == "eager":
+    compiled = run
+  elif relax_batch:  # every batch size through one graph, as Keras's relaxed element spec
+    compiled = _traced_for(run, lambda shape: [None, *shape[1:]])
+  else:
+    compiled = tf.function(run)
 
   def step(images, labels) -> dict:
-    out = compiled(distribute(strategy, images), distribute(strategy, labels))
+    out = compiled(tf.convert_to_tensor(images), tf.convert_to_tensor(labels))
     return tf.nest.map_structure(
         lambda value: np.asarray(strategy.experimental_local_results(value)[0]), out)
 
   return step
 
 
-def make_train_branch_step(model, strategy: tf.distribute.Strategy, *, mode: str) -> Callable:
+def make_train_branch_step(model, strategy: tf.distribute.Strategy, *, mode: str,
+                           relax_batch: bool = False) -> Callable:
   """``step(x, y) -> {"loss": [N], "correct": [N]}``: the training branch on each replica's
   shard (BN with the shard's own moments, no update), as fit's forward pass normalises."""
 
@@ -221,14 +243,16 @@ def make_train_branch_step(model, strategy: tf.distribute.Strategy, *, mode: str
     return {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)),
             "correct": model.correct(logits, y)}
 
-  return _per_replica(replica_step, strategy, mode)
+  return _per_replica(replica_step, strategy, mode, relax_batch)
 
 
 def evaluate(model, strategy: tf.distribute.Strategy, images: np.ndarray, labels: np.ndarray, *,
              batch_size: int, mode: str) -> tuple[float, float]:
   """``model.evaluate`` under the strategy (each shard normalised with its replica's copy):
   loss and metric, averaged as :class:`bnraw.core.loop.MeanTracker`."""
-  return mean_over_batches(make_eval_step(model, strategy, mode=mode), images, labels,
+  relax = relaxed_batch(len(images), batch_size)
+  return mean_over_batches(make_eval_step(model, strategy, mode=mode, relax_batch=relax),
+                           images, labels,
                            batches(np.arange(len(images)), batch_size),
                            strategy.num_replicas_in_sync)
 
@@ -247,7 +271,7 @@ def mean_over_batches(step: Callable, images: np.ndarray, labels: np.ndarray,
   return losses.result(), metrics.result()
 
 
-__all__ = ["CopyStore", "multi_worker_strategy", "assign_copies", "copy_spread", "gathered_copies", "configure_devices", "copies", "distribute",
+__all__ = ["CopyStore", "multi_worker_strategy", "assign_copies", "copy_spread", "gathered_copies", "configure_devices", "copies",
            "evaluate", "make_eval_step", "make_train_branch_step",
            "make_train_step", "mean_over_batches", "shard_bounds", "shard_sizes",
            "strategy_for"]

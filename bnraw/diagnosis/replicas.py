@@ -29,6 +29,7 @@ from bnraw import config as configs
 from bnraw import outputs
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.core import loop, ops, replicas
+from bnraw.core.step import relaxed_batch
 from bnraw.diagnosis import decompose as dg
 from bnraw.errors import UsageError
 from bnraw.models import seed
@@ -106,7 +107,9 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
   results = {
       "fit": (history.loss[-1], history.accuracy[-1]),
       "train_mode_final": replicas.mean_over_batches(
-          replicas.make_train_branch_step(raw, strategy, mode=mode), images, labels,
+          replicas.make_train_branch_step(
+              raw, strategy, mode=mode,
+              relax_batch=relaxed_batch(len(images), batch_size)), images, labels,
           dg.batch_chunks(len(images), batch_size, history.permutations[-1]), n),
       "precise_bn": loss(per_layer(precise)),
       "last_batch_stats": loss(per_layer(last_statistics)),

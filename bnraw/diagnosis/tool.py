@@ -332,7 +332,7 @@ def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: st
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
   if train.epochs < 1:
     raise UsageError("epochs", f"must be >= 1 to train the twin, got {train.epochs}")
-  twin, parts = twins.setup(model_path, data_path, train)
+  twin, parts, _ = twins.setup(model_path, data_path, train)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   raw, images, labels = parts.model, parts.data.images, parts.data.labels
   choice = machine.choose_mode(raw, parts.optimizer, images, labels, mode=train.mode,

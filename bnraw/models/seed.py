@@ -205,7 +205,13 @@ def replicated(train: TrainConfig):
     raise UsageError("replicas", f"the {cluster.workers} workers in TF_CONFIG hold "
                      f"{strategy.num_replicas_in_sync} devices in all, one replica each: give "
                      f"--replicas={strategy.num_replicas_in_sync}")
-  return strategy, "xla" if train.mode == "xla" else "function"
+  return strategy, replica_mode(train)
+
+
+def replica_mode(train: TrainConfig) -> str:
+  """The mode replicas compile in: Keras's jit auto is off under a strategy, so function
+  unless xla is asked for."""
+  return "xla" if train.mode == "xla" else "function"
 
 
 def check_block(block: tuple[int, int]) -> None:

@@ -178,25 +178,28 @@ class Twin:
   def __init__(self, kmodel, raw: Graph, seeds: list, metric_name: Optional[str]):
     self.kmodel, self.raw, self.optimizer = kmodel, raw, None
     self._seeds, self.metric_name = seeds, metric_name
+    self.per_replica = False  # under a strategy: states hold every replica's copy in turn
 
   def _sides(self, keras: bool):
     """One side's weights, optimizer and seed states (Keras's or the raw twin's)."""
     seeds = [pair[0 if keras else 1] for pair in self._seeds]
-    if keras:
-      return self.kmodel.weights, self.kmodel.optimizer, seeds
+    if keras:  # per replica: the tf.Variables under Keras's, which hold the copies
+      weights = ([w.value for w in self.kmodel.weights] if self.per_replica
+                 else self.kmodel.weights)
+      return weights, self.kmodel.optimizer, seeds
     return self.raw.variables, self.optimizer, seeds
 
   def _state(self, keras: bool) -> dict:
     from bnraw.models import keras_bridge
     variables, optimizer, seeds = self._sides(keras)
-    state = keras_bridge.get_state(variables, optimizer)
+    state = keras_bridge.get_state(variables, optimizer, per_replica=self.per_replica)
     state["seeds"] = [np.array(v.numpy()) for v in seeds]
     return state
 
   def _load(self, keras: bool, state: dict) -> None:
     from bnraw.models import keras_bridge
     variables, optimizer, seeds = self._sides(keras)
-    keras_bridge.set_state(variables, optimizer, state)
+    keras_bridge.set_state(variables, optimizer, state, per_replica=self.per_replica)
     if "seeds" in state:
       keras_bridge.assign_all(seeds, state["seeds"], "seeds")
 
@@ -279,16 +282,42 @@ def check_train(train) -> None:
     raise UsageError("mode", f"must be one of {', '.join(MODES)}, got {train.mode!r}")
 
 
-def setup(model_path: str, data_path: str, train=None) -> tuple[Twin, Parts]:
+def setup(model_path: str, data_path: str, train=None) -> tuple[Twin, Parts, Any]:
   """The user's model loaded, its data checked, its raw twin built (every problem a
-  UsageError, before any output is written); ``train``: the loop's settings, checked too."""
-  from bnraw.models import user
+  UsageError, before any output is written); ``train``: the loop's settings, checked too.
+  With ``train.replicas`` > 1 both are built under the strategy of
+  :func:`bnraw.models.seed.replicated` (returned last; None on one device), and the twin's
+  states hold every replica's copy."""
+  import contextlib
+  from bnraw.models import seed, user
+  strategy = None
   if train is not None:
     check_train(train)
-  kmodel = user.load_keras_model(model_path, nested_bn=True)
-  x, y = user.load_data(data_path, kmodel)
-  twin = convert(kmodel, y)
-  return twin, Parts(twin.raw, twin.optimizer, Data(x, y))
+    if train.replicas > 1:
+      strategy = seed.replicated(train)[0]
+  with strategy.scope() if strategy else contextlib.nullcontext():
+    kmodel = user.load_keras_model(model_path, nested_bn=True)
+    x, y = user.load_data(data_path, kmodel)
+    twin = convert(kmodel, y)
+  if strategy is not None:
+    check_replicas(twin, len(x), train)
+    twin.per_replica = True
+  return twin, Parts(twin.raw, twin.optimizer, Data(x, y)), strategy
+
+
+def check_replicas(twin: Twin, examples: int, train) -> None:
+  """What a user's model on replicas needs: batches the replicas can split (as the seed's),
+  and no part whose per-replica treatment is not written out and checked against Keras yet."""
+  from bnraw.models.seed import check_shards
+  check_shards(examples, train.batch_size, train.replicas)
+  if twin.raw.state_variables:
+    raise UsageError("replicas", "a model with Dropout runs on one device so far (each "
+                     "replica's seed stream is not written out yet)")
+  if twin.raw.regularizers:
+    raise UsageError("replicas", "a model with weight regularizers runs on one device so far "
+                     "(the per-replica scaling of the penalty is not checked against Keras yet)")
+  if train.steps_per_execution > 1:
+    raise UsageError("replicas", "runs one step per call (--steps_per_execution=1)")
 
 
 def record(model_path: str, data_path: str, train, **options) -> dict:

@@ -335,7 +335,6 @@ def _run_replicas(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
   """:func:`run` on ``train.replicas`` replicas: the raw replicated step
   (bnraw.core.replicas) against Keras ``fit`` under the same MirroredStrategy. States hold every
   replica's copy of each variable (the BN copies differ; the weights' must not)."""
-  from bnraw.core import replicas
   seed.check(data, model, train)
   n = train.replicas
   strategy, mode = seed.replicated(train)
@@ -355,26 +354,12 @@ def _run_replicas(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
   load = lambda variables, opt, value: keras_bridge.set_state(variables, opt, value,
                                                               per_replica=True)
   load(keras_vars, kmodel.optimizer, state(raw.variables, optimizer))
-  step_fn = replicas.make_train_step(raw, optimizer, strategy, mode=mode)
-
-  def run_group(group):
-    outs = []
-    for batch in group:
-      out = step_fn(images[batch], labels[batch])
-      scaled = np.float32(0)
-      for value in out["scaled_loss"]:  # what Keras's batch_loss metric reads: a SUM on read
-        scaled = np.float32(scaled + np.float32(value))
-      outs.append({**out, "loss": scaled})
-    return outs
-
-  names = [f"{v.name.split(':')[0]}@{r}" for v in raw.variables for r in range(n)]
   sides = Sides(raw, optimizer, kmodel, images, labels, one_hot,
                 raw_state=lambda: state(raw.variables, optimizer),
                 set_raw_state=lambda value: load(raw.variables, optimizer, value),
-                keras_state=lambda: state(keras_vars, kmodel.optimizer), run_group=run_group,
-                names=names,
-                evaluate=lambda: replicas.evaluate(raw, strategy, images, labels,
-                                                   batch_size=train.batch_size, mode=mode))
+                keras_state=lambda: state(keras_vars, kmodel.optimizer),
+                **replicated_sides(raw, optimizer, strategy, images, labels,
+                                   batch_size=train.batch_size, mode=mode))
   steps = lockstep(sides, train, None, None, synced=synced, progress=progress)
   result = {
       "reference": "keras3", "reference_version": reference_version("keras3"),
@@ -385,15 +370,47 @@ def _run_replicas(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
       "raw_model_config": dataclasses.asdict(model),
       **verdict(sides, steps, train, mode),
   }
-  moving = [i for i, name in enumerate(names) if "moving_" in name]
-  final = sides.keras_state()["weights"]
-  result["replica_copies_differ"] = any(
-      not np.array_equal(final[i], final[i - i % n]) for i in moving)
+  result["replica_copies_differ"] = copies_differ(sides, n)
   if not synced:
     result["free_running"] = growth_report(steps)
   if out_dir is not None:
     outputs.write_json(os.path.join(out_dir, "compare.json"), result)
   return result
+
+
+def replicated_sides(raw, optimizer, strategy, images: np.ndarray, labels: np.ndarray, *,
+                     batch_size: int, mode: str) -> dict:
+  """The :class:`Sides` fields of a replicated compare: the raw replicated step over a group
+  of batches (its loss as Keras's ``batch_loss`` metric reads it, a SUM on read of the
+  replicas' scaled losses), the per-replica names of the state's weights (``name@r``, as
+  ``keras_bridge.get_state(per_replica=True)`` orders them) and the evaluate under the
+  strategy."""
+  from bnraw.core import replicas
+  n = strategy.num_replicas_in_sync
+  step_fn = replicas.make_train_step(raw, optimizer, strategy, mode=mode,
+                                     relax_batch=step.relaxed_batch(len(images), batch_size))
+
+  def run_group(group):
+    outs = []
+    for batch in group:
+      out = step_fn(images[batch], labels[batch])
+      scaled = np.float32(0)
+      for value in out["scaled_loss"]:
+        scaled = np.float32(scaled + np.float32(value))
+      outs.append({**out, "loss": scaled})
+    return outs
+
+  return {"run_group": run_group,
+          "names": [f"{v.name.split(':')[0]}@{r}" for v in raw.variables for r in range(n)],
+          "evaluate": lambda: replicas.evaluate(raw, strategy, images, labels,
+                                                batch_size=batch_size, mode=mode)}
+
+
+def copies_differ(sides: Sides, n: int) -> bool:
+  """Whether the Keras side's replicas hold different copies of any moving statistic."""
+  moving = [i for i, name in enumerate(sides.names) if "moving_" in name]
+  final = sides.keras_state()["weights"]
+  return any(not np.array_equal(final[i], final[i - i % n]) for i in moving)
 
 
 def recompile(kmodel, *, jit_compile: bool, steps_per_execution: int,
@@ -421,8 +438,12 @@ def run_keras_model(keras_model: str, data: str, train: TrainConfig, *, out_dir:
   compiled loss, first metric and optimizer. ``train`` gives batch size, epochs, seed, mode
   and steps per execution."""
   from bnraw.models import twin as twins
-  twin, parts = twins.setup(keras_model, data, train)
+  twin, parts, strategy = twins.setup(keras_model, data, train)
   kmodel, images, labels = twin.kmodel, parts.data.images, parts.data.labels
+  if strategy is not None:
+    return _run_keras_model_replicas(twin, parts, strategy, keras_model, data, train,
+                                     out_dir=out_dir, synced=synced, progress=progress,
+                                     overwrite=overwrite)
   if twin.raw.regularizers and train.steps_per_execution > 1:
     raise UsageError("steps_per_execution", "> 1 with a regularized model cannot be compared "
                      "step by step: fit's loss holds the penalty of the weights before each "
@@ -456,6 +477,45 @@ def run_keras_model(keras_model: str, data: str, train: TrainConfig, *, out_dir:
                 "bn_layers": [layer.name for layer in raw.batch_norms],
                 "metric": twin.metric_name},
       **verdict(sides, steps, train, mode),
+  }
+  if not synced:
+    result["free_running"] = growth_report(steps)
+  if out_dir is not None:
+    outputs.write_json(os.path.join(out_dir, "compare.json"), result)
+  return result
+
+
+def _run_keras_model_replicas(twin, parts, strategy, keras_model: str, data: str,
+                              train: TrainConfig, *, out_dir: Optional[str], synced: bool,
+                              progress: Optional[Callable], overwrite: bool) -> dict:
+  """:func:`run_keras_model` on ``train.replicas`` replicas: the twin's replicated step against
+  the model's own ``fit`` under the same strategy (both built under it by ``twins.setup``)."""
+  kmodel, raw, optimizer = twin.kmodel, twin.raw, twin.optimizer
+  images, labels = parts.data.images, parts.data.labels
+  mode = seed.replica_mode(train)
+  if out_dir is not None:
+    outputs.prepare_out_dir(out_dir, overwrite=overwrite)
+  with strategy.scope():
+    recompile(kmodel, jit_compile=(mode == "xla"), steps_per_execution=1, batch_loss=True)
+  twin.set_keras_state(twin.raw_state())
+  sides = Sides(raw, optimizer, kmodel, images, labels, labels, raw_state=twin.raw_state,
+                set_raw_state=twin.set_raw_state, keras_state=twin.keras_state,
+                metric_name=twin.metric_name,
+                **replicated_sides(raw, optimizer, strategy, images, labels,
+                                   batch_size=train.batch_size, mode=mode))
+  steps = lockstep(sides, train, None, None, synced=synced, progress=progress)
+  n = strategy.num_replicas_in_sync
+  result = {
+      "reference": "keras3", "reference_version": reference_version("keras3"),
+      "synced": synced, "perturbation": 0.0, "mode": mode, "autotune": None,
+      "replicas": n, "devices": list(strategy.extended.worker_devices),
+      "config": {"keras_model": os.path.abspath(keras_model), "data": os.path.abspath(data),
+                 "train": dataclasses.asdict(train), "synced": synced},
+      "model": {"name": kmodel.name, "dtype_policy": kmodel.dtype_policy.name,
+                "bn_layers": [layer.name for layer in raw.batch_norms],
+                "metric": twin.metric_name},
+      **verdict(sides, steps, train, mode),
+      "replica_copies_differ": copies_differ(sides, n),
   }
   if not synced:
     result["free_running"] = growth_report(steps)

@@ -200,7 +200,7 @@ def run_keras_model(model_path: str, data_path: str, *, batch_size: int, steps: 
   for mode in raw_modes:
     if mode not in ("eager", "function", "xla"):
       raise UsageError("raw_modes", f"expected some of eager, function, xla; got {mode!r}")
-  twin, parts = twins.setup(model_path, data_path, TrainConfig(batch_size=batch_size))
+  twin, parts, _ = twins.setup(model_path, data_path, TrainConfig(batch_size=batch_size))
   if out_dir is not None:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   images, labels = parts.data.images, parts.data.labels

@@ -85,7 +85,11 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     workload, epsilon, width = seed.workload(model, train), model.epsilon, model.width
   else:  # a user's model: its raw twin (bad model or data fails here, before any output)
     from bnraw.models import twin as twins
-    twin, parts = twins.setup(*keras_model, train)
+    twin, parts, strategy = twins.setup(*keras_model, train)
+    if strategy is not None:
+      if break_at is not None:
+        raise UsageError("break_at", "stops one device's step; runs with --replicas=1")
+      replicated_mode = seed.replica_mode(train)
     metric = twin.metric_name
     record = twins.record(*keras_model, train, **options)
     workload = {"keras_model": record["keras_model"]["digest"]}
