@@ -263,3 +263,49 @@ def test_tf_keras_saves_the_mean_of_the_replicas_copies():
   copies, saved = eval(done.stdout.strip().splitlines()[-1])
   assert copies == [[0.0] * 3, [5.0] * 3]
   assert saved == [2.5] * 3
+
+
+def zoo_file(tmp_path, name, examples=None):
+  """A zoo model saved as a user saves it, in a subprocess (this one may not split devices
+  later); ``examples``: its data cut or grown (repeated) to that many."""
+  code = (f"import numpy as np; from tests.models import zoo; m, d = zoo.save({name!r}, "
+          f"{str(tmp_path)!r}); n = {examples!r}\n"
+          "if n:\n  a = np.load(d); x, y = a['x'], a['y']; i = np.arange(n) % len(x)\n"
+          "  np.savez(d, x=x[i], y=y[i])")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert done.returncode == 0, done.stderr[-2000:]
+  return str(tmp_path / f"{name}.keras"), str(tmp_path / f"{name}.npz")
+
+
+def test_a_users_model_on_replicas_is_bit_identical_and_trains(tmp_path):
+  """The zoo's residual CNN on 2 replicas: 41 examples in batches of 16, so the last batch (9)
+  splits 5 and 4 and Keras traces for an unknown batch size. Every step bit-identical to its
+  own fit under the strategy, every replica's copy; evaluate too. bnraw-train on the same
+  setting ends at Keras's evaluate, and its trained.keras holds replica 0's copy."""
+  model, data = zoo_file(tmp_path, "resnet", examples=41)
+  flags = [f"--keras_model={model}", f"--data={data}", "--replicas=2", "--epochs=2",
+           "--batch_size=16", "--mode=function"]
+  script = lambda name: os.path.join(os.path.dirname(sys.executable), name)
+  for name, out in (("bnraw-compare", "c"), ("bnraw-train", "t")):
+    done = subprocess.run([script(name), *flags, f"--out_dir={tmp_path / out}"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+  result, summary = load(tmp_path / "c" / "compare.json"), load(tmp_path / "t" / "summary.json")
+  assert result["replicas"] == 2 and result["bit_identical_steps"] == 6, result["steps"]
+  assert result["replica_copies_differ"] is True
+  assert result["evaluate"]["loss_rel_diff"] == 0
+  assert summary["evaluate"]["loss"] == result["evaluate"]["keras"]["loss"]
+  assert os.path.isfile(summary["trained_model"])
+
+
+@pytest.mark.parametrize("name,words", [("mlp_dropout", "Dropout runs on one device"),
+                                        ("synchronized", "weight regularizers")])
+def test_what_a_users_model_on_replicas_does_not_support_yet_is_one_line(tmp_path, name, words):
+  model, data = zoo_file(tmp_path, name)
+  done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "bnraw-train"),
+                         f"--keras_model={model}", f"--data={data}", "--replicas=2",
+                         f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True)
+  assert done.returncode == 2
+  assert done.stderr.strip().count("\n") == 0 and words in done.stderr, done.stderr
+  assert not (tmp_path / "out").exists()
