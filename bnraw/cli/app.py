@@ -79,9 +79,11 @@ def _usage_message(error) -> str:
 
 
 def run(main: Callable[[list[str]], Optional[int]],
-        check: Optional[Callable[[list[str]], None]] = None) -> None:
+        check: Optional[Callable[[list[str]], None]] = None, *,
+        tensorflow: bool = True) -> None:
   """``app.run(main)`` with the exit-status policy above; ``check(argv)`` runs first, before
-  TensorFlow is imported, so bad flags cost no start-up."""
+  TensorFlow is imported, so bad flags cost no start-up (``tensorflow=False``: a command that
+  never needs it, the launcher)."""
   from absl import app, flags, logging
   from bnraw.errors import UsageError
 
@@ -97,6 +99,8 @@ def run(main: Callable[[list[str]], Optional[int]],
     try:
       if check is not None:
         check(argv)
+      if not tensorflow:
+        return main(argv)
       import_tensorflow_quietly()
       from bnraw.cluster import LostWorker
       from bnraw.core.loop import NonFiniteError

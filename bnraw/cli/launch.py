@@ -108,7 +108,7 @@ def main(argv):
 
 
 def console():
-  app.run(main, check)
+  app.run(main, check, tensorflow=False)
 
 
 if __name__ == "__main__":

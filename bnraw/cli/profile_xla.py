@@ -47,8 +47,8 @@ flags.DEFINE_string("profile_dir", None, "Write a TensorFlow profiler trace of a
                     "steps of the best mode here (TensorBoard's Profile tab).")
 flags.DEFINE_string("hlo_dir", None, "Write the raw xla step's HLO before/after optimisation.")
 flags.DEFINE_list("replicas", None, "Replica counts to time, e.g. 1,2: the replicated step "
-                  "and fit under MirroredStrategy (one width; the other seed-only flags do not "
-                  "apply).")
+                  "and (with false in --keras_jit, the default) fit under MirroredStrategy (one "
+                  "width; the other seed-only flags do not apply).")
 common.define_output_flags("runs/profile")
 common.define_keras_model_flags("Profile")
 FLAGS = flags.FLAGS
