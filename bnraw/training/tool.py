@@ -212,7 +212,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
       else:  # evaluate under the strategy: each shard with its replica's copy
         eval_loss, eval_accuracy = replicas.evaluate(parts.model, strategy, **data_and_batch)
       summary["evaluate"] = {"loss": eval_loss, "accuracy": eval_accuracy if metric else None}
-      if twin is not None:  # the trained twin as the user's own Keras model
+      if twin is not None and writer:  # the trained twin as the user's own Keras model
         summary["trained_model"] = twins.save_trained(twin, os.path.join(out_dir,
                                                                          "trained.keras"))
       if trace and writer:
