@@ -61,8 +61,10 @@ def from_environment(env: Mapping[str, str] = os.environ) -> Optional[Cluster]:
     return None
   try:
     config = json.loads(text)
-    tasks = {role: list(addresses) for role, addresses in config["cluster"].items()
-             if role in ROLES}
+    tasks = {role: addresses for role, addresses in config["cluster"].items() if role in ROLES}
+    if not all(isinstance(a, list) and all(isinstance(x, str) for x in a)
+               for a in tasks.values()):
+      raise TypeError("each role needs a list of \"host:port\" strings")
     task_type, task_index = config["task"]["type"], int(config["task"]["index"])
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise UsageError("TF_CONFIG", f"not a cluster description ({type(e).__name__}: {e}); expected "
@@ -99,6 +101,12 @@ def lost_peer(cluster: Cluster, error_text: str) -> str:
   return "a peer"
 
 
+def names_a_peer(error_text: str) -> bool:
+  """Whether a TensorFlow error is a collective aborted over a peer (one to call a lost
+  worker), not some other failure."""
+  return "Collective ops is aborted" in error_text or bool(_PEER.search(error_text))
+
+
 def free_ports(n: int) -> list[int]:
   """``n`` distinct TCP ports free on localhost now (held open together while chosen)."""
   sockets = []
@@ -125,4 +133,4 @@ class LostWorker(RuntimeError):
 
 
 __all__ = ["Cluster", "LostWorker", "check_replicas", "free_ports", "from_environment",
-           "is_chief", "local_tf_configs", "lost_peer"]
+           "is_chief", "local_tf_configs", "lost_peer", "names_a_peer"]

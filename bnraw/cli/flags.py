@@ -173,8 +173,8 @@ def check_keras_model_setup(*, resume: bool = False, replicas: bool = False) -> 
   if replicas and FLAGS.replicas < 1:
     raise UsageError("replicas", f"must be >= 1, got {FLAGS.replicas}")
   if clusters.from_environment() is not None:
-    raise UsageError("TF_CONFIG", "describes a cluster; a --keras_model run is on one device so "
-                     "far: unset TF_CONFIG")
+    raise UsageError("TF_CONFIG", "describes a cluster; a --keras_model run is in one process "
+                     "so far (--replicas splits its devices): unset TF_CONFIG")
   check_outputs(resume=resume)
 
 

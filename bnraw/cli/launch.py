@@ -14,6 +14,7 @@ first failure's status (128 + signal for a killed worker), after one line saying
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,10 +37,14 @@ def check(argv):
   if not command:
     raise UsageError("", "give the command after --, e.g. bnraw-launch --workers=2 -- "
                      "bnraw-train --epochs=10")
+  if shutil.which(command[0]) is None:
+    raise UsageError("", f"no such command: {command[0]}")
   replicas = [a for a in command if a.startswith("--replicas=")]
-  if replicas and int(replicas[-1].split("=", 1)[1]) % FLAGS.workers:
-    raise UsageError("workers", f"{FLAGS.workers} workers cannot share {replicas[-1]} "
-                     "(one replica per device of each worker)")
+  if replicas:
+    value = replicas[-1].split("=", 1)[1]
+    if not value.isdigit() or int(value) % FLAGS.workers:
+      raise UsageError("workers", f"{FLAGS.workers} workers cannot share {replicas[-1]} "
+                       "(one replica per device of each worker)")
 
 
 def status_text(index: int, code: int) -> str:
@@ -63,9 +68,15 @@ def launch(command: list[str], workers: int, grace: float) -> int:
   processes, relays = [], []
   for index, config in enumerate(configs):
     piped = index > 0
-    process = subprocess.Popen(command, env={**os.environ, "TF_CONFIG": config},
-                               stdout=subprocess.PIPE if piped else None,
-                               stderr=subprocess.STDOUT if piped else None)
+    try:  # a session of its own: a terminal's Ctrl-C reaches a worker once, forwarded below
+      process = subprocess.Popen(command, env={**os.environ, "TF_CONFIG": config},
+                                 stdout=subprocess.PIPE if piped else None,
+                                 stderr=subprocess.STDOUT if piped else None,
+                                 start_new_session=True)
+    except OSError as e:  # the workers started so far would wait for this one forever
+      for started in processes:
+        started.kill()
+      raise UsageError("", f"cannot start worker {index}: {e}") from None
     processes.append(process)
     if piped:
       relay = threading.Thread(target=_relay, args=(process.stdout, f"[worker {index}] "),

@@ -78,6 +78,26 @@ def gathered_copies(strategy: tf.distribute.Strategy, variables: Sequence) -> li
   return [np.asarray(strategy.experimental_local_results(value)[0]) for value in out]
 
 
+def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+  """Whether ``flag`` is true on any worker of a multi-worker strategy (a SUM all-reduce:
+  every worker must call it, as each does after every step to agree on stopping)."""
+  value = tf.constant(float(flag))
+  out = _any_worker(strategy)(value)
+  return bool(np.asarray(strategy.experimental_local_results(out)[0]) > 0)
+
+
+_ANY_WORKER: dict = {}  # id(strategy) -> its compiled SUM all-reduce (traced once)
+
+
+def _any_worker(strategy):
+  if id(strategy) not in _ANY_WORKER:
+    reduce = lambda v: tf.distribute.get_replica_context().all_reduce(  # made on the replica
+        tf.distribute.ReduceOp.SUM, tf.identity(v))
+    _ANY_WORKER[id(strategy)] = (strategy, tf.function(lambda v: strategy.run(reduce,
+                                                                              args=(v,))))
+  return _ANY_WORKER[id(strategy)][1]
+
+
 def copy_spread(strategy: tf.distribute.Strategy, variable) -> float:
   """How far the replicas' copies of ``variable`` spread: ``max |copy_r - copy_0| /
   max |copy_0|`` (0: identical, as synchronized BN keeps them)."""
@@ -128,8 +148,8 @@ def assign_copies(variable, values: Sequence[np.ndarray]) -> None:
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *, mode: str,
                     trace: bool = False, relax_batch: bool = False) -> Callable:
-  """``step(x, y) -> {"loss": [N], "scaled_loss": [N], "correct": [N], "finite": [N, L],
-  "batch_mean"/"batch_variance": [L] of [N, C][, "trace"]}`` (numpy, every replica's, on every
+  """``step(x, y) -> {"loss": [N], "scaled_loss": [N], "correct": [N], "finite": [N, L]
+  [, "trace"]}`` (numpy, every replica's, on every
   worker) for one global batch: the replicated step of this module's docstring, compiled as
   ``mode`` (function or xla; XLA inside each replica's function, as Keras's jit would).
   ``trace``: per BN layer each replica's statistics (bnraw.core.step.TRACE_KEYS, ``[N, C]``).
@@ -152,11 +172,10 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *, mode:
     optimizer.apply(gradients)
     finite = layers_finite(model, out.statistics)
     result = {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)), "scaled_loss": scaled,
-              "correct": model.correct(out.logits, y), "finite": finite,
-              "batch_mean": [s.mean for s in out.statistics],
-              "batch_variance": [s.variance for s in out.statistics]}
+              "correct": model.correct(out.logits, y), "finite": finite}
     if trace:
-      result["trace"] = dict(zip(TRACE_KEYS, (result["batch_mean"], result["batch_variance"],
+      result["trace"] = dict(zip(TRACE_KEYS, ([s.mean for s in out.statistics],
+                                              [s.variance for s in out.statistics],
                                               *before, *moving_statistics(model))))
     return result
 
@@ -271,7 +290,7 @@ def mean_over_batches(step: Callable, images: np.ndarray, labels: np.ndarray,
   return losses.result(), metrics.result()
 
 
-__all__ = ["CopyStore", "multi_worker_strategy", "assign_copies", "copy_spread", "gathered_copies", "configure_devices", "copies",
+__all__ = ["CopyStore", "any_worker", "multi_worker_strategy", "assign_copies", "copy_spread", "gathered_copies", "configure_devices", "copies",
            "evaluate", "make_eval_step", "make_train_branch_step",
            "make_train_step", "mean_over_batches", "shard_bounds", "shard_sizes",
            "strategy_for"]

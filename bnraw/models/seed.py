@@ -174,10 +174,10 @@ def check_shards(examples: int, batch_size: int, replicas: int) -> None:
 
 
 def refuse_replicas(train: TrainConfig, tool: str) -> None:
-  """Replicas run in bnraw-compare and bnraw-diagnose so far; other tools refuse them."""
+  """For a tool that runs on one device so far (the sweep): replicas refused."""
   if train.replicas > 1:
-    raise UsageError("replicas", f"{tool} runs on one device so far; bnraw-compare and "
-                     "bnraw-diagnose run the replicated step")
+    raise UsageError("replicas", f"{tool} runs on one device so far; bnraw-train, "
+                     "bnraw-compare, bnraw-diagnose and bnraw-profile run replicas")
 
 
 def replicated(train: TrainConfig):
@@ -202,16 +202,17 @@ def replicated(train: TrainConfig):
     raise UsageError("replicas", "the devices must be split before TensorFlow starts: run "
                      "with --replicas in a fresh process") from None
   if strategy.num_replicas_in_sync != train.replicas:
-    raise UsageError("replicas", f"the {cluster.workers} workers in TF_CONFIG hold "
-                     f"{strategy.num_replicas_in_sync} devices in all, one replica each: give "
-                     f"--replicas={strategy.num_replicas_in_sync}")
+    where = (f"the {cluster.workers} workers in TF_CONFIG hold" if cluster is not None
+             else "this machine gives")
+    raise UsageError("replicas", f"{where} {strategy.num_replicas_in_sync} devices in all, one "
+                     f"replica each: give --replicas={strategy.num_replicas_in_sync}")
   return strategy, replica_mode(train)
 
 
 def replica_mode(train: TrainConfig) -> str:
-  """The mode replicas compile in: Keras's jit auto is off under a strategy, so function
-  unless xla is asked for."""
-  return "xla" if train.mode == "xla" else "function"
+  """The mode replicas run in: Keras's jit auto is off under a strategy, so function unless
+  xla (or eager) is asked for."""
+  return train.mode if train.mode in ("xla", "eager") else "function"
 
 
 def check_block(block: tuple[int, int]) -> None:

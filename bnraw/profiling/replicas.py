@@ -11,7 +11,6 @@ a speed-up needs N real devices.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import sys
 import time
@@ -67,16 +66,17 @@ def run(*, counts: Sequence[int], width: float, batch_size: int, steps: int, war
     label = f"{n} replica" + ("s" if n > 1 else "")
     if progress:
       print(f"building {label}", file=sys.stderr)
-    if strategy is None:
-      raw = raw_bench(model_config, data.images, data.labels, mode="function",
-                      batch_size=batch_size, trace=False)
+    if strategy is None:  # on the first of the same devices (a GPU machine splits no CPU)
+      with tf.device(devices[0]):
+        raw = raw_bench(model_config, data.images, data.labels, mode="function",
+                        batch_size=batch_size, trace=False)
     else:
       raw = raw_replicated_bench(model_config, data.images, data.labels, strategy=strategy,
                                  batch_size=batch_size)
     raw.row = {"impl": "raw", "mode": "function", "replicas": n}
     benches.append(raw)
     if keras:
-      with strategy.scope() if strategy else contextlib.nullcontext():
+      with strategy.scope() if strategy else tf.device(devices[0]):
         fit = keras_bench(model_config, data.images, data.labels, jit_compile=False,
                           batch_size=batch_size)
       fit.row = {"impl": "keras", "mode": "fit", "replicas": n}
@@ -93,7 +93,10 @@ def run(*, counts: Sequence[int], width: float, batch_size: int, steps: int, war
     rows.append({**bench.row, "ms_per_step": ms, "examples_per_s": batch_size / ms * 1e3,
                  "gflops": flops / ms / 1e6, "compile_s": bench.compile_s,
                  "timed_steps": len(bench.times)})
-  return {"width": width, "batch_size": batch_size, "device": device_name(),
+  on_gpu = "GPU" in devices[0].upper()
+  return {"width": width, "batch_size": batch_size,
+          "device": device_name() if on_gpu else f"CPU split into {len(devices)} logical "
+                                                 "devices",
           "devices": list(devices), "steps": steps, "rounds": rounds, "warmup": warmup,
           "rows": rows, "scaling": scaling(rows)}
 
@@ -124,7 +127,7 @@ def report(result: dict) -> str:
     lines.append(f"{row['impl']:6} {row['replicas']:>8} {row['ms_per_step']:>9.2f} "
                  f"{row['examples_per_s']:>11.0f} {fmt(s['speedup_over_1']):>9} "
                  f"{fmt(s['raw_over_keras']):>10}")
-  if not result["device"].startswith("GPU"):
+  if "GPU" not in result["devices"][0].upper():
     lines.append("logical CPU devices share this process's cores: the replica rows show what "
                  "the strategy costs here, not a speed-up (that needs N real devices)")
   return "\n".join(lines)

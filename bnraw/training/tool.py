@@ -60,24 +60,35 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   "complete" or "interrupted"; a non-finite step writes the summary with status "non_finite" and
   raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict (DESIGN.md section 4).
   """
+  if histogram_every < 1:
+    raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
+  from bnraw import cluster as clusters
+  cluster = clusters.from_environment()  # on many workers only the chief writes
+  with lost_workers(cluster):
+    return _run(data, model, train, out_dir=out_dir, trace=trace, progress=progress,
+                on_step=on_step, break_at=break_at, break_action=break_action,
+                checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+                histogram_every=histogram_every, keras_model=keras_model, cluster=cluster)
+
+
+def _run(data, model, train, *, out_dir, trace, progress, on_step, break_at, break_action,
+         checkpoint_every, resume, overwrite, histogram_every, keras_model, cluster) -> dict:
+  """:func:`run`'s body, on this process's ``cluster`` (None: one process)."""
+  from bnraw import cluster as clusters
   from bnraw import machine
   from bnraw.core import autotune, loop, optim, replicas, step
   from bnraw.models import seed
   from bnraw.training.checkpoint import Checkpointer, read_state
-  if histogram_every < 1:
-    raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
   options = dict(trace=trace, checkpoint_every=checkpoint_every,
                  break_at=list(break_at) if break_at else None)
-  from bnraw import cluster as clusters
   twin, metric, strategy = None, "accuracy", None
-  cluster = clusters.from_environment()  # on many workers only the chief writes
   writer = clusters.is_chief(cluster)
+  if break_at is not None and train.replicas > 1:
+    raise UsageError("break_at", "stops one device's step; runs with --replicas=1")
   if keras_model is None:
     model = model.resolved()
     seed.check(data, model, train)  # bad input fails here, before anything is written
     if train.replicas > 1:
-      if break_at is not None:
-        raise UsageError("break_at", "stops one device's step; runs with --replicas=1")
       strategy, replicated_mode = seed.replicated(train)
     with strategy.scope() if strategy else contextlib.nullcontext():
       parts = seed.build(data, model, train)
@@ -87,8 +98,6 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     from bnraw.models import twin as twins
     twin, parts, strategy = twins.setup(*keras_model, train)
     if strategy is not None:
-      if break_at is not None:
-        raise UsageError("break_at", "stops one device's step; runs with --replicas=1")
       replicated_mode = seed.replica_mode(train)
     metric = twin.metric_name
     record = twins.record(*keras_model, train, **options)
@@ -150,7 +159,6 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   printer = (EpochProgress(train.epochs, steps_per_epoch=loop.steps_per_epoch(
       len(parts.data.images), train.batch_size)) if progress else None)
   with contextlib.ExitStack() as stack:
-    stack.enter_context(lost_workers(cluster))
     if trace and writer:  # every worker traces in its step (gathers are collectives)
       from bnraw.tracing.store import TRACE_FILE, Trace, TraceRecorder
       from bnraw.tracing.tensorboard import TensorBoardWriter
@@ -174,12 +182,16 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
 
     start = time.perf_counter()
     stopped = stack.enter_context(stop_on_signals())
+    if cluster is None:
+      should_stop = lambda: stopped() is not None
+    else:  # every worker stops after the same step: a signal to any one stops them all
+      should_stop = lambda: replicas.any_worker(strategy, stopped() is not None)
     history = loop.fit(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
                        batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
                        mode=mode, trace=trace,
                        on_step=(lambda r: [f(r) for f in recorders]) if recorders else None,
                        on_epoch=on_epoch, hook=hook, hook_step=break_at and break_at[1],
-                       resume=resume_state, should_stop=lambda: stopped() is not None,
+                       resume=resume_state, should_stop=should_stop,
                        step_fn=step_fn, steps_per_execution=train.steps_per_execution,
                        strategy=strategy, sorted_shards=train.shards == "sorted")
     summary = {
@@ -236,8 +248,9 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
 @contextlib.contextmanager
 def lost_workers(cluster):
   """On a worker of ``cluster``: a collective that fails because a peer is gone (TensorFlow
-  aborts them when its health check, every 30 s, finds one down; at once when the peer's port
-  refuses) becomes :class:`bnraw.cluster.LostWorker`, naming the peer. Without one: nothing."""
+  aborts them when a peer's connection drops, its heartbeats stop, or MWMS's health check,
+  every 30 s, finds it down) becomes :class:`bnraw.cluster.LostWorker`, naming the peer. Other
+  errors pass through. Without a cluster: nothing."""
   if cluster is None:
     yield
     return
@@ -247,9 +260,11 @@ def lost_workers(cluster):
     yield
   except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
           tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError) as e:
+    if not clusters.names_a_peer(str(e)):
+      raise
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(e)).strip()
     raise clusters.LostWorker(f"lost {clusters.lost_peer(cluster, str(e))}: "
-                              f"{text.splitlines()[0][:160]}") from None
+                              f"{(text.splitlines() or [''])[0][:160]}") from None
 
 
 def replicas_summary(model, strategy) -> dict:
@@ -257,7 +272,8 @@ def replicas_summary(model, strategy) -> dict:
   (bnraw.core.replicas.copy_spread of the mean and the variance; 0 with synchronized BN)."""
   from bnraw.core import replicas
   return {"count": strategy.num_replicas_in_sync,
-          "devices": list(strategy.extended.worker_devices), "saved_copy": "replica 0",
+          # this process's devices (on many workers: the chief's; the others' hold the rest)
+          "local_devices": list(strategy.extended.worker_devices), "saved_copy": "replica 0",
           "moving_statistics_rel_spread": {
               layer.name: [replicas.copy_spread(strategy, v) for v in
                            (layer.moving_mean, layer.moving_variance)]

@@ -36,7 +36,7 @@ def test_synchronized_copies_are_bit_identical_to_keras_fit_under_the_strategy(t
 
 
 @pytest.mark.parametrize("tool,flags,words", [
-    ("bnraw-sweep", ["--replicas=2"], "bnraw-compare and bnraw-diagnose run the replicated"),
+    ("bnraw-sweep", ["--replicas=2"], "bnraw-sweep runs on one device so far"),
     ("bnraw-train", ["--replicas=2", "--break_at=bn_1:3"], "runs with --replicas=1"),
     ("bnraw-compare", ["--replicas=3", "--batch_size=64"], "keras-team/keras#19246"),
     ("bnraw-compare", ["--replicas=3", "--batch_size=9"], "would leave a replica no example"),
@@ -116,7 +116,7 @@ def test_train_on_replicas_is_keras_fit_and_two_workers_resume_it(tmp_path):
               launch=True)
   assert "[worker 1] worker 1 (localhost:" in done.stderr + done.stdout
   train = load(workers / "summary.json")
-  assert [d.split("/")[1] for d in train["replicas"]["devices"]] == ["job:worker"]
+  assert [d.split("/")[1] for d in train["replicas"]["local_devices"]] == ["job:worker"]
   assert train["replicas"]["count"] == 2
   assert train["evaluate"]["loss"] == keras["evaluate"]["keras"]["loss"]
   with np.load(workers / "trace.npz") as trace:
@@ -129,15 +129,14 @@ def test_train_on_replicas_is_keras_fit_and_two_workers_resume_it(tmp_path):
   assert max(max(v) for v in spread.values()) > 0
 
 
-@pytest.mark.parametrize("victim", [1])
-def test_a_lost_worker_stops_the_others_with_one_line_naming_it(tmp_path, victim):
+def test_a_lost_worker_stops_the_others_with_one_line_naming_it(tmp_path):
   """SIGKILL one of 2 workers after the first checkpoint: the other exits 4 at once (its
   collective fails; TensorFlow's health check would abort it within about a minute anyway),
   with one line naming the lost worker and its address; the checkpoint stays resumable."""
   import signal
   import time
   from bnraw import cluster
-  out = tmp_path / "out"
+  victim, out = 1, tmp_path / "out"
   configs = cluster.local_tf_configs(cluster.free_ports(2))
   command = [os.path.join(os.path.dirname(sys.executable), "bnraw-train"), "--width=1/64",
              "--batch_size=64", "--mode=function", "--epochs=200", "--checkpoint_every=1",
