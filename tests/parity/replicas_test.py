@@ -182,8 +182,11 @@ def test_the_launcher_reports_the_first_failure_and_stops_the_rest(tmp_path):
 
 @pytest.mark.parametrize("tool_name,flags,env,words", [
     ("bnraw-launch", ["--workers=2"], None, "give the command after --"),
-    ("bnraw-launch", ["--workers=2", "--", "bnraw-train", "--replicas=3"], None,
+    ("bnraw-launch", ["--workers=2", "--", os.path.join(os.path.dirname(sys.executable),
+                                                        "bnraw-train"), "--replicas=3"], None,
      "2 workers cannot share --replicas=3"),
+    ("bnraw-launch", ["--workers=2", "--", "no-such-bnraw-command"], None,
+     "no such command: no-such-bnraw-command"),
     ("bnraw-train", ["--replicas=2"], "{not json", "TF_CONFIG: not a cluster description"),
     ("bnraw-train", [], '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", '
      '"index": 1}}', "TF_CONFIG describes 2 workers: give --replicas"),
