@@ -319,14 +319,17 @@ def _chunk(epoch_batches: list, number: int, global_step: int, most: int,
   return epoch_batches[number:end]
 
 
-def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks) -> tuple[float, float]:
+def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks, *,
+                      replicas: int = 1) -> tuple[float, float]:
   """Keras's epoch averaging: ``one_batch(indices) -> (loss, correct count)`` per batch,
-  combined as fit/evaluate's float32 ``Mean`` metrics weighted by batch size."""
-  loss_mean, accuracy_mean = MeanTracker(), MeanTracker()
+  combined as fit/evaluate's float32 ``Mean`` metrics weighted by batch size; on ``replicas``
+  replicas each is per replica (``[N]``), weighted by its shard (:class:`MeanTracker`)."""
+  loss_mean, accuracy_mean = MeanTracker(replicas=replicas), MeanTracker(replicas=replicas)
   for chunk in chunks:
     loss, correct = one_batch(chunk)
-    loss_mean.update(float(loss), len(chunk))
-    accuracy_mean.add(float(correct), len(chunk))
+    sizes = shard_sizes(len(chunk), replicas)
+    loss_mean.update(np.asarray(loss, np.float32), sizes)
+    accuracy_mean.add(np.asarray(correct, np.float32), sizes)
   return loss_mean.result(), accuracy_mean.result()
 
 

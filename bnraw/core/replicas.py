@@ -29,7 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw.core.layers import BATCH
-from bnraw.core.loop import MeanTracker, batches, shard_bounds, shard_sizes
+from bnraw.core.loop import batches, shard_bounds, shard_sizes
+from bnraw.core.loop import mean_over_batches as loop_mean_over_batches
 from bnraw.core.step import (TRACE_KEYS, _traced_for, layers_finite, moving_statistics,
                              relaxed_batch)
 
@@ -98,10 +99,22 @@ def _any_worker(strategy):
   return _ANY_WORKER[id(strategy)][1]
 
 
-def copy_spread(strategy: tf.distribute.Strategy, variable) -> float:
-  """How far the replicas' copies of ``variable`` spread: ``max |copy_r - copy_0| /
-  max |copy_0|`` (0: identical, as synchronized BN keeps them)."""
-  values = gathered_copies(strategy, [variable])[0]
+def moving_variables(model) -> list:
+  """Every BN layer's moving mean and moving variance, in that order: the state whose copies
+  differ across replicas."""
+  return [v for layer in model.batch_norms for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def moving_copies(strategy: tf.distribute.Strategy, model) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per BN layer every replica's copy of its moving mean and variance (``[N, C]`` each), in one
+  all-gather (:func:`gathered_copies`)."""
+  values = gathered_copies(strategy, moving_variables(model))
+  return list(zip(values[0::2], values[1::2]))
+
+
+def copy_spread(values: np.ndarray) -> float:
+  """How far the replicas' copies (``[N, ...]``) of a variable spread: ``max |copy_r - copy_0|
+  / max |copy_0|`` (0: identical, as synchronized BN keeps them)."""
   return float(np.abs(values - values[0]).max() / (np.abs(values[0]).max() or 1.0))
 
 
@@ -279,18 +292,17 @@ def evaluate(model, strategy: tf.distribute.Strategy, images: np.ndarray, labels
 def mean_over_batches(step: Callable, images: np.ndarray, labels: np.ndarray,
                       chunks, n: int) -> tuple[float, float]:
   """``step`` (a per-replica loss and metric step) over the batches ``chunks`` (example
-  indices), its loss and metric averaged as fit and evaluate average them under a strategy
-  (:class:`bnraw.core.loop.MeanTracker`)."""
-  losses, metrics = MeanTracker(replicas=n), MeanTracker(replicas=n)
-  for batch in chunks:
+  indices), averaged as fit and evaluate average them under a strategy
+  (:func:`bnraw.core.loop.mean_over_batches` on ``n`` replicas)."""
+  def one_batch(batch):
     out = step(images[batch], labels[batch])
-    sizes = shard_sizes(len(batch), n)
-    losses.update(out["loss"], sizes)
-    metrics.add(out["correct"], sizes)
-  return losses.result(), metrics.result()
+    return out["loss"], out["correct"]
+
+  return loop_mean_over_batches(one_batch, chunks, replicas=n)
 
 
-__all__ = ["CopyStore", "any_worker", "multi_worker_strategy", "assign_copies", "copy_spread", "gathered_copies", "configure_devices", "copies",
-           "evaluate", "make_eval_step", "make_train_branch_step",
-           "make_train_step", "mean_over_batches", "shard_bounds", "shard_sizes",
+__all__ = ["CopyStore", "any_worker", "assign_copies", "configure_devices", "copies",
+           "copy_spread", "evaluate", "gathered_copies", "make_eval_step",
+           "make_train_branch_step", "make_train_step", "mean_over_batches", "moving_copies",
+           "moving_variables", "multi_worker_strategy", "shard_bounds", "shard_sizes",
            "strategy_for"]

@@ -103,6 +103,7 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
                                                forward_loss)
   moving = [layer.moving for layer in raw.batch_norms]
   precise = raw_population_statistics(raw, images, batch_size)
+  gathered = replicas.moving_copies(strategy, raw)  # every replica's copies, one all-gather
   saved = loss(per_layer(moving))
   results = {
       "fit": (history.loss[-1], history.accuracy[-1]),
@@ -119,16 +120,14 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
                                                 batch_size=batch_size, mode=mode),
       # tf_keras 2 keeps the statistics ON_READ with MEAN: it saves the mean of the copies
       # (measured: copies 0 and 5 save 2.5)
-      "tf_keras_saved": loss(per_layer(mean_of_copies(strategy, raw))),
+      "tf_keras_saved": loss(per_layer(mean_of_copies(gathered))),
   }
   losses = {key: value[0] for key, value in results.items()}
   attribution = dg.attribution(losses)
   attribution["replica_divergence"] = losses["evaluate_distributed"] - losses["evaluate"]
-  copies = {layer.name: {"moving_mean_max_rel_spread":
-                             replicas.copy_spread(strategy, layer.moving_mean),
-                         "moving_variance_max_rel_spread":
-                             replicas.copy_spread(strategy, layer.moving_variance)}
-            for layer in raw.batch_norms}
+  copies = {name: {"moving_mean_max_rel_spread": replicas.copy_spread(mean),
+                   "moving_variance_max_rel_spread": replicas.copy_spread(variance)}
+            for name, (mean, variance) in zip(names, gathered)}
   return {
       "losses": {**losses, "evaluate_saved": losses["evaluate"]},
       "attribution": attribution,
@@ -142,15 +141,13 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
   }
 
 
-def mean_of_copies(strategy, raw) -> list:
-  """Per BN layer the mean over the replicas of their copies of the moving statistics, as
-  tf_keras 2's ON_READ/MEAN variables read outside a replica (what its saved model holds)."""
-  out = []
-  for layer in raw.batch_norms:
-    mean, variance = replicas.gathered_copies(strategy, [layer.moving_mean, layer.moving_variance])
-    out.append(ops.Moments(tf.constant(mean.sum(axis=0) / np.float32(len(mean))),
-                           tf.constant(variance.sum(axis=0) / np.float32(len(variance)))))
-  return out
+def mean_of_copies(gathered: list) -> list:
+  """Per BN layer the mean over the replicas of their copies of the moving statistics
+  (``gathered``: :func:`bnraw.core.replicas.moving_copies`), as tf_keras 2's ON_READ/MEAN
+  variables read outside a replica (what its saved model holds)."""
+  return [ops.Moments(tf.constant(mean.sum(axis=0) / np.float32(len(mean))),
+                      tf.constant(variance.sum(axis=0) / np.float32(len(variance))))
+          for mean, variance in gathered]
 
 
 __all__ = ["diagnose", "mean_of_copies", "run"]

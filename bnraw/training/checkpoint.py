@@ -48,9 +48,8 @@ class Checkpointer:
     # on replicas: every replica's copy of the moving statistics too (bnraw.core.replicas)
     self.copies = None
     if strategy is not None and strategy.num_replicas_in_sync > 1:
-      from bnraw.core.replicas import CopyStore
-      self.copies = CopyStore(strategy, [v for layer in model.batch_norms
-                                         for v in (layer.moving_mean, layer.moving_variance)])
+      from bnraw.core.replicas import CopyStore, moving_variables
+      self.copies = CopyStore(strategy, moving_variables(model))
     self.checkpoint = _checkpoint(model, optimizer, self.copies.variables if self.copies else ())
     self.optimizer = optimizer
     self.resolved: dict = {}  # what the run decided (its mode, the autotune record): kept on resume

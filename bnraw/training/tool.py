@@ -275,9 +275,9 @@ def replicas_summary(model, strategy) -> dict:
           # this process's devices (on many workers: the chief's; the others' hold the rest)
           "local_devices": list(strategy.extended.worker_devices), "saved_copy": "replica 0",
           "moving_statistics_rel_spread": {
-              layer.name: [replicas.copy_spread(strategy, v) for v in
-                           (layer.moving_mean, layer.moving_variance)]
-              for layer in model.batch_norms}}
+              layer.name: [replicas.copy_spread(mean), replicas.copy_spread(variance)]
+              for layer, (mean, variance) in zip(model.batch_norms,
+                                                 replicas.moving_copies(strategy, model))}}
 
 
 def resume(out_dir: str, *, epochs: Optional[int] = None, **kwargs) -> dict:
