@@ -1,21 +1,8 @@
-"""The raw step on N replicas under ``tf.distribute.MirroredStrategy``, written out as Keras 3's
-``fit`` does it on the TF backend (keras/src/backend/tensorflow/trainer.py, optimizer.py,
-losses/loss.py), and verified bit for bit against it:
-
-* the global batch is split contiguously over the replicas;
-* each replica runs the forward pass on its shard with the same weights; its BN layers normalise
-  with the shard's own moments and write *their own* copy of the moving statistics (the
-  variables are mirrored with aggregation NONE: in a replica context an assignment changes the
-  local copy only, so the copies diverge; read outside one, a variable gives replica 0's copy);
-  a ``synchronized`` BN layer all-reduces its sums first (:func:`bnraw.core.ops.moments_one_pass`)
-  so that every copy gets the same update;
-* each replica's loss is scaled by ``1/N`` (Keras's ``scale_loss_for_distribution``) before
-  differentiating; the gradients are SUM-all-reduced (``replica_context.all_reduce``, as the
-  optimizer's ``_all_reduce_sum_gradients``) and every replica applies the same update to its
-  copy of the weights, which therefore stay identical;
-* the reported loss is the scaled loss times ``N`` (``unscale_loss_for_distribution``), and
-  ``fit``'s epoch loss adds each replica's ``loss * shard size`` into that replica's own total:
-  ``sum(totals) / sum(counts)`` (:class:`bnraw.core.loop.MeanTracker`).
+"""Replicas' state: the devices a ``tf.distribute`` strategy runs on, and every replica's copy of
+the variables whose copies differ (BN's moving statistics, mirrored with aggregation NONE: in a
+replica context an assignment changes the local copy only; read outside one, a variable gives
+replica 0's copy). The replicated *step* is :func:`bnraw.core.step.make_train_step` with a
+strategy; its batching and epoch means are :mod:`bnraw.core.batching`'s.
 
 Logical devices: N GPUs when there are that many, otherwise the CPU split into N logical devices
 (:func:`configure_devices`, before TensorFlow initialises its devices).
@@ -23,16 +10,11 @@ Logical devices: N GPUs when there are that many, otherwise the CPU split into N
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from bnraw.core.layers import BATCH
-from bnraw.core.loop import batches, shard_bounds, shard_sizes
-from bnraw.core.loop import mean_over_batches as loop_mean_over_batches
-from bnraw.core.step import (TRACE_KEYS, _traced_for, layers_finite, moving_statistics,
-                             relaxed_batch)
 
 
 def configure_devices(n: int) -> list[str]:
@@ -159,150 +141,6 @@ def assign_copies(variable, values: Sequence[np.ndarray]) -> None:
     part.assign(value)
 
 
-def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, *, mode: str,
-                    trace: bool = False, relax_batch: bool = False) -> Callable:
-  """``step(x, y) -> {"loss": [N], "scaled_loss": [N], "correct": [N], "finite": [N, L]
-  [, "trace"]}`` (numpy, every replica's, on every
-  worker) for one global batch: the replicated step of this module's docstring, compiled as
-  ``mode`` (function or xla; XLA inside each replica's function, as Keras's jit would).
-  ``trace``: per BN layer each replica's statistics (bnraw.core.step.TRACE_KEYS, ``[N, C]``).
-  ``relax_batch``: traced for an unknown batch size, as Keras's distributed dataset is when the
-  batch size does not divide the examples (bnraw.core.step.relaxed_batch; it rounds
-  differently, measured: 3 replicas of batch 48 and the zoo's 40 examples of batch 16)."""
-  if mode not in ("function", "xla", "eager"):
-    raise ValueError(f"mode must be eager, function or xla, got {mode!r}")
-
-  def replica_step(x, y):
-    context = tf.distribute.get_replica_context()
-    n = context.num_replicas_in_sync
-    before = moving_statistics(model) if trace else None  # this replica's copies
-    with tf.GradientTape() as tape:
-      out = model(x, training=True)
-      loss = model.loss(out.logits, y)
-      scaled = tf.multiply(loss, tf.cast(1.0 / n, loss.dtype))
-    gradients = tape.gradient(scaled, model.trainable_variables)
-    gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-    optimizer.apply(gradients)
-    finite = layers_finite(model, out.statistics)
-    result = {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)), "scaled_loss": scaled,
-              "correct": model.correct(out.logits, y), "finite": finite}
-    if trace:
-      result["trace"] = dict(zip(TRACE_KEYS, ([s.mean for s in out.statistics],
-                                              [s.variance for s in out.statistics],
-                                              *before, *moving_statistics(model))))
-    return result
-
-  return _per_replica(replica_step, strategy, mode, relax_batch)
-
-
-def make_eval_step(model, strategy: tf.distribute.Strategy, *, mode: str,
-                   relax_batch: bool = False) -> Callable:
-  """``step(x, y) -> {"loss": [N], "correct": [N]}``: Keras's ``evaluate`` under the strategy,
-  each replica in the inference branch with *its own* copy of the moving statistics, its loss
-  scaled by 1/N and back (as ``test_step`` reports it)."""
-
-  def replica_step(x, y):
-    n = tf.distribute.get_replica_context().num_replicas_in_sync
-    logits = model(x, training=False).logits
-    loss = model.loss(logits, y)
-    scaled = tf.multiply(loss, tf.cast(1.0 / n, loss.dtype))
-    return {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)),
-            "correct": model.correct(logits, y)}
-
-  return _per_replica(replica_step, strategy, mode, relax_batch)
-
-
-def _per_replica(replica_step: Callable, strategy: tf.distribute.Strategy, mode: str,
-                 relax_batch: bool = False) -> Callable:
-  """``replica_step`` on every replica's shard, its outputs all-gathered (outside XLA) so that
-  each worker holds every replica's (``[N, ...]``, replica order), as Keras's metrics read their
-  SUM-on-read totals across workers."""
-  inner = replica_step if mode == "eager" else tf.function(replica_step,
-                                                           jit_compile=(mode == "xla"))
-
-  def gather(out):
-    context = tf.distribute.get_replica_context()
-    stack = lambda t: context.all_gather(t[None], axis=0)
-    return tf.nest.map_structure(
-        lambda t: tf.cast(stack(tf.cast(t, tf.int32)), tf.bool) if t.dtype == tf.bool
-        else stack(t), out)
-
-  def shard(x, y):
-    """This replica's contiguous part of the global batch (:func:`shard_bounds`), cut inside
-    the graph so that its size stays unknown when the batch's is."""
-    context = tf.distribute.get_replica_context()
-    n, r = context.num_replicas_in_sync, context.replica_id_in_sync_group
-    size = tf.shape(x)[0]
-    per = (size + n - 1) // n
-    start = tf.minimum(r * per, size)
-    stop = tf.minimum(start + per, size)
-    parts = x[start:stop], y[start:stop]
-    if x.shape[0] is not None and x.shape[0] % n == 0:  # a known batch: known equal shards
-      for part, whole in zip(parts, (x, y)):
-        part.set_shape([whole.shape[0] // n, *whole.shape[1:]])
-    return parts
-
-  # separate runs: a synchronisation inside a nested tf.function must be the whole replica fn
-  def run(x, y):
-    shards = strategy.run(shard, args=(x, y))
-    return strategy.run(gather, args=(strategy.run(inner, args=shards),))
-
-  if mode == "eager":
-    compiled = run
-  elif relax_batch:  # every batch size through one graph, as Keras's relaxed element spec
-    compiled = _traced_for(run, lambda shape: [None, *shape[1:]])
-  else:
-    compiled = tf.function(run)
-
-  def step(images, labels) -> dict:
-    out = compiled(tf.convert_to_tensor(images), tf.convert_to_tensor(labels))
-    return tf.nest.map_structure(
-        lambda value: np.asarray(strategy.experimental_local_results(value)[0]), out)
-
-  return step
-
-
-def make_train_branch_step(model, strategy: tf.distribute.Strategy, *, mode: str,
-                           relax_batch: bool = False) -> Callable:
-  """``step(x, y) -> {"loss": [N], "correct": [N]}``: the training branch on each replica's
-  shard (BN with the shard's own moments, no update), as fit's forward pass normalises."""
-
-  def replica_step(x, y):
-    n = tf.distribute.get_replica_context().num_replicas_in_sync
-    logits = model(x, training=True, statistics=BATCH).logits
-    loss = model.loss(logits, y)
-    scaled = tf.multiply(loss, tf.cast(1.0 / n, loss.dtype))
-    return {"loss": tf.multiply(scaled, tf.cast(n, scaled.dtype)),
-            "correct": model.correct(logits, y)}
-
-  return _per_replica(replica_step, strategy, mode, relax_batch)
-
-
-def evaluate(model, strategy: tf.distribute.Strategy, images: np.ndarray, labels: np.ndarray, *,
-             batch_size: int, mode: str) -> tuple[float, float]:
-  """``model.evaluate`` under the strategy (each shard normalised with its replica's copy):
-  loss and metric, averaged as :class:`bnraw.core.loop.MeanTracker`."""
-  relax = relaxed_batch(len(images), batch_size)
-  return mean_over_batches(make_eval_step(model, strategy, mode=mode, relax_batch=relax),
-                           images, labels,
-                           batches(np.arange(len(images)), batch_size),
-                           strategy.num_replicas_in_sync)
-
-
-def mean_over_batches(step: Callable, images: np.ndarray, labels: np.ndarray,
-                      chunks, n: int) -> tuple[float, float]:
-  """``step`` (a per-replica loss and metric step) over the batches ``chunks`` (example
-  indices), averaged as fit and evaluate average them under a strategy
-  (:func:`bnraw.core.loop.mean_over_batches` on ``n`` replicas)."""
-  def one_batch(batch):
-    out = step(images[batch], labels[batch])
-    return out["loss"], out["correct"]
-
-  return loop_mean_over_batches(one_batch, chunks, replicas=n)
-
-
 __all__ = ["CopyStore", "any_worker", "assign_copies", "configure_devices", "copies",
-           "copy_spread", "evaluate", "gathered_copies", "make_eval_step",
-           "make_train_branch_step", "make_train_step", "mean_over_batches", "moving_copies",
-           "moving_variables", "multi_worker_strategy", "shard_bounds", "shard_sizes",
-           "strategy_for"]
+           "copy_spread", "gathered_copies", "moving_copies", "moving_variables",
+           "multi_worker_strategy", "strategy_for"]

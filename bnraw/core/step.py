@@ -1,4 +1,6 @@
-"""The train and eval steps, compiled per mode: eager, ``tf.function``, or XLA.
+"""The train and eval steps, compiled per mode: eager, ``tf.function``, or XLA, on one device or
+on the N replicas of a ``tf.distribute`` strategy (the same step, its loss scaled and its
+gradients all-reduced as Keras's fit does it: :func:`make_train_step`).
 
 A step is a pure function of its inputs and the model/optimizer variables; everything worth
 seeing comes out as its return value (no prints, no Python side effects), so the same step runs
@@ -10,11 +12,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from bnraw.core import ops
 from bnraw.core.graph import Model
-from bnraw.core.layers import UpdateHook
+from bnraw.core.layers import BATCH, UpdateHook
 from bnraw.core.optim import LossScale
 
 MODES = ("eager", "function", "xla", "auto")
@@ -80,7 +83,8 @@ def moving_statistics(model: Model) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
 
 
 def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
-                    hook: Optional[UpdateHook] = None, relax_batch: bool = False) -> Callable:
+                    hook: Optional[UpdateHook] = None, relax_batch: bool = False,
+                    strategy: Optional[tf.distribute.Strategy] = None) -> Callable:
   """``step(images, labels) -> {"loss", "correct", "finite"[, "loss_scale", "skipped"][,
   "trace"]}``: one optimizer step.
 
@@ -90,12 +94,26 @@ def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
   ``correct`` counts arg-max hits in that same forward pass; ``finite`` is the per-layer NaN/Inf
   guard (:func:`layers_finite`). ``hook`` (eager mode only) is called in each BN layer just
   before its moving update: the step debugger uses it. ``relax_batch``: see :func:`compile_fn`.
+
+  ``strategy``: the same step on each of its N replicas, as Keras 3's ``fit`` runs it on the TF
+  backend (verified bit for bit): the global batch split contiguously (:func:`_shard`); each
+  replica's BN layers normalise with their shard's moments and write *their own* copy of the
+  moving statistics (mirrored with aggregation NONE, so the copies diverge; synchronized BN
+  all-reduces its sums first, :func:`bnraw.core.ops.moments_one_pass`); each replica's loss
+  scaled by ``1/N`` (``scale_loss_for_distribution``) before differentiating; the gradients
+  SUM-all-reduced (the optimizer's ``_all_reduce_sum_gradients``), so every copy of the weights
+  gets the same update. Then every output is per replica and numpy (``[N, ...]``, all-gathered
+  so every worker holds every replica's), plus ``scaled_loss``; ``loss`` is the scaled loss
+  times N (``unscale_loss_for_distribution``). Replicas take no hook and no loss scaling.
   """
   if hook is not None and resolve_mode(mode) != "eager":
     raise ValueError("a BN update hook needs mode='eager'")
+  if strategy is not None and (hook is not None or isinstance(optimizer, LossScale)):
+    raise ValueError("replicated steps take no hook and no loss scaling")
 
   def train_step(images: tf.Tensor, labels: tf.Tensor) -> dict:
-    before = moving_statistics(model) if trace else None
+    context = tf.distribute.get_replica_context() if strategy is not None else None
+    before = moving_statistics(model) if trace else None  # (replicas: this replica's copies)
     scaling = isinstance(optimizer, LossScale)
     with tf.GradientTape() as tape:
       out = model(images, training=True, hook=hook)
@@ -103,18 +121,29 @@ def make_train_step(model: Model, optimizer, *, mode: str, trace: bool,
       if scaling:
         loss_scale = tf.identity(optimizer.dynamic_scale)
         scaled_loss = optimizer.scale_loss(loss)
-    gradients = tape.gradient(scaled_loss if scaling else loss, model.trainable_variables)
+      elif context is not None:
+        n = context.num_replicas_in_sync
+        scaled_loss = tf.multiply(loss, tf.cast(1.0 / n, loss.dtype))
+    gradients = tape.gradient(scaled_loss if scaling or context else loss,
+                              model.trainable_variables)
+    if context is not None:
+      gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
     skipped = optimizer.apply(gradients)
     result = {"loss": loss, "correct": model.correct(out.logits, labels),
               "finite": layers_finite(model, out.statistics)}
     if scaling:
       result.update(loss_scale=loss_scale, skipped=skipped)
+    if context is not None:
+      result.update(loss=tf.multiply(scaled_loss, tf.cast(n, scaled_loss.dtype)),
+                    scaled_loss=scaled_loss)
     if trace:
       result["trace"] = dict(zip(TRACE_KEYS, (
           [s.mean for s in out.statistics], [s.variance for s in out.statistics], *before,
           *moving_statistics(model))))
     return result
 
+  if strategy is not None:
+    return _per_replica(train_step, strategy, mode, relax_batch)
   return compile_fn(train_step, mode, relax_batch=relax_batch)
 
 
@@ -127,15 +156,83 @@ def layers_finite(model: Model, statistics: list[ops.Moments]) -> tf.Tensor:
       for s, layer in zip(statistics, model.batch_norms)])
 
 
-def make_eval_step(model: Model, *, mode: str, relax_batch: bool = False) -> Callable:
-  """``step(images, labels) -> {"loss", "correct"}`` in the inference branch (no state change)."""
+def make_eval_step(model: Model, *, mode: str, relax_batch: bool = False,
+                   strategy: Optional[tf.distribute.Strategy] = None,
+                   training: bool = False) -> Callable:
+  """``step(images, labels) -> {"loss", "correct"}`` in the inference branch (no state change);
+  ``training``: the training branch instead, each BN layer with its batch's own moments and no
+  update (``statistics=BATCH``), as fit's forward pass normalises. ``strategy``: on each replica's
+  shard, each with *its own* copy of the moving statistics, the loss scaled by 1/N and back (as
+  Keras's ``test_step`` reports it); outputs per replica, as :func:`make_train_step`'s."""
 
   def eval_step(images: tf.Tensor, labels: tf.Tensor) -> dict:
-    logits = model(images, training=False).logits
-    return {"loss": model.loss(logits, labels),
-            "correct": model.correct(logits, labels)}
+    logits = model(images, training=training, statistics=BATCH if training else None).logits
+    loss = model.loss(logits, labels)
+    if strategy is not None:
+      n = tf.distribute.get_replica_context().num_replicas_in_sync
+      scaled = tf.multiply(loss, tf.cast(1.0 / n, loss.dtype))
+      loss = tf.multiply(scaled, tf.cast(n, scaled.dtype))
+    return {"loss": loss, "correct": model.correct(logits, labels)}
 
+  if strategy is not None:
+    return _per_replica(eval_step, strategy, mode, relax_batch)
   return compile_fn(eval_step, mode, relax_batch=relax_batch)
+
+
+def _shard(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """This replica's contiguous part of the global batch, as Keras's distributed dataset cuts it
+  (:func:`bnraw.core.batching.shard_bounds`), cut inside the graph so that its size stays
+  unknown when the batch's is."""
+  context = tf.distribute.get_replica_context()
+  n, r = context.num_replicas_in_sync, context.replica_id_in_sync_group
+  size = tf.shape(x)[0]
+  per = (size + n - 1) // n
+  start = tf.minimum(r * per, size)
+  stop = tf.minimum(start + per, size)
+  parts = x[start:stop], y[start:stop]
+  if x.shape[0] is not None and x.shape[0] % n == 0:  # a known batch: known equal shards
+    for part, whole in zip(parts, (x, y)):
+      part.set_shape([whole.shape[0] // n, *whole.shape[1:]])
+  return parts
+
+
+def _per_replica(replica_step: Callable, strategy: tf.distribute.Strategy, mode: str,
+                 relax_batch: bool = False) -> Callable:
+  """``replica_step`` on every replica's shard, compiled as ``mode`` (XLA inside each replica's
+  function, as Keras's jit would), its outputs all-gathered (outside XLA) so that each worker
+  holds every replica's (``[N, ...]``, replica order, numpy), as Keras's metrics read their
+  SUM-on-read totals across workers. ``relax_batch``: traced for an unknown batch size, as
+  Keras's distributed dataset is when the batch size does not divide the examples
+  (:func:`relaxed_batch`; measured: it rounds differently)."""
+  mode = resolve_mode(mode)
+  inner = replica_step if mode == "eager" else tf.function(replica_step,
+                                                           jit_compile=(mode == "xla"))
+
+  def gather(out):
+    context = tf.distribute.get_replica_context()
+    stack = lambda t: context.all_gather(t[None], axis=0)
+    return tf.nest.map_structure(
+        lambda t: tf.cast(stack(tf.cast(t, tf.int32)), tf.bool) if t.dtype == tf.bool
+        else stack(t), out)
+
+  # separate runs: a synchronisation inside a nested tf.function must be the whole replica fn
+  def run(x, y):
+    shards = strategy.run(_shard, args=(x, y))
+    return strategy.run(gather, args=(strategy.run(inner, args=shards),))
+
+  if mode == "eager":
+    compiled = run
+  elif relax_batch:  # every batch size through one graph, as Keras's relaxed element spec
+    compiled = _traced_for(run, lambda shape: [None, *shape[1:]])
+  else:
+    compiled = tf.function(run)
+
+  def step(images, labels) -> dict:
+    out = compiled(tf.convert_to_tensor(images), tf.convert_to_tensor(labels))
+    return tf.nest.map_structure(
+        lambda value: np.asarray(strategy.experimental_local_results(value)[0]), out)
+
+  return step
 
 
 def make_multi_step(step_fn: Callable, mode: str, *, relax_batch: bool = False) -> Callable:

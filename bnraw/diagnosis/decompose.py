@@ -29,7 +29,8 @@ import tensorflow as tf
 
 from bnraw.core import ops
 from bnraw.core.layers import BATCH
-from bnraw.core.loop import StepRecord, batches, mean_over_batches
+from bnraw.core.batching import batches, mean_over_batches
+from bnraw.core.loop import StepRecord
 
 LOSS_KEYS = ("fit", "train_mode_final", "precise_bn", "last_batch_stats", "no_bessel", "evaluate")
 ATTRIBUTION = (  # key, later loss, earlier loss

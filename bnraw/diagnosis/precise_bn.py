@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from bnraw.core import ops
 from bnraw.core.layers import BATCH
-from bnraw.core.loop import batches
+from bnraw.core.batching import batches
 
 
 def aggregate(parts: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ops.Moments:

@@ -28,8 +28,7 @@ import tensorflow as tf
 from bnraw import config as configs
 from bnraw import outputs
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
-from bnraw.core import loop, ops, replicas
-from bnraw.core.step import relaxed_batch
+from bnraw.core import batching, loop, ops, replicas
 from bnraw.diagnosis import decompose as dg
 from bnraw.errors import UsageError
 from bnraw.models import seed
@@ -53,7 +52,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   if progress:
     from bnraw.progress import EpochProgress
     printer = EpochProgress(train.epochs, label=f"raw x{n}",
-                            steps_per_epoch=loop.steps_per_epoch(len(images), train.batch_size))
+                            steps_per_epoch=batching.steps_per_epoch(len(images), train.batch_size))
   last = []  # the last step's trace: every replica's batch statistics
 
   def keep_last(record):
@@ -81,8 +80,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   if fix == "precise_bn":  # one population statistic into every copy
     for layer, stats in zip(raw.batch_norms, precise):
       layer.set_moving_statistics(stats)
-    loss, accuracy = replicas.evaluate(raw, strategy, images, labels,
-                                       batch_size=train.batch_size, mode=mode)
+    loss, accuracy = loop.evaluate(raw, images, labels, batch_size=train.batch_size, mode=mode,
+                                   strategy=strategy)
     out["fixed"] = {"method": "precise_bn", "evaluate": {"loss": loss, "accuracy": accuracy},
                     "saved": None}
   outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)
@@ -107,17 +106,15 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
   saved = loss(per_layer(moving))
   results = {
       "fit": (history.loss[-1], history.accuracy[-1]),
-      "train_mode_final": replicas.mean_over_batches(
-          replicas.make_train_branch_step(
-              raw, strategy, mode=mode,
-              relax_batch=relaxed_batch(len(images), batch_size)), images, labels,
-          dg.batch_chunks(len(images), batch_size, history.permutations[-1]), n),
+      "train_mode_final": loop.evaluate_batches(
+          raw, images, labels, dg.batch_chunks(len(images), batch_size, history.permutations[-1]),
+          batch_size=batch_size, mode=mode, strategy=strategy, training=True),
       "precise_bn": loss(per_layer(precise)),
       "last_batch_stats": loss(per_layer(last_statistics)),
       "no_bessel": saved,  # no Bessel factor with replicas (refused)
       "evaluate": saved,
-      "evaluate_distributed": replicas.evaluate(raw, strategy, images, labels,
-                                                batch_size=batch_size, mode=mode),
+      "evaluate_distributed": loop.evaluate(raw, images, labels, batch_size=batch_size,
+                                            mode=mode, strategy=strategy),
       # tf_keras 2 keeps the statistics ON_READ with MEAN: it saves the mean of the copies
       # (measured: copies 0 and 5 save 2.5)
       "tf_keras_saved": loss(per_layer(mean_of_copies(gathered))),

@@ -17,7 +17,7 @@ import tensorflow as tf
 from bnraw import config as configs
 from bnraw import machine, outputs
 from bnraw.config import HISTOGRAM_EVERY, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
-from bnraw.core import autotune, loop, optim, step
+from bnraw.core import autotune, batching, loop, optim, step
 from bnraw.core.layers import BATCH
 from bnraw.diagnosis import board as diagnosis_board
 from bnraw.diagnosis import decompose as dg
@@ -61,7 +61,7 @@ def _keras_train(parts: seed.Setup, model: ModelConfig, train: TrainConfig, mode
     def __init__(self, epoch, order):
       super().__init__()
       self.order, self.epoch = order, epoch
-      self.last = len(loop.batches(order, train.batch_size)) - 1
+      self.last = len(batching.batches(order, train.batch_size)) - 1
 
     def on_train_batch_begin(self, batch, logs=None):
       if batch == self.last and need_last_batch(self.epoch):
@@ -76,7 +76,7 @@ def _keras_train(parts: seed.Setup, model: ModelConfig, train: TrainConfig, mode
     history.permutations.append(order)
     on_epoch(epoch, history, kmodel, state["last_batch"])
 
-  keras_bridge.fit_replaying(kmodel, images, one_hot, loop.epoch_orders(train.seed, len(images)),
+  keras_bridge.fit_replaying(kmodel, images, one_hot, batching.epoch_orders(train.seed, len(images)),
                           batch_size=train.batch_size, epochs=train.epochs,
                           callbacks_for=lambda epoch, order: [LastBatch(epoch, order)],
                           after_epoch=after_epoch)
@@ -128,7 +128,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   else:
     mode = step.resolve_mode(train.mode)
   one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[parts.data.labels]
-  printer = (EpochProgress(train.epochs, label=impl, steps_per_epoch=loop.steps_per_epoch(
+  printer = (EpochProgress(train.epochs, label=impl, steps_per_epoch=batching.steps_per_epoch(
       len(parts.data.images), train.batch_size)) if progress else None)
   names = [layer.name for layer in parts.model.batch_norms]
   title = (f"case {data.case}, width {fractions.Fraction(model.width).limit_denominator(4096)}, "
@@ -187,7 +187,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
           need_last_batch=lambda e: e + 1 == train.epochs or wants(e))
       result = keras_diagnosis(kmodel, history, last_batch)
     if impl == "keras" and isinstance(parts.optimizer, optim.LossScale):  # skips: no history
-      steps = train.epochs * loop.steps_per_epoch(len(parts.data.images), train.batch_size)
+      steps = train.epochs * batching.steps_per_epoch(len(parts.data.images), train.batch_size)
       result["loss_scaling"] = {
           "steps": steps, "skipped_steps": steps - int(kmodel.optimizer.iterations.numpy()),
           "evaluate_without_skipped_updates": None, "skipped_updates_cost": None}
@@ -311,7 +311,7 @@ def _raw_dropout_part(model, images, labels, batch_size: int, order) -> float:
     return model.loss(logits, y), model.correct(logits, y)
 
   try:
-    return loop.mean_over_batches(
+    return batching.mean_over_batches(
         lambda chunk: with_dropout(tf.constant(images[chunk]), tf.constant(labels[chunk])),
         dg.batch_chunks(len(images), batch_size, order))[0]
   finally:
@@ -342,7 +342,7 @@ def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: st
   if progress and choice.record:
     print(autotune.describe(choice.record), file=sys.stderr)
   compiled = compile_raw(parts, mode, train.batch_size, train_step=choice.step_fn)
-  printer = (EpochProgress(train.epochs, label="raw twin", steps_per_epoch=loop.steps_per_epoch(
+  printer = (EpochProgress(train.epochs, label="raw twin", steps_per_epoch=batching.steps_per_epoch(
       len(images), train.batch_size)) if progress else None)
   result, history = diagnose_raw_training(
       parts, train, mode, compiled=compiled,

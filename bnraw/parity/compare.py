@@ -29,7 +29,7 @@ import tensorflow as tf
 from bnraw import config as configs
 from bnraw import machine, outputs
 from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
-from bnraw.core import loop, step
+from bnraw.core import batching, loop, step
 from bnraw.errors import UsageError
 from bnraw.models import keras_bridge, seed
 
@@ -168,7 +168,7 @@ def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: boo
       if synced:
         sides.set_raw_state(self.keras_before)
       self.raw_before = sides.raw_state()
-      group = loop.batches(self.order, train.batch_size)[batch:batch + train.steps_per_execution]
+      group = batching.batches(self.order, train.batch_size)[batch:batch + train.steps_per_execution]
       self.executed = len(group)
       if sides.run_group is not None:
         outs = sides.run_group(group)
@@ -200,9 +200,9 @@ def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: boo
       if progress is not None:
         progress(row)
 
-  orders = loop.epoch_orders(train.seed, len(sides.images))
+  orders = batching.epoch_orders(train.seed, len(sides.images))
   if train.shards == "sorted":  # non-iid shards: the same orders on both sides
-    orders = (loop.sorted_within_batches(order, sides.labels, train.batch_size)
+    orders = (batching.sorted_within_batches(order, sides.labels, train.batch_size)
               for order in orders)
   keras_bridge.fit_replaying(kmodel, sides.images, sides.keras_y, orders,
                              batch_size=train.batch_size, epochs=train.epochs,
@@ -385,10 +385,9 @@ def replicated_sides(raw, optimizer, strategy, images: np.ndarray, labels: np.nd
   replicas' scaled losses), the per-replica names of the state's weights (``name@r``, as
   ``keras_bridge.get_state(per_replica=True)`` orders them) and the evaluate under the
   strategy."""
-  from bnraw.core import replicas
   n = strategy.num_replicas_in_sync
-  step_fn = replicas.make_train_step(raw, optimizer, strategy, mode=mode,
-                                     relax_batch=step.relaxed_batch(len(images), batch_size))
+  step_fn = step.make_train_step(raw, optimizer, mode=mode, trace=False, strategy=strategy,
+                                 relax_batch=step.relaxed_batch(len(images), batch_size))
 
   def run_group(group):
     outs = []
@@ -402,8 +401,8 @@ def replicated_sides(raw, optimizer, strategy, images: np.ndarray, labels: np.nd
 
   return {"run_group": run_group,
           "names": [f"{v.name.split(':')[0]}@{r}" for v in raw.variables for r in range(n)],
-          "evaluate": lambda: replicas.evaluate(raw, strategy, images, labels,
-                                                batch_size=batch_size, mode=mode)}
+          "evaluate": lambda: loop.evaluate(raw, images, labels, batch_size=batch_size,
+                                            mode=mode, strategy=strategy)}
 
 
 def copies_differ(sides: Sides, n: int) -> bool:

@@ -27,14 +27,14 @@ from bnraw.profiling.bench import (Bench, _timed, device_name, keras_bench, prof
 def raw_replicated_bench(model_config: ModelConfig, images: np.ndarray, labels: np.ndarray, *,
                          strategy: tf.distribute.Strategy, batch_size: int) -> Bench:
   """The raw replicated step (fresh model and Adam, built under ``strategy``), function mode."""
-  from bnraw.core import replicas
   from bnraw.core.optim import make_optimizer
+  from bnraw.core.step import make_train_step
   from bnraw.models.seed import seed_network
   train = profile_train_config(model_config)
   with strategy.scope():
     net = seed_network(model_config)
     optimizer = make_optimizer(train.optimizer, net.trainable_variables, train.lr)
-  step = replicas.make_train_step(net, optimizer, strategy, mode="function")
+  step = make_train_step(net, optimizer, mode="function", trace=False, strategy=strategy)
   x, y = images[:batch_size], labels[:batch_size]
   run = lambda: step(x, y)  # numpy out: waits for every replica
   start = time.perf_counter()

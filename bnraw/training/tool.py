@@ -76,7 +76,7 @@ def _run(data, model, train, *, out_dir, trace, progress, on_step, break_at, bre
   """:func:`run`'s body, on this process's ``cluster`` (None: one process)."""
   from bnraw import cluster as clusters
   from bnraw import machine
-  from bnraw.core import autotune, loop, optim, replicas, step
+  from bnraw.core import autotune, batching, loop, optim, replicas, step
   from bnraw.models import seed
   from bnraw.training.checkpoint import Checkpointer, read_state
   options = dict(trace=trace, checkpoint_every=checkpoint_every,
@@ -115,7 +115,7 @@ def _run(data, model, train, *, out_dir, trace, progress, on_step, break_at, bre
                        "statistics are never updated, so there is no update to stop in")
     # a user's model numbers its steps on from its saved optimizer's (the seed from 0)
     first = optim.steps_run(parts.optimizer)
-    last = first + train.epochs * loop.steps_per_epoch(len(parts.data.images),
+    last = first + train.epochs * batching.steps_per_epoch(len(parts.data.images),
                                                        train.batch_size) - 1
     if not first <= break_at[1] <= last:
       raise UsageError("break_at", f"step {break_at[1]} is not in this run (steps "
@@ -156,7 +156,7 @@ def _run(data, model, train, *, out_dir, trace, progress, on_step, break_at, bre
     print(autotune.describe(tuning), file=sys.stderr)
   checkpointer.resolved = {"mode": mode, "autotune": tuning}
   recorders = [on_step] if on_step is not None else []
-  printer = (EpochProgress(train.epochs, steps_per_epoch=loop.steps_per_epoch(
+  printer = (EpochProgress(train.epochs, steps_per_epoch=batching.steps_per_epoch(
       len(parts.data.images), train.batch_size)) if progress else None)
   with contextlib.ExitStack() as stack:
     if trace and writer:  # every worker traces in its step (gathers are collectives)
@@ -219,10 +219,8 @@ def _run(data, model, train, *, out_dir, trace, progress, on_step, break_at, bre
     if history.status == "complete":
       data_and_batch = dict(images=parts.data.images, labels=parts.data.labels,
                             batch_size=train.batch_size, mode=mode)
-      if strategy is None:
-        eval_loss, eval_accuracy = loop.evaluate(parts.model, **data_and_batch)
-      else:  # evaluate under the strategy: each shard with its replica's copy
-        eval_loss, eval_accuracy = replicas.evaluate(parts.model, strategy, **data_and_batch)
+      # (under a strategy: each shard with its replica's copy)
+      eval_loss, eval_accuracy = loop.evaluate(parts.model, **data_and_batch, strategy=strategy)
       summary["evaluate"] = {"loss": eval_loss, "accuracy": eval_accuracy if metric else None}
       if twin is not None and writer:  # the trained twin as the user's own Keras model
         summary["trained_model"] = twins.save_trained(twin, os.path.join(out_dir,
