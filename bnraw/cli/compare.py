@@ -49,17 +49,10 @@ def check(argv):
 
 def main(argv):
   from bnraw import parity
-  if FLAGS.keras_model:
-    result = parity.run_keras_model(FLAGS.keras_model, FLAGS.data, common.twin_train_config(),
-                                    out_dir=FLAGS.out_dir, synced=FLAGS.synced,
-                                    overwrite=FLAGS.overwrite)
-    print(parity.report(result))
-    print(f"wrote {FLAGS.out_dir}/compare.json")
-    return
-  data, model, train = common.configs()
-  result = parity.run(data, model, train, out_dir=FLAGS.out_dir, reference=FLAGS.reference,
-                      synced=FLAGS.synced, perturbation=FLAGS.perturb,
-                      overwrite=FLAGS.overwrite)
+  reference = "keras3" if FLAGS.keras_model else FLAGS.reference
+  parity.check(reference, FLAGS.synced, FLAGS.perturb)
+  result = parity.run(common.workload(reference), out_dir=FLAGS.out_dir, synced=FLAGS.synced,
+                      perturbation=FLAGS.perturb, overwrite=FLAGS.overwrite)
   print(parity.report(result))
   print(f"wrote {FLAGS.out_dir}/compare.json")
 

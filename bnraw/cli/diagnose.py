@@ -63,25 +63,18 @@ def _twin_epochs() -> int:
 
 def main(argv):
   from bnraw import diagnosis
-  if FLAGS.keras_model and _twin_epochs():
-    result = diagnosis.run_twin(FLAGS.keras_model, FLAGS.data, common.twin_train_config(),
-                                out_dir=FLAGS.out_dir, fix=FLAGS.fix, overwrite=FLAGS.overwrite,
-                                tensorboard=FLAGS.tensorboard)
-    title = f"bnraw diagnosis of {result['title']}"
-  elif FLAGS.keras_model:
-    result = diagnosis.run_keras_model(FLAGS.keras_model, FLAGS.data,
-                                       batch_size=(FLAGS.batch_size if FLAGS["batch_size"].present
-                                                   else None), out_dir=FLAGS.out_dir,
-                                       fix=FLAGS.fix, overwrite=FLAGS.overwrite,
-                                       tensorboard=FLAGS.tensorboard)
-    title = f"bnraw diagnosis of {result['title']}"
+  if FLAGS.keras_model and not _twin_epochs():  # the saved model as it is: no training
+    result = diagnosis.run_saved(FLAGS.keras_model, FLAGS.data,
+                                 batch_size=(FLAGS.batch_size if FLAGS["batch_size"].present
+                                             else None), out_dir=FLAGS.out_dir, fix=FLAGS.fix,
+                                 overwrite=FLAGS.overwrite, tensorboard=FLAGS.tensorboard)
   else:
-    data, model, train = common.configs()
-    result = diagnosis.run(data, model, train, out_dir=FLAGS.out_dir, impl=FLAGS.impl,
+    result = diagnosis.run(common.workload(), out_dir=FLAGS.out_dir, impl=FLAGS.impl,
                            trace=FLAGS.trace, fix=FLAGS.fix, every=FLAGS.every,
                            overwrite=FLAGS.overwrite, histogram_every=FLAGS.histogram_every,
                            tensorboard=FLAGS.tensorboard)
-    title = f"bnraw diagnosis: {result['title']}"
+  title = (f"bnraw diagnosis of {result['title']}" if FLAGS.keras_model
+           else f"bnraw diagnosis: {result['title']}")
   print()
   print(diagnosis.report(result, title))
   if "fixed" in result:

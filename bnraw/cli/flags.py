@@ -278,6 +278,15 @@ def configs(announce_width: bool = True, resolve: bool = True
   return data, model, train
 
 
+def workload(reference: str = "keras3"):
+  """The workload the flags describe: a --keras_model and its --data (through its raw twin),
+  else the seed's (bnraw.models.workload). Imports TensorFlow: call it in ``main``."""
+  from bnraw.models import workload as workloads
+  if FLAGS.keras_model:
+    return workloads.from_keras_file(FLAGS.keras_model, FLAGS.data, twin_train_config())
+  return workloads.from_seed(*configs(), reference=reference)
+
+
 def refuse_present(names, reason: str) -> None:
   """A UsageError for the first of ``names`` given on the command line: it would be ignored."""
   for name in names:

@@ -120,9 +120,12 @@ def check(argv):
 def main(argv):
   from bnraw import profiling
   if FLAGS.keras_model:
+    from bnraw.config import TrainConfig
+    from bnraw.models.workload import from_keras_file
+    workload = from_keras_file(FLAGS.keras_model, FLAGS.data,
+                               TrainConfig(batch_size=common.keras_fit_batch_size()))
     result = profiling.run_keras_model(
-        FLAGS.keras_model, FLAGS.data, batch_size=common.keras_fit_batch_size(),
-        steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
+        workload, steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
         raw_modes=FLAGS.raw_modes if FLAGS["raw_modes"].present else ["function", "xla"],
         keras_jit=([v == "true" for v in FLAGS.keras_jit] if FLAGS["keras_jit"].present
                    else [False, True]),

@@ -48,17 +48,10 @@ def check(argv):
 def main(argv):
   from bnraw import training
   break_at = common.parse_break_at(FLAGS.break_at) if FLAGS.break_at else None
-  if FLAGS.keras_model:
-    data = model = None
-    train = common.twin_train_config()
-    keras_model = (FLAGS.keras_model, FLAGS.data)
-  else:
-    data, model, train = common.configs()
-    keras_model = None
-  summary = training.run(data, model, train, out_dir=FLAGS.out_dir, trace=FLAGS.trace,
+  summary = training.run(common.workload(), out_dir=FLAGS.out_dir, trace=FLAGS.trace,
                          break_at=break_at, checkpoint_every=FLAGS.checkpoint_every,
                          resume=FLAGS.resume, overwrite=FLAGS.overwrite,
-                         histogram_every=FLAGS.histogram_every, keras_model=keras_model)
+                         histogram_every=FLAGS.histogram_every)
   if summary["status"] == "interrupted":
     print(f"interrupted after step {summary['steps_done'] - 1}; checkpoint and summary.json "
           f"(marked incomplete) are in {FLAGS.out_dir}. Resume with the same flags plus "

@@ -25,29 +25,25 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from bnraw import config as configs
 from bnraw import outputs
-from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.core import batching, loop, ops, replicas
 from bnraw.diagnosis import decompose as dg
 from bnraw.errors import UsageError
-from bnraw.models import seed
+from bnraw.models.workload import Workload
 
 
-def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
-        fix: Optional[str] = None, overwrite: bool = False, progress: bool = True) -> dict:
-  """Trains the seed setup on ``train.replicas`` replicas (raw), then the decomposition of this
+def run(workload: Workload, *, out_dir: str, fix: Optional[str] = None,
+        overwrite: bool = False, progress: bool = True) -> dict:
+  """Trains the seed's workload on its replicas (raw), then the decomposition of this
   module's docstring; writes ``diagnosis.json``; returns its dict."""
   if fix not in (None, "precise_bn"):
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
-  model = model.resolved()
-  seed.check(data, model, train)
-  n = train.replicas
-  strategy, mode = seed.replicated(train)
-  with strategy.scope():
-    parts = seed.build(data, model, train)
+  if workload.source != "seed":
+    raise UsageError("replicas", "the replicated diagnosis runs the seed for now")
+  data, model, train = workload.data_config, workload.model_config, workload.train
+  n, strategy, mode = workload.replicas, workload.strategy, workload.replica_mode()
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
-  raw, images, labels = parts.model, parts.data.images, parts.data.labels
+  raw, images, labels = workload.model, workload.images, workload.labels
   printer = None
   if progress:
     from bnraw.progress import EpochProgress
@@ -58,7 +54,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   def keep_last(record):
     last[:] = [record.trace]
 
-  history = loop.fit(raw, parts.optimizer, images, labels, batch_size=train.batch_size,
+  history = loop.fit(raw, workload.optimizer, images, labels, batch_size=train.batch_size,
                      epochs=train.epochs, seed=train.seed, mode=mode, trace=True,
                      on_step=keep_last, on_epoch=printer, strategy=strategy,
                      sorted_shards=train.shards == "sorted")
@@ -73,7 +69,7 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
            f"batch {train.batch_size} over {n} replicas ({train.batch_size // n} each"
            + (", shards sorted by label" if train.shards == "sorted" else "") + "), "
            f"{train.epochs} epochs, raw ({mode})")
-  out = {"config": configs.record(data, model, train, impl="raw", fix=fix),
+  out = {"config": workload.recorded(impl="raw", fix=fix),
          "impl": "raw", "title": title, "resolved": {"width": model.width, "mode": mode},
          "environment": outputs.environment(), **result,
          "history": {"loss": history.loss, "accuracy": history.accuracy}}

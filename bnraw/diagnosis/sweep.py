@@ -163,7 +163,8 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
       if progress and choice.record:
         print(f"width {width:g}, momentum {momentum:g}: {autotune.describe(choice.record)}",
               file=sys.stderr)
-      compiled = compile_raw(parts, mode, train.batch_size, train_step=choice.step_fn)
+      compiled = compile_raw(parts.model, parts.optimizer, parts.data.images, mode,
+                             train.batch_size, train_step=choice.step_fn)
       for case in cases:
         dataset = seed_setup.make_dataset(dataclasses.replace(data, case=case))
         for seed in seeds:
@@ -171,12 +172,12 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, seeds: Sequ
             continue
           began = time.perf_counter()
           _reinitialise(parts, config, seed)
-          one = parts._replace(data=dataset)
           run_info = {"width": width, "momentum": momentum, "case": case, "seed": seed,
                       "mode": mode}
           try:
-            out, history = diagnose_raw_training(one, dataclasses.replace(train, seed=seed),
-                                                 mode, compiled=compiled)
+            out, history = diagnose_raw_training(
+                parts.model, parts.optimizer, dataset.images, dataset.labels,
+                dataclasses.replace(train, seed=seed), mode, compiled=compiled)
           except NonFiniteError as e:  # recorded and counted, left out of the statistics
             runs.append({**run_info, "status": "non_finite",
                          "non_finite": {"step": e.step, "where": e.where}, "train_seconds": 0.0,

@@ -14,9 +14,8 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
-from bnraw import config as configs
 from bnraw import machine, outputs
-from bnraw.config import HISTOGRAM_EVERY, NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
+from bnraw.config import HISTOGRAM_EVERY, ModelConfig, TrainConfig
 from bnraw.core import autotune, batching, loop, optim, step
 from bnraw.core.layers import BATCH
 from bnraw.diagnosis import board as diagnosis_board
@@ -25,34 +24,33 @@ from bnraw.diagnosis.precise_bn import keras_bn_layers, set_keras_moving_statist
 from bnraw.errors import UsageError
 from bnraw.models import keras_bridge, seed, user
 from bnraw.models.user import KERAS_FIT_BATCH_SIZE
+from bnraw.models.workload import Workload
 from bnraw.progress import EpochProgress
 
 
-def _fix_raw(parts: seed.Setup, precise, out_dir: str, batch_size: int, mode: str) -> dict:
+def _fix_raw(workload: Workload, precise, out_dir: str, mode: str) -> dict:
   """Writes PreciseBN statistics into the moving statistics, saves a checkpoint, evaluates."""
-  for layer, stats in zip(parts.model.batch_norms, precise):
+  for layer, stats in zip(workload.batch_norms, precise):
     layer.set_moving_statistics(stats)
-  loss, accuracy = loop.evaluate(parts.model, parts.data.images, parts.data.labels,
-                                 batch_size=batch_size, mode=mode)
+  loss, accuracy = loop.evaluate(workload.model, workload.images, workload.labels,
+                                 batch_size=workload.train.batch_size, mode=mode)
   checkpoint = tf.train.Checkpoint(**{v.name.split(":")[0].replace("/", "."): v
-                                      for v in parts.model.variables})
+                                      for v in workload.model.variables})
   path = checkpoint.write(os.path.join(out_dir, "fixed", "ckpt"))
   return {"method": "precise_bn", "evaluate": {"loss": loss, "accuracy": accuracy},
           "saved": path}
 
 
-def _keras_train(parts: seed.Setup, model: ModelConfig, train: TrainConfig, mode: str,
-                 one_hot: np.ndarray, on_epoch: Callable,
+def _keras_train(workload: Workload, mode: str, on_epoch: Callable,
                  need_last_batch: Callable[[int], bool]):
   """Real Keras ``fit`` from the raw initial weights, replaying the raw batch order. Before the
   last step of each epoch where ``need_last_batch(epoch)``, the batch statistics Keras is about to
   use are computed by the raw forward pass on a copy of Keras's weights (bit-identical to Keras's
   own forward, see compare)."""
   import keras
-  kmodel = keras_bridge.build_model(model)
-  keras_bridge.compile_model(kmodel, train, jit_compile=(mode == "xla"))
-  keras_bridge.set_keras_state(kmodel, keras_bridge.raw_state(parts.model, parts.optimizer))
-  images = parts.data.images
+  train = workload.train
+  kmodel = workload.keras_model(jit_compile=(mode == "xla"))
+  images = workload.images
   state = {"last_batch": None}
   history = loop.History()
 
@@ -65,9 +63,9 @@ def _keras_train(parts: seed.Setup, model: ModelConfig, train: TrainConfig, mode
 
     def on_train_batch_begin(self, batch, logs=None):
       if batch == self.last and need_last_batch(self.epoch):
-        keras_bridge.set_raw_state(parts.model, parts.optimizer, keras_bridge.keras_state(kmodel))
+        workload.set_raw_state(workload.keras_state(kmodel))
         index = self.order[batch * train.batch_size:]
-        out = parts.model(tf.constant(images[index]), training=False, statistics=BATCH)
+        out = workload.model(tf.constant(images[index]), training=False, statistics=BATCH)
         state["last_batch"] = [(s.mean.numpy(), s.variance.numpy()) for s in out.statistics]
 
   def after_epoch(epoch, order, keras_history):
@@ -76,25 +74,28 @@ def _keras_train(parts: seed.Setup, model: ModelConfig, train: TrainConfig, mode
     history.permutations.append(order)
     on_epoch(epoch, history, kmodel, state["last_batch"])
 
-  keras_bridge.fit_replaying(kmodel, images, one_hot, batching.epoch_orders(train.seed, len(images)),
+  keras_bridge.fit_replaying(kmodel, images, workload.keras_labels,
+                          batching.epoch_orders(train.seed, len(images)),
                           batch_size=train.batch_size, epochs=train.epochs,
                           callbacks_for=lambda epoch, order: [LastBatch(epoch, order)],
                           after_epoch=after_epoch)
   return kmodel, history, state["last_batch"]
 
 
-def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
-        impl: str = "raw", trace: bool = False, fix: Optional[str] = None, every: int = 0,
-        progress: bool = True, overwrite: bool = False,
-        histogram_every: int = HISTOGRAM_EVERY,
+def run(workload: Workload, *, out_dir: str, impl: str = "raw", trace: bool = False,
+        fix: Optional[str] = None, every: int = 0, progress: bool = True,
+        overwrite: bool = False, histogram_every: int = HISTOGRAM_EVERY,
         tensorboard: bool = True) -> dict:
-  """Trains the seed setup (raw, or real Keras ``fit``), then splits ``evaluate - fit``.
+  """Trains the workload (its raw side, or for the seed ``impl="keras"``: real Keras ``fit``),
+  then splits ``evaluate - fit`` into named causes.
 
   ``every`` > 0 also computes the decomposition every that many epochs ("over time").
-  Writes ``diagnosis.json`` (and ``fixed/`` with ``fix="precise_bn"``), and with
-  ``tensorboard`` the diagnosis as TensorBoard charts, text and images
-  (:mod:`bnraw.diagnosis.board`); returns the dict.
+  Writes ``diagnosis.json`` (and ``fixed/`` with ``fix="precise_bn"``: a user's model
+  ``fixed.keras``), and with ``tensorboard`` the diagnosis as TensorBoard charts, text and
+  images (:mod:`bnraw.diagnosis.board`); returns the dict. On replicas: the decomposition of
+  :mod:`bnraw.diagnosis.replicas`.
   """
+  train = workload.train
   if impl not in ("raw", "keras"):
     raise UsageError("impl", f"must be raw or keras, got {impl!r}")
   if impl == "keras" and train.steps_per_execution > 1:
@@ -106,31 +107,45 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
   if histogram_every < 1:
     raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
-  if train.replicas > 1:  # the replicated run and its extra part (bnraw.diagnosis.replicas)
+  if workload.strategy is not None:  # the replicated run and its extra part
     from bnraw.diagnosis import replicas
     if impl != "raw" or trace or every:
       raise UsageError("replicas", "diagnoses a raw run at its end for now (no --impl=keras, "
                        "--trace or --every)")
-    return replicas.run(data, model, train, out_dir=out_dir, fix=fix, overwrite=overwrite,
+    return replicas.run(workload, out_dir=out_dir, fix=fix, overwrite=overwrite,
                         progress=progress)
-  model = model.resolved()
-  parts = seed.build(data, model, train)
+  if workload.source == "keras_model":
+    if impl != "raw" or trace or every:
+      raise UsageError("keras_model", "diagnoses the twin's raw run at its end (no impl keras, "
+                       "trace or every)")
+    return _run_twin(workload, out_dir=out_dir, fix=fix, overwrite=overwrite,
+                     tensorboard=tensorboard, progress=progress)
+  return _run_seed(workload, out_dir=out_dir, impl=impl, trace=trace, fix=fix, every=every,
+                   progress=progress, overwrite=overwrite, histogram_every=histogram_every,
+                   tensorboard=tensorboard)
+
+
+def _run_seed(workload: Workload, *, out_dir, impl, trace, fix, every, progress, overwrite,
+              histogram_every, tensorboard) -> dict:
+  """:func:`run` for the seed on one device."""
+  data, model, train = workload.data_config, workload.model_config, workload.train
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   compiled, tuning = None, None
   if impl == "raw":  # auto: measured on this machine (Keras's side keeps its static guess)
-    choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
-                                 parts.data.labels, mode=train.mode, batch_size=train.batch_size,
-                                 trace=True, workload=seed.workload(model, train))
+    choice = machine.choose_mode(workload.model, workload.optimizer, workload.images,
+                                 workload.labels, mode=train.mode, batch_size=train.batch_size,
+                                 trace=True, workload=workload.tuning_key)
     mode, tuning = choice.mode, choice.record
-    compiled = compile_raw(parts, mode, train.batch_size, train_step=choice.step_fn)
+    compiled = compile_raw(workload.model, workload.optimizer, workload.images, mode,
+                           train.batch_size, train_step=choice.step_fn)
     if progress and tuning:
       print(autotune.describe(tuning), file=sys.stderr)
   else:
     mode = step.resolve_mode(train.mode)
-  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[parts.data.labels]
+  one_hot = workload.keras_labels
   printer = (EpochProgress(train.epochs, label=impl, steps_per_epoch=batching.steps_per_epoch(
-      len(parts.data.images), train.batch_size)) if progress else None)
-  names = [layer.name for layer in parts.model.batch_norms]
+      len(workload.images), train.batch_size)) if progress else None)
+  names = workload.bn_names
   title = (f"case {data.case}, width {fractions.Fraction(model.width).limit_denominator(4096)}, "
            f"momentum {model.momentum:g}, batch {train.batch_size}, {train.epochs} epochs, "
            f"{impl} ({mode})")
@@ -162,13 +177,15 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
         if wants(epoch):
           record_over_time(epoch, diagnose_now())
 
-      result, history = diagnose_raw_training(parts, train, mode, recorders=recorders,
-                                              on_epoch=on_epoch, compiled=compiled)
+      result, history = diagnose_raw_training(workload.model, workload.optimizer,
+                                              workload.images, workload.labels, train, mode,
+                                              recorders=recorders, on_epoch=on_epoch,
+                                              compiled=compiled)
       if trace:
         recorder.save(os.path.join(out_dir, TRACE_FILE))
     else:
       def keras_diagnosis(kmodel, history, last_batch):
-        result = dg.diagnose_keras(kmodel, parts.data.images, one_hot,
+        result = dg.diagnose_keras(kmodel, workload.images, one_hot,
                                    batch_size=train.batch_size, fit_loss=history.loss[-1],
                                    fit_accuracy=history.accuracy[-1],
                                    last_order=history.permutations[-1],
@@ -183,35 +200,35 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
           record_over_time(epoch, keras_diagnosis(kmodel, history, last_batch))
 
       kmodel, history, last_batch = _keras_train(
-          parts, model, train, mode, one_hot, on_epoch,
+          workload, mode, on_epoch,
           need_last_batch=lambda e: e + 1 == train.epochs or wants(e))
       result = keras_diagnosis(kmodel, history, last_batch)
-    if impl == "keras" and isinstance(parts.optimizer, optim.LossScale):  # skips: no history
-      steps = train.epochs * batching.steps_per_epoch(len(parts.data.images), train.batch_size)
+    if impl == "keras" and isinstance(workload.optimizer, optim.LossScale):  # no history
+      steps = train.epochs * batching.steps_per_epoch(len(workload.images), train.batch_size)
       result["loss_scaling"] = {
           "steps": steps, "skipped_steps": steps - int(kmodel.optimizer.iterations.numpy()),
           "evaluate_without_skipped_updates": None, "skipped_updates_cost": None}
     if model.dtype_policy != "float32":
-      weights = (parts.model.variables if impl == "raw" else keras_bridge.model_weights(kmodel))
+      weights = (workload.model.variables if impl == "raw"
+                 else keras_bridge.model_weights(kmodel))
       result["precision"] = _precision(model, train, weights, result["precise_statistics"],
-                                       parts.data.images)
+                                       workload.images)
     if board is not None and tensorboard:
-      layers = parts.model.batch_norms if impl == "raw" else keras_bn_layers(kmodel)
+      layers = workload.batch_norms if impl == "raw" else keras_bn_layers(kmodel)
       diagnosis_board.write(board, result, epoch=train.epochs, title=title,
                             amplification=diagnosis_board.amplification(layers))
 
   precise = result.pop("precise_statistics")
-  out = {"config": configs.record(data, model, train, impl=impl, trace=trace, fix=fix,
-                                  every=every),
+  out = {"config": workload.recorded(impl=impl, trace=trace, fix=fix, every=every),
          "impl": impl, "title": title, "resolved": {"width": model.width, "mode": mode},
          "autotune": tuning,
          "environment": outputs.environment(), **result, "over_time": over_time,
          "history": {"loss": history.loss, "accuracy": history.accuracy}}
   if fix == "precise_bn":
     if impl == "raw":
-      out["fixed"] = _fix_raw(parts, precise, out_dir, train.batch_size, mode)
+      out["fixed"] = _fix_raw(workload, precise, out_dir, mode)
     else:
-      out["fixed"] = _fix_keras(kmodel, precise, parts.data.images, one_hot, train.batch_size,
+      out["fixed"] = _fix_keras(kmodel, precise, workload.images, one_hot, train.batch_size,
                                 out_dir)
   outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)
   return out
@@ -240,27 +257,28 @@ class Compiled(NamedTuple):
   population_forward: Callable
 
 
-def compile_raw(parts: seed.Setup, mode: str, batch_size: int,
+def compile_raw(model, optimizer, images: np.ndarray, mode: str, batch_size: int,
                 train_step: Optional[Callable] = None) -> Compiled:
   """``train_step``: the traced train step already compiled (by autotune), else made here."""
   from bnraw.diagnosis.precise_bn import population_forward_fn
   train_step = train_step or step.make_train_step(
-      parts.model, parts.optimizer, mode=mode, trace=True,
-      relax_batch=step.relaxed_batch(len(parts.data.images), batch_size))
-  return Compiled(train_step, dg.forward_loss_fn(parts.model), population_forward_fn(parts.model))
+      model, optimizer, mode=mode, trace=True,
+      relax_batch=step.relaxed_batch(len(images), batch_size))
+  return Compiled(train_step, dg.forward_loss_fn(model), population_forward_fn(model))
 
 
-def diagnose_raw_training(parts: seed.Setup, train: TrainConfig, mode: str, *,
-                          recorders=(), on_epoch: Optional[Callable] = None,
+def diagnose_raw_training(model, optimizer, images: np.ndarray, labels: np.ndarray,
+                          train: TrainConfig, mode: str, *, recorders=(),
+                          on_epoch: Optional[Callable] = None,
                           compiled: Optional[Compiled] = None):
   """Raw training with what the decomposition needs watched, then the decomposition at the
   end; returns ``(result, history)``. ``on_epoch(epoch, history, diagnose_now)`` may call
   ``diagnose_now()`` for the decomposition at that epoch. A non-finite step raises."""
-  watcher = dg.StatisticsWatcher(parts.model, example=parts.data.images[:1])
-  compiled = compiled or compile_raw(parts, mode, train.batch_size)
+  watcher = dg.StatisticsWatcher(model, example=images[:1])
+  compiled = compiled or compile_raw(model, optimizer, images, mode, train.batch_size)
 
   def diagnose_now(history):
-    return dg.diagnose_raw(parts.model, parts.data.images, parts.data.labels,
+    return dg.diagnose_raw(model, images, labels,
                            batch_size=train.batch_size, fit_loss=history.loss[-1],
                            fit_accuracy=history.accuracy[-1],
                            last_order=history.permutations[-1], watcher=watcher,
@@ -268,7 +286,7 @@ def diagnose_raw_training(parts: seed.Setup, train: TrainConfig, mode: str, *,
                            population_forward=compiled.population_forward)
 
   history = loop.fit(
-      parts.model, parts.optimizer, parts.data.images, parts.data.labels,
+      model, optimizer, images, labels,
       batch_size=train.batch_size, epochs=train.epochs, seed=train.seed, mode=mode, trace=True,
       on_step=lambda r: [f(r) for f in (watcher, *recorders)],
       on_epoch=(lambda e, h: on_epoch(e, h, lambda: diagnose_now(h))) if on_epoch else None,
@@ -319,33 +337,31 @@ def _raw_dropout_part(model, images, labels, batch_size: int, order) -> float:
       v.assign(value)
 
 
-def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: str,
-             fix: Optional[str] = None, overwrite: bool = False, tensorboard: bool = True,
-             progress: bool = True) -> dict:
+def _run_twin(workload: Workload, *, out_dir: str, fix: Optional[str], overwrite: bool,
+              tensorboard: bool, progress: bool) -> dict:
   """The full decomposition for a user's model, with history: its raw twin continues training
   ``train.epochs`` epochs from the saved state (fit-faithful: the model's optimizer, loss and
   metric), then the five-way split as for the seed. Frozen BN layers keep their statistics in
   every part and in the fix; dropout is priced apart (``dropout``: the BN parts run without
   it). ``fix="precise_bn"`` writes ``fixed.keras``."""
-  from bnraw.models import twin as twins
-  if fix not in (None, "precise_bn"):
-    raise UsageError("fix", f"must be precise_bn, got {fix!r}")
+  train, twin = workload.train, workload.twin
+  model_path, data_path = workload.paths
   if train.epochs < 1:
     raise UsageError("epochs", f"must be >= 1 to train the twin, got {train.epochs}")
-  twin, parts, _ = twins.setup(model_path, data_path, train)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
-  raw, images, labels = parts.model, parts.data.images, parts.data.labels
-  choice = machine.choose_mode(raw, parts.optimizer, images, labels, mode=train.mode,
+  raw, images, labels = workload.model, workload.images, workload.labels
+  choice = machine.choose_mode(raw, workload.optimizer, images, labels, mode=train.mode,
                                batch_size=train.batch_size, trace=True,
-                               workload={"keras_model": machine.file_digest(model_path)})
+                               workload=workload.tuning_key)
   mode = choice.mode
   if progress and choice.record:
     print(autotune.describe(choice.record), file=sys.stderr)
-  compiled = compile_raw(parts, mode, train.batch_size, train_step=choice.step_fn)
+  compiled = compile_raw(raw, workload.optimizer, images, mode, train.batch_size,
+                         train_step=choice.step_fn)
   printer = (EpochProgress(train.epochs, label="raw twin", steps_per_epoch=batching.steps_per_epoch(
       len(images), train.batch_size)) if progress else None)
   result, history = diagnose_raw_training(
-      parts, train, mode, compiled=compiled,
+      raw, workload.optimizer, images, labels, train, mode, compiled=compiled,
       on_epoch=(lambda epoch, h, now: printer(epoch, h)) if printer else None)
   y_pred = twin.kmodel(images[:2], training=False)
   result["metric"] = (dg.metric_of(twin.kmodel, labels[:2], y_pred)
@@ -368,7 +384,7 @@ def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: st
       diagnosis_board.write(board, result, epoch=train.epochs, title=title,
                             amplification=diagnosis_board.amplification(raw.batch_norms))
   precise = result.pop("precise_statistics")
-  out = {"config": twins.record(model_path, data_path, train, fix=fix),
+  out = {"config": workload.recorded(fix=fix),
          "impl": "raw_twin", "title": title, "resolved": {"mode": mode},
          "autotune": choice.record, "environment": outputs.environment(), **result,
          "history": {"loss": history.loss,
@@ -380,12 +396,12 @@ def run_twin(model_path: str, data_path: str, train: TrainConfig, *, out_dir: st
     loss, metric = loop.evaluate(raw, images, labels, batch_size=train.batch_size, mode=mode)
     out["fixed"] = {"method": "precise_bn",
                     "evaluate": {"loss": loss, "accuracy": metric if twin.metric_name else None},
-                    "saved": twins.save_trained(twin, os.path.join(out_dir, "fixed.keras"))}
+                    "saved": workload.save_keras(os.path.join(out_dir, "fixed.keras"))}
   outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)
   return out
 
 
-def run_keras_model(model_path: str, data_path: str, *, batch_size: Optional[int],
+def run_saved(model_path: str, data_path: str, *, batch_size: Optional[int],
                     out_dir: str, fix: Optional[str] = None, overwrite: bool = False,
                     tensorboard: bool = True) -> dict:
   """The decomposition for a user's own trained Keras model: ``evaluate``, ``train_mode_final``,

@@ -236,6 +236,46 @@ def set_keras_state(model, state: dict) -> None:
   set_state(model_weights(model), model.optimizer, state)
 
 
+def batch_loss_metric(keras, loss_fn=None):
+  """A Keras metric holding the last batch's compiled loss, computed with that loss's own ops
+  (the regularisation is added outside: a metric runs after the update, see Lockstep).
+  ``loss_fn()``: the loss to call (default: the seed's categorical cross-entropy)."""
+  import tensorflow as tf
+
+  class BatchLoss(keras.metrics.Metric):
+
+    def __init__(self):
+      super().__init__(name="batch_loss")
+      self.value = self.add_weight(name="value", shape=(), initializer="zeros")
+      self.loss_fn = loss_fn or (lambda: keras.losses.CategoricalCrossentropy())
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+      self.value.assign(self.loss_fn()(y_true, y_pred))
+
+    def result(self):
+      return tf.identity(self.value)
+
+    def reset_state(self):
+      self.value.assign(0.0)
+
+  return BatchLoss()
+
+
+def recompile(kmodel, *, jit_compile: bool, steps_per_execution: int,
+              metrics: Sequence = ()) -> None:
+  """Compiles a user's model again as it was compiled (the same optimizer object, its state
+  kept; the same loss and metrics), with the run's jit and steps-per-execution settings, plus
+  ``metrics`` (e.g. :func:`batch_loss_metric`, which bnraw.parity's lockstep reads)."""
+  config = kmodel._compile_config.config
+  compiled = config.get("metrics") or []
+  if isinstance(compiled, dict):
+    raise UsageError("keras_model", "metrics compiled as a dict are not supported")
+  kmodel.compile(optimizer=kmodel.optimizer, loss=config["loss"],
+                 loss_weights=config.get("loss_weights"), metrics=[*compiled, *metrics],
+                 weighted_metrics=config.get("weighted_metrics"), jit_compile=jit_compile,
+                 steps_per_execution=steps_per_execution)
+
+
 def fit_replaying(model, images: np.ndarray, one_hot: np.ndarray, orders, *, batch_size: int,
                   epochs: int, callbacks_for=None, after_epoch=None) -> None:
   """Real ``model.fit``, one call per epoch, on the examples in the given per-epoch ``orders``

@@ -181,10 +181,10 @@ def refuse_replicas(train: TrainConfig, tool: str) -> None:
 
 
 def replicated(train: TrainConfig):
-  """``(strategy, mode)`` for a seed run on ``train.replicas`` replicas: the devices split
+  """The strategy for a run on ``train.replicas`` replicas: the devices split
   (bnraw.core.replicas), or with a cluster in ``TF_CONFIG`` (bnraw.cluster) a
-  MultiWorkerMirroredStrategy over its workers; the mode Keras's fit would compile the replicas
-  in (jit auto is off under a strategy; xla only on GPUs). Every problem a UsageError."""
+  MultiWorkerMirroredStrategy over its workers (xla only on GPUs; the mode replicas run in is
+  bnraw.models.workload.Workload.replica_mode). Every problem a UsageError."""
   import tensorflow as tf
   from bnraw import cluster as clusters
   from bnraw.core import replicas
@@ -206,13 +206,7 @@ def replicated(train: TrainConfig):
              else "this machine gives")
     raise UsageError("replicas", f"{where} {strategy.num_replicas_in_sync} devices in all, one "
                      f"replica each: give --replicas={strategy.num_replicas_in_sync}")
-  return strategy, replica_mode(train)
-
-
-def replica_mode(train: TrainConfig) -> str:
-  """The mode replicas run in: Keras's jit auto is off under a strategy, so function unless
-  xla (or eager) is asked for."""
-  return train.mode if train.mode in ("xla", "eager") else "function"
+  return strategy
 
 
 def check_block(block: tuple[int, int]) -> None:

@@ -16,7 +16,6 @@ The loss, the first metric and the optimizer come from the model's compile: see
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
@@ -294,7 +293,7 @@ def setup(model_path: str, data_path: str, train=None) -> tuple[Twin, Parts, Any
   if train is not None:
     check_train(train)
     if train.replicas > 1:
-      strategy = seed.replicated(train)[0]
+      strategy = seed.replicated(train)
   with strategy.scope() if strategy else contextlib.nullcontext():
     kmodel = user.load_keras_model(model_path, nested_bn=True)
     x, y = user.load_data(data_path, kmodel)
@@ -320,15 +319,6 @@ def check_replicas(twin: Twin, examples: int, train) -> None:
     raise UsageError("replicas", "runs one step per call (--steps_per_execution=1)")
 
 
-def record(model_path: str, data_path: str, train, **options) -> dict:
-  """What outputs and checkpoints store for a run on a user's model: the files (path and
-  content digest), the loop's settings and the options."""
-  from bnraw import machine
-  files = lambda path: {"path": os.path.abspath(path), "digest": machine.file_digest(path)}
-  return {"keras_model": files(model_path), "data": files(data_path),
-          "train": dataclasses.asdict(train), "options": dict(options)}
-
-
 def save_trained(twin: Twin, path: str) -> str:
   """Writes the user's Keras model holding the twin's whole state (weights, statistics,
   optimizer slots and iterations, seed states) to ``path`` (atomically); returns the path."""
@@ -337,5 +327,5 @@ def save_trained(twin: Twin, path: str) -> str:
   return user.save_model(twin.kmodel, path)
 
 
-__all__ = ["Parts", "Twin", "check_train", "convert", "penalty", "raw_batch_norm", "record",
+__all__ = ["Parts", "Twin", "check_train", "convert", "penalty", "raw_batch_norm",
            "save_trained", "setup"]

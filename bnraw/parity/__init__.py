@@ -1,6 +1,7 @@
-"""The compare tool: :func:`run` trains the raw path and real Keras ``fit`` in lockstep and
-writes ``compare.json``; :func:`report` is the text."""
+"""The compare tool: :func:`run` trains a workload's raw side and its Keras model's real ``fit``
+in lockstep and writes ``compare.json``; :func:`check` refuses settings first; :func:`report` is
+the text."""
 
-from bnraw.parity.compare import report, run, run_keras_model
+from bnraw.parity.compare import check, report, run
 
-__all__ = ["report", "run", "run_keras_model"]
+__all__ = ["check", "report", "run"]

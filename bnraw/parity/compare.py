@@ -10,7 +10,7 @@ the raw step on the same batch at the start of every Keras step and compares bot
   loss difference first exceeds 1e-3 relative and the per-step growth factor of the weight
   difference, a measurement of how sensitive the network is.
 
-Metric definitions (DESIGN.md section 4): ``loss_rel_diff = |a - b| / |b|``; for tensors,
+Metric definitions (docs/design.md section 4): ``loss_rel_diff = |a - b| / |b|``; for tensors,
 ``max|a - b| / max|b|`` worst over layers; ``update_rel_l2_diff = ||dw_raw - dw_keras|| /
 ||dw_keras||`` over all trainable weights together.
 """
@@ -26,12 +26,11 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from bnraw import config as configs
 from bnraw import machine, outputs
-from bnraw.config import NUM_IMAGES, DataConfig, ModelConfig, TrainConfig
 from bnraw.core import batching, loop, step
 from bnraw.errors import UsageError
-from bnraw.models import keras_bridge, seed
+from bnraw.models import keras_bridge
+from bnraw.models.workload import Workload
 
 TOLERANCE = {"loss_rel_diff": 1e-6, "moving_mean_max_rel_diff": 1e-6,
              "moving_variance_max_rel_diff": 1e-6, "update_rel_l2_diff": 1e-5}
@@ -92,66 +91,38 @@ def growth_report(steps: list[dict]) -> dict:
           "fit_window_steps": [int(window[0]), int(window[-1])] if len(window) else None}
 
 
-def _batch_loss_metric(keras, loss_fn=None):
-  """A Keras metric holding the last batch's compiled loss, computed with that loss's own ops
-  (the regularisation is added outside: a metric runs after the update, see Lockstep).
-  ``loss_fn()``: the loss to call (default: the seed's categorical cross-entropy)."""
-
-  class BatchLoss(keras.metrics.Metric):
-
-    def __init__(self):
-      super().__init__(name="batch_loss")
-      self.value = self.add_weight(name="value", shape=(), initializer="zeros")
-      self.loss_fn = loss_fn or (lambda: keras.losses.CategoricalCrossentropy())
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-      self.value.assign(self.loss_fn()(y_true, y_pred))
-
-    def result(self):
-      return tf.identity(self.value)
-
-    def reset_state(self):
-      self.value.assign(0.0)
-
-  return BatchLoss()
-
-
 @dataclasses.dataclass
 class Sides:
-  """The two models being compared and how to read and load their states (weights in Keras's
-  ``model.weights`` order, optimizer slots, iterations, loss scale, seeds)."""
+  """The two models being compared: the workload's raw side and its Keras model, the raw step
+  over a group of batches, and the raw evaluate (one device or under the strategy)."""
 
-  raw: object
-  optimizer: object
+  workload: Workload
   kmodel: object
-  images: np.ndarray
-  labels: np.ndarray  # as the raw step takes them
-  keras_y: np.ndarray  # as fit takes them
-  raw_state: Callable[[], dict]
-  set_raw_state: Callable[[dict], None]
-  keras_state: Callable[[], dict]
-  metric_name: Optional[str] = "accuracy"  # fit's and evaluate's name for the metric column
-  # Under a strategy: the raw steps of a group of batches (replaces the one-device runner),
-  # the per-replica names of the state's weights, and the raw evaluate.
-  run_group: Optional[Callable] = None
-  names: Optional[list] = None
-  evaluate: Optional[Callable] = None
+  run_group: Callable  # [example indices per batch] -> per-step outputs
+  evaluate: Callable  # () -> (loss, metric)
+
+  def raw_state(self) -> dict:
+    return self.workload.raw_state()
+
+  def set_raw_state(self, state: dict) -> None:
+    self.workload.set_raw_state(state)
+
+  def keras_state(self) -> dict:
+    return self.workload.keras_state(self.kmodel)
 
 
-def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: bool,
-             progress: Optional[Callable] = None, reference: str = "keras3") -> list[dict]:
+def lockstep(sides: Sides, *, synced: bool, progress: Optional[Callable] = None) -> list[dict]:
   """Runs ``train.epochs`` epochs of Keras ``fit`` on ``sides.kmodel`` (compiled with a
   ``batch_loss`` metric), the raw step on the same batches at the start of each Keras execution,
   and compares the states after it; returns one row per execution."""
-  keras = keras_bridge.keras_module(reference)
-  raw, kmodel = sides.raw, sides.kmodel
-  names = sides.names or [v.name.split(":")[0] for v in raw.variables]
-  trainable = ([v.trainable for v in raw.variables for _ in range(len(names) //
-                                                                 len(raw.variables))])
+  workload, kmodel = sides.workload, sides.kmodel
+  train = workload.train
+  keras = keras_bridge.keras_module(workload.reference)
+  names = workload.state_names()
+  trainable = [v.trainable for v in workload.model.variables for _ in range(workload.replicas)]
   moving_mean = [n.split("@")[0].endswith("moving_mean") for n in names]
   moving_variance = [n.split("@")[0].endswith("moving_variance") for n in names]
   steps: list[dict] = []  # one row per Keras execution (steps_per_execution steps)
-  x, y = tf.constant(sides.images), tf.constant(sides.labels)
 
   class Lockstep(keras.callbacks.Callback):
 
@@ -168,12 +139,10 @@ def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: boo
       if synced:
         sides.set_raw_state(self.keras_before)
       self.raw_before = sides.raw_state()
-      group = batching.batches(self.order, train.batch_size)[batch:batch + train.steps_per_execution]
+      group = batching.batches(self.order, train.batch_size)[
+          batch:batch + train.steps_per_execution]
       self.executed = len(group)
-      if sides.run_group is not None:
-        outs = sides.run_group(group)
-      else:
-        outs = loop.run_chunk(step_fn, multi_fn, x, y, group)
+      outs = sides.run_group(group)
       self.raw_loss = float(outs[-1]["loss"])
       self.raw_skipped = sum(int(out.get("skipped", False)) for out in outs)
 
@@ -200,25 +169,26 @@ def lockstep(sides: Sides, train: TrainConfig, step_fn, multi_fn, *, synced: boo
       if progress is not None:
         progress(row)
 
-  orders = batching.epoch_orders(train.seed, len(sides.images))
+  orders = batching.epoch_orders(train.seed, len(workload.images))
   if train.shards == "sorted":  # non-iid shards: the same orders on both sides
-    orders = (batching.sorted_within_batches(order, sides.labels, train.batch_size)
+    orders = (batching.sorted_within_batches(order, workload.labels, train.batch_size)
               for order in orders)
-  keras_bridge.fit_replaying(kmodel, sides.images, sides.keras_y, orders,
+  keras_bridge.fit_replaying(kmodel, workload.images, workload.keras_labels, orders,
                              batch_size=train.batch_size, epochs=train.epochs,
                              callbacks_for=lambda epoch, order: [Lockstep(order)])
   return steps
 
 
-def verdict(sides: Sides, steps: list[dict], train: TrainConfig, mode: str) -> dict:
+def verdict(sides: Sides, steps: list[dict]) -> dict:
   """Evaluate on both sides, the first step beyond tolerance and the bit-identical count."""
-  raw_eval = (sides.evaluate or (lambda: loop.evaluate(
-      sides.raw, sides.images, sides.labels, batch_size=train.batch_size, mode=mode)))()
-  keras_eval = sides.kmodel.evaluate(sides.images, sides.keras_y, batch_size=train.batch_size,
-                                     verbose=0, return_dict=True)
+  workload = sides.workload
+  raw_eval = sides.evaluate()
+  keras_eval = sides.kmodel.evaluate(workload.images, workload.keras_labels,
+                                     batch_size=workload.train.batch_size, verbose=0,
+                                     return_dict=True)
   gated = lambda s: (any(s[key] > tol for key, tol in TOLERANCE.items())
                      or s.get("skipped_raw") != s.get("skipped_keras"))
-  metric = sides.metric_name
+  metric = workload.metric_name
   result = {
       "steps": steps,
       "evaluate": {"raw": {"loss": raw_eval[0], **({metric: raw_eval[1]} if metric else {})},
@@ -241,14 +211,6 @@ def reference_version(reference: str) -> str:
   return importlib.metadata.version("keras" if reference == "keras3" else "tf_keras")
 
 
-def model_config_for(reference: str, model: ModelConfig) -> ModelConfig:
-  """tf_keras's fused BN (conv layers) feeds var*n/(n-1) into the moving variance; its dense BN
-  does not. The raw side is set to match that reference."""
-  if reference == "tf_keras":
-    return dataclasses.replace(model, bessel=True, bessel_scope="conv")
-  return model
-
-
 def perturb(variables, relative: float, seed: int) -> None:
   """``w *= 1 + relative * s`` with random signs s: a controlled ulp-sized push (a uniform scale
   would be undone by ReLU + BN)."""
@@ -258,225 +220,86 @@ def perturb(variables, relative: float, seed: int) -> None:
     v.assign(v.numpy() * (1 + relative * signs).astype(np.float32))
 
 
-def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: Optional[str],
-        reference: str = "keras3", synced: bool = True, perturbation: float = 0.0,
-        progress: Optional[callable] = None, overwrite: bool = False) -> dict:
-  """Trains both sides in lockstep for ``train.epochs`` epochs; writes ``compare.json`` into
-  ``out_dir`` (None: nothing written) and returns its dict.
-
-  ``perturbation`` (free-running only) multiplies the raw side's initial trainable weights by
-  ``1 +- perturbation`` after the transfer, to measure how fast a tiny difference grows when
-  the two paths are otherwise bit-identical.
-  """
+def check(reference: str, synced: bool, perturbation: float) -> None:
+  """Refuses compare settings that cannot work, before anything is built."""
   if reference not in keras_bridge.REFERENCES:
     raise UsageError("reference", f"must be one of {keras_bridge.REFERENCES}, got {reference!r}")
   if importlib.util.find_spec(keras_bridge.PACKAGE[reference]) is None:
     raise UsageError("reference", f"{keras_bridge.PACKAGE[reference]} is not installed "
                      f"(pip install {keras_bridge.PACKAGE[reference]})")
-  keras_bridge.check_comparable(model, train, reference)
   if not 0 <= perturbation < 1:
     raise UsageError("perturb", f"must be in [0, 1), got {perturbation}")
   if perturbation and synced:
     raise UsageError("perturb", "needs free-running (synced=False): a synced step starts "
                      "from Keras's state and would undo it")
-  model = model_config_for(reference, model.resolved())
-  if train.replicas > 1:
-    if perturbation:
-      raise UsageError("perturb", "is not supported with replicas yet")
-    return _run_replicas(data, model, train, out_dir=out_dir, synced=synced,
-                         progress=progress, overwrite=overwrite)
-  parts = seed.build(data, model, train)
-  if out_dir is not None:
-    outputs.prepare_out_dir(out_dir, overwrite=overwrite)
-  raw, optimizer = parts.model, parts.optimizer
-  images, labels = parts.data.images, parts.data.labels
-  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
-  choice = machine.choose_mode(raw, optimizer, images, labels, mode=train.mode,
-                               batch_size=train.batch_size, trace=False,
-                               workload=seed.workload(model, train))
-  mode, step_fn = choice.mode, choice.step_fn
-  multi_fn = step.make_multi_step(
-      step_fn, mode, relax_batch=step.relaxed_batch(len(images), train.batch_size))
-  keras = keras_bridge.keras_module(reference)
-  kmodel = keras_bridge.build_model(model, reference)
-  keras_bridge.compile_model(kmodel, train, jit_compile=(mode == "xla"), reference=reference,
-                             metrics=[_batch_loss_metric(keras)])
-  keras_bridge.set_keras_state(kmodel, keras_bridge.raw_state(raw, optimizer))
-  if perturbation:
-    perturb(raw.trainable_variables, perturbation, train.seed + 1)
-  sides = Sides(raw, optimizer, kmodel, images, labels, one_hot,
-                raw_state=lambda: keras_bridge.raw_state(raw, optimizer),
-                set_raw_state=lambda state: keras_bridge.set_raw_state(raw, optimizer, state),
-                keras_state=lambda: keras_bridge.keras_state(kmodel))
-  steps = lockstep(sides, train, step_fn, multi_fn, synced=synced, progress=progress,
-                   reference=reference)
-  result = {
-      "reference": reference,
-      "reference_version": reference_version(reference),
-      "synced": synced,
-      "perturbation": perturbation if not synced else 0.0,
-      "mode": mode,
-      "autotune": choice.record,
-      "config": configs.record(data, model, train, reference=reference, synced=synced,
-                               perturb=perturbation),
-      "raw_model_config": dataclasses.asdict(model),
-      **verdict(sides, steps, train, mode),
-  }
-  if not synced:
-    result["free_running"] = growth_report(steps)
-  if out_dir is not None:
-    outputs.write_json(os.path.join(out_dir, "compare.json"), result)
-  return result
 
 
-def _run_replicas(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
-                  out_dir: Optional[str], synced: bool, progress: Optional[Callable],
-                  overwrite: bool) -> dict:
-  """:func:`run` on ``train.replicas`` replicas: the raw replicated step
-  (bnraw.core.replicas) against Keras ``fit`` under the same MirroredStrategy. States hold every
-  replica's copy of each variable (the BN copies differ; the weights' must not)."""
-  seed.check(data, model, train)
-  n = train.replicas
-  strategy, mode = seed.replicated(train)
-  with strategy.scope():
-    parts = seed.build(data, model, train)
-    kmodel = keras_bridge.build_model(model)
-    keras_bridge.compile_model(kmodel, train, jit_compile=(mode == "xla"),
-                               metrics=[_batch_loss_metric(keras_bridge.keras_module())])
-  if out_dir is not None:
-    outputs.prepare_out_dir(out_dir, overwrite=overwrite)
-  raw, optimizer = parts.model, parts.optimizer
-  images, labels = parts.data.images, parts.data.labels
-  one_hot = np.eye(NUM_IMAGES, dtype=np.float32)[labels]
-  keras_vars = [v.value for v in keras_bridge.model_weights(kmodel)]
+def run(workload: Workload, *, out_dir: Optional[str], synced: bool = True,
+        perturbation: float = 0.0, progress: Optional[Callable] = None,
+        overwrite: bool = False) -> dict:
+  """Trains the workload's raw side and its Keras model (the seed's, or a user's own model with
+  its compiled loss, first metric and optimizer, from its saved state) in lockstep for
+  ``train.epochs`` epochs; writes ``compare.json`` into ``out_dir`` (None: nothing written)
+  and returns its dict. ``workload.reference`` is the Keras compared against.
 
-  state = lambda variables, opt: keras_bridge.get_state(variables, opt, per_replica=True)
-  load = lambda variables, opt, value: keras_bridge.set_state(variables, opt, value,
-                                                              per_replica=True)
-  load(keras_vars, kmodel.optimizer, state(raw.variables, optimizer))
-  sides = Sides(raw, optimizer, kmodel, images, labels, one_hot,
-                raw_state=lambda: state(raw.variables, optimizer),
-                set_raw_state=lambda value: load(raw.variables, optimizer, value),
-                keras_state=lambda: state(keras_vars, kmodel.optimizer),
-                **replicated_sides(raw, optimizer, strategy, images, labels,
-                                   batch_size=train.batch_size, mode=mode))
-  steps = lockstep(sides, train, None, None, synced=synced, progress=progress)
-  result = {
-      "reference": "keras3", "reference_version": reference_version("keras3"),
-      "synced": synced, "perturbation": 0.0, "mode": mode, "autotune": None,
-      "replicas": n, "devices": list(strategy.extended.worker_devices),
-      "config": configs.record(data, model, train, reference="keras3", synced=synced,
-                               perturb=0.0),
-      "raw_model_config": dataclasses.asdict(model),
-      **verdict(sides, steps, train, mode),
-  }
-  result["replica_copies_differ"] = copies_differ(sides, n)
-  if not synced:
-    result["free_running"] = growth_report(steps)
-  if out_dir is not None:
-    outputs.write_json(os.path.join(out_dir, "compare.json"), result)
-  return result
-
-
-def replicated_sides(raw, optimizer, strategy, images: np.ndarray, labels: np.ndarray, *,
-                     batch_size: int, mode: str) -> dict:
-  """The :class:`Sides` fields of a replicated compare: the raw replicated step over a group
-  of batches (its loss as Keras's ``batch_loss`` metric reads it, a SUM on read of the
-  replicas' scaled losses), the per-replica names of the state's weights (``name@r``, as
-  ``keras_bridge.get_state(per_replica=True)`` orders them) and the evaluate under the
-  strategy."""
-  n = strategy.num_replicas_in_sync
-  step_fn = step.make_train_step(raw, optimizer, mode=mode, trace=False, strategy=strategy,
-                                 relax_batch=step.relaxed_batch(len(images), batch_size))
-
-  def run_group(group):
-    outs = []
-    for batch in group:
-      out = step_fn(images[batch], labels[batch])
-      scaled = np.float32(0)
-      for value in out["scaled_loss"]:
-        scaled = np.float32(scaled + np.float32(value))
-      outs.append({**out, "loss": scaled})
-    return outs
-
-  return {"run_group": run_group,
-          "names": [f"{v.name.split(':')[0]}@{r}" for v in raw.variables for r in range(n)],
-          "evaluate": lambda: loop.evaluate(raw, images, labels, batch_size=batch_size,
-                                            mode=mode, strategy=strategy)}
-
-
-def copies_differ(sides: Sides, n: int) -> bool:
-  """Whether the Keras side's replicas hold different copies of any moving statistic."""
-  moving = [i for i, name in enumerate(sides.names) if "moving_" in name]
-  final = sides.keras_state()["weights"]
-  return any(not np.array_equal(final[i], final[i - i % n]) for i in moving)
-
-
-def recompile(kmodel, *, jit_compile: bool, steps_per_execution: int,
-              batch_loss: bool = False) -> None:
-  """Compiles a user's model again as it was compiled (the same optimizer object, its state
-  kept; the same loss and metrics), with the run's jit and steps-per-execution settings;
-  ``batch_loss``: plus the ``batch_loss`` metric (:func:`lockstep` reads it)."""
-  import keras
-  config = kmodel._compile_config.config
-  metrics = config.get("metrics") or []
-  if isinstance(metrics, dict):
-    raise UsageError("keras_model", "metrics compiled as a dict are not supported")
-  extra = [_batch_loss_metric(keras, lambda: kmodel._compile_loss)] if batch_loss else []
-  kmodel.compile(optimizer=kmodel.optimizer, loss=config["loss"],
-                 loss_weights=config.get("loss_weights"), metrics=[*metrics, *extra],
-                 weighted_metrics=config.get("weighted_metrics"), jit_compile=jit_compile,
-                 steps_per_execution=steps_per_execution)
-
-
-def run_keras_model(keras_model: str, data: str, train: TrainConfig, *, out_dir: Optional[str],
-                    synced: bool = True, progress: Optional[Callable] = None,
-                    overwrite: bool = False) -> dict:
-  """:func:`run` for a user's saved model and data: its raw twin (bnraw.models.twin) against
-  that model's own ``fit``, from the saved weights and optimizer state, with the model's
-  compiled loss, first metric and optimizer. ``train`` gives batch size, epochs, seed, mode
-  and steps per execution."""
-  from bnraw.models import twin as twins
-  twin, parts, strategy = twins.setup(keras_model, data, train)
-  kmodel, images, labels = twin.kmodel, parts.data.images, parts.data.labels
-  if strategy is not None:
-    return _run_keras_model_replicas(twin, parts, strategy, keras_model, data, train,
-                                     out_dir=out_dir, synced=synced, progress=progress,
-                                     overwrite=overwrite)
-  if twin.raw.regularizers and train.steps_per_execution > 1:
+  ``perturbation`` (free-running only) multiplies the raw side's initial trainable weights by
+  ``1 +- perturbation`` after the transfer, to measure how fast a tiny difference grows when
+  the two paths are otherwise bit-identical.
+  """
+  train, raw, optimizer = workload.train, workload.model, workload.optimizer
+  check(workload.reference, synced, perturbation)
+  if workload.source == "seed":
+    keras_bridge.check_comparable(workload.model_config, train, workload.reference)
+  if perturbation and workload.strategy is not None:
+    raise UsageError("perturb", "is not supported with replicas yet")
+  if getattr(raw, "regularizers", None) and train.steps_per_execution > 1:
     raise UsageError("steps_per_execution", "> 1 with a regularized model cannot be compared "
                      "step by step: fit's loss holds the penalty of the weights before each "
                      "step, which no callback sees inside an execution")
   if out_dir is not None:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite)
-  raw, optimizer = twin.raw, twin.optimizer
-  choice = machine.choose_mode(raw, optimizer, images, labels, mode=train.mode,
-                               batch_size=train.batch_size, trace=False,
-                               workload={"keras_model": machine.file_digest(keras_model)})
-  mode, step_fn = choice.mode, choice.step_fn
-  multi_fn = step.make_multi_step(
-      step_fn, mode, relax_batch=step.relaxed_batch(len(images), train.batch_size))
-  recompile(kmodel, jit_compile=(mode == "xla"), steps_per_execution=train.steps_per_execution,
-            batch_loss=True)
-  twin.set_keras_state(twin.raw_state())
-  sides = Sides(raw, optimizer, kmodel, images, labels, labels, raw_state=twin.raw_state,
-                set_raw_state=twin.set_raw_state, keras_state=twin.keras_state,
-                metric_name=twin.metric_name)
-  steps = lockstep(sides, train, step_fn, multi_fn, synced=synced, progress=progress)
+  images, labels = workload.images, workload.labels
+  relax = step.relaxed_batch(len(images), train.batch_size)
+  if workload.strategy is None:
+    choice = machine.choose_mode(raw, optimizer, images, labels, mode=train.mode,
+                                 batch_size=train.batch_size, trace=False,
+                                 workload=workload.tuning_key)
+    mode, tuning, step_fn = choice.mode, choice.record, choice.step_fn
+    multi_fn = step.make_multi_step(step_fn, mode, relax_batch=relax)
+    x, y = tf.constant(images), tf.constant(labels)
+    run_group = lambda group: loop.run_chunk(step_fn, multi_fn, x, y, group)
+  else:  # the mode Keras compiles replicas in: nothing to measure
+    mode, tuning = workload.replica_mode(), None
+    step_fn = step.make_train_step(raw, optimizer, mode=mode, trace=False, relax_batch=relax,
+                                   strategy=workload.strategy)
+    run_group = lambda group: [_global_loss(step_fn(images[batch], labels[batch]))
+                               for batch in group]
+  kmodel = workload.keras_model(jit_compile=(mode == "xla"), batch_loss=True)
+  if perturbation:
+    perturb(raw.trainable_variables, perturbation, train.seed + 1)
+  sides = Sides(workload, kmodel, run_group, evaluate=lambda: loop.evaluate(
+      raw, images, labels, batch_size=train.batch_size, mode=mode, strategy=workload.strategy))
+  steps = lockstep(sides, synced=synced, progress=progress)
   result = {
-      "reference": "keras3",
-      "reference_version": reference_version("keras3"),
+      "reference": workload.reference,
+      "reference_version": reference_version(workload.reference),
       "synced": synced,
-      "perturbation": 0.0,
+      "perturbation": perturbation if not synced else 0.0,
       "mode": mode,
-      "autotune": choice.record,
-      "config": {"keras_model": os.path.abspath(keras_model), "data": os.path.abspath(data),
-                 "train": dataclasses.asdict(train), "synced": synced},
-      "model": {"name": kmodel.name, "dtype_policy": kmodel.dtype_policy.name,
-                "bn_layers": [layer.name for layer in raw.batch_norms],
-                "metric": twin.metric_name},
-      **verdict(sides, steps, train, mode),
+      "autotune": tuning,
+      "config": workload.recorded(reference=workload.reference, synced=synced,
+                                  perturb=perturbation),
+      **verdict(sides, steps),
   }
+  if workload.source == "seed":
+    result["raw_model_config"] = dataclasses.asdict(workload.model_config)
+  else:
+    result["model"] = {"name": kmodel.name, "dtype_policy": kmodel.dtype_policy.name,
+                       "bn_layers": workload.bn_names, "metric": workload.metric_name}
+  if workload.strategy is not None:
+    result.update(replicas=workload.replicas,
+                  devices=list(workload.strategy.extended.worker_devices),
+                  replica_copies_differ=copies_differ(sides))
   if not synced:
     result["free_running"] = growth_report(steps)
   if out_dir is not None:
@@ -484,43 +307,21 @@ def run_keras_model(keras_model: str, data: str, train: TrainConfig, *, out_dir:
   return result
 
 
-def _run_keras_model_replicas(twin, parts, strategy, keras_model: str, data: str,
-                              train: TrainConfig, *, out_dir: Optional[str], synced: bool,
-                              progress: Optional[Callable], overwrite: bool) -> dict:
-  """:func:`run_keras_model` on ``train.replicas`` replicas: the twin's replicated step against
-  the model's own ``fit`` under the same strategy (both built under it by ``twins.setup``)."""
-  kmodel, raw, optimizer = twin.kmodel, twin.raw, twin.optimizer
-  images, labels = parts.data.images, parts.data.labels
-  mode = seed.replica_mode(train)
-  if out_dir is not None:
-    outputs.prepare_out_dir(out_dir, overwrite=overwrite)
-  with strategy.scope():
-    recompile(kmodel, jit_compile=(mode == "xla"), steps_per_execution=1, batch_loss=True)
-  twin.set_keras_state(twin.raw_state())
-  sides = Sides(raw, optimizer, kmodel, images, labels, labels, raw_state=twin.raw_state,
-                set_raw_state=twin.set_raw_state, keras_state=twin.keras_state,
-                metric_name=twin.metric_name,
-                **replicated_sides(raw, optimizer, strategy, images, labels,
-                                   batch_size=train.batch_size, mode=mode))
-  steps = lockstep(sides, train, None, None, synced=synced, progress=progress)
-  n = strategy.num_replicas_in_sync
-  result = {
-      "reference": "keras3", "reference_version": reference_version("keras3"),
-      "synced": synced, "perturbation": 0.0, "mode": mode, "autotune": None,
-      "replicas": n, "devices": list(strategy.extended.worker_devices),
-      "config": {"keras_model": os.path.abspath(keras_model), "data": os.path.abspath(data),
-                 "train": dataclasses.asdict(train), "synced": synced},
-      "model": {"name": kmodel.name, "dtype_policy": kmodel.dtype_policy.name,
-                "bn_layers": [layer.name for layer in raw.batch_norms],
-                "metric": twin.metric_name},
-      **verdict(sides, steps, train, mode),
-      "replica_copies_differ": copies_differ(sides, n),
-  }
-  if not synced:
-    result["free_running"] = growth_report(steps)
-  if out_dir is not None:
-    outputs.write_json(os.path.join(out_dir, "compare.json"), result)
-  return result
+def _global_loss(out: dict) -> dict:
+  """A replicated step's outputs with its loss as Keras's ``batch_loss`` metric reads it: a SUM
+  on read of the replicas' scaled losses."""
+  scaled = np.float32(0)
+  for value in out["scaled_loss"]:
+    scaled = np.float32(scaled + np.float32(value))
+  return {**out, "loss": scaled}
+
+
+def copies_differ(sides: Sides) -> bool:
+  """Whether the Keras side's replicas hold different copies of any moving statistic."""
+  n = sides.workload.replicas
+  moving = [i for i, name in enumerate(sides.workload.state_names()) if "moving_" in name]
+  final = sides.keras_state()["weights"]
+  return any(not np.array_equal(final[i], final[i - i % n]) for i in moving)
 
 
 def report(result: dict) -> str:

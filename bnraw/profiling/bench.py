@@ -181,34 +181,34 @@ def fit_bench(model, x: np.ndarray, y: np.ndarray, *, batch_size: int, steps_per
                stamps[0] - start, measure)
 
 
-def run_keras_model(model_path: str, data_path: str, *, batch_size: int, steps: int,
-                    warmup: int, rounds: int, raw_modes: Sequence[str] = ("function", "xla"),
+def run_keras_model(workload, *, steps: int, warmup: int, rounds: int,
+                    raw_modes: Sequence[str] = ("function", "xla"),
                     keras_jit: Sequence[bool] = (False, True), out_dir: Optional[str] = None,
                     progress: bool = False, overwrite: bool = False) -> dict:
-  """A user's model: its raw twin's step (``raw_modes``: eager, function, xla) against that
+  """A user's model's workload (bnraw.models.workload.from_keras_file): its raw twin's step (``raw_modes``: eager, function, xla) against that
   model's own ``fit`` (each ``keras_jit``), every configuration built once and timed
   round-robin as :func:`run` times the seed's. ``ratio``: the best exact raw step over the best
   fit, side by side in one process."""
   import sys
   from bnraw import outputs
-  from bnraw.config import TrainConfig
   from bnraw.core.step import make_train_step, relaxed_batch
   from bnraw.errors import UsageError
-  from bnraw.models import twin as twins
   from bnraw.models import user
-  from bnraw.parity.compare import recompile
+  from bnraw.models.keras_bridge import recompile
   for mode in raw_modes:
     if mode not in ("eager", "function", "xla"):
       raise UsageError("raw_modes", f"expected some of eager, function, xla; got {mode!r}")
-  twin, parts, _ = twins.setup(model_path, data_path, TrainConfig(batch_size=batch_size))
+  twin, batch_size, (model_path, _) = workload.twin, workload.train.batch_size, workload.paths
+  if workload.strategy is not None:
+    raise UsageError("replicas", "a user's model is profiled on one device")
   if out_dir is not None:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite)
-  images, labels = parts.data.images, parts.data.labels
+  images, labels = workload.images, workload.labels
   relax = relaxed_batch(len(images), batch_size)
   x, y = tf.constant(images[:batch_size]), tf.constant(labels[:batch_size])
   benches = []
   for mode in raw_modes:
-    step = make_train_step(parts.model, parts.optimizer, mode=mode, trace=False,
+    step = make_train_step(workload.model, workload.optimizer, mode=mode, trace=False,
                            relax_batch=relax)
     run = lambda step=step: float(step(x, y)["loss"])
     start = time.perf_counter()

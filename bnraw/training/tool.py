@@ -1,5 +1,6 @@
-"""The train tool: trains the raw seed network, evaluates, writes ``summary.json`` (and the
-trace with ``trace=True``). Plain typed values in, the summary dict out."""
+"""The train tool: trains a workload's raw side (the seed's, or a user's model's twin), evaluates,
+writes ``summary.json`` (and the trace with ``trace=True``; ``trained.keras`` for a user's model).
+A Workload in, the summary dict out."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 import time
 from typing import Callable, Optional
 
-from bnraw import config as configs
 from bnraw import outputs
-from bnraw.config import HISTOGRAM_EVERY, DataConfig, ModelConfig, TrainConfig
+from bnraw.config import HISTOGRAM_EVERY
 from bnraw.errors import UsageError
+from bnraw.models import workload as workloads
+from bnraw.models.workload import Workload
 from bnraw.progress import EpochProgress
 
 
@@ -41,15 +43,13 @@ def stop_on_signals():
       signal.signal(sig, old)
 
 
-def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: str,
-        trace: bool = False, progress: bool = True, on_step: Optional[Callable] = None,
-        break_at: Optional[tuple[str, int]] = None, break_action: Optional[Callable] = None,
-        checkpoint_every: int = 0, resume: bool = False, overwrite: bool = False,
-        histogram_every: int = HISTOGRAM_EVERY,
-        keras_model: Optional[tuple[str, str]] = None) -> dict:
-  """Trains the raw path, evaluates, writes ``summary.json`` (and the trace) into ``out_dir``.
-  ``keras_model=(model path, data path)``: a user's saved model's raw twin instead of the seed
-  (``data`` and ``model`` unused; ``train`` gives the loop's settings), and ``trained.keras``.
+def run(workload: Workload, *, out_dir: str, trace: bool = False, progress: bool = True,
+        on_step: Optional[Callable] = None, break_at: Optional[tuple[str, int]] = None,
+        break_action: Optional[Callable] = None, checkpoint_every: int = 0,
+        resume: bool = False, overwrite: bool = False,
+        histogram_every: int = HISTOGRAM_EVERY) -> dict:
+  """Trains the workload's raw side, evaluates, writes ``summary.json`` (and the trace) into
+  ``out_dir``; a user's model (``workload.source == "keras_model"``) also ``trained.keras``.
 
   ``break_at=(layer, step)`` stops in that layer's moving-average update at that step, which alone
   runs eagerly; the steps before it run in the run's own mode, so the values at the break are the
@@ -58,80 +58,65 @@ def run(data: DataConfig, model: ModelConfig, train: TrainConfig, *, out_dir: st
   current step) and at the end; ``resume`` continues the run in ``out_dir``; an earlier run there is
   refused unless ``overwrite`` (bnraw.outputs.prepare_out_dir). The summary's ``status`` is
   "complete" or "interrupted"; a non-finite step writes the summary with status "non_finite" and
-  raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict (DESIGN.md section 4).
+  raises :class:`bnraw.core.loop.NonFiniteError`. Returns the summary dict (docs/design.md
+  section 4).
   """
   if histogram_every < 1:
     raise UsageError("histogram_every", f"must be >= 1, got {histogram_every}")
   from bnraw import cluster as clusters
   cluster = clusters.from_environment()  # on many workers only the chief writes
   with lost_workers(cluster):
-    return _run(data, model, train, out_dir=out_dir, trace=trace, progress=progress,
-                on_step=on_step, break_at=break_at, break_action=break_action,
+    return _run(workload, out_dir=out_dir, trace=trace, progress=progress, on_step=on_step,
+                break_at=break_at, break_action=break_action,
                 checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
-                histogram_every=histogram_every, keras_model=keras_model, cluster=cluster)
+                histogram_every=histogram_every, cluster=cluster)
 
 
-def _run(data, model, train, *, out_dir, trace, progress, on_step, break_at, break_action,
-         checkpoint_every, resume, overwrite, histogram_every, keras_model, cluster) -> dict:
+def _run(workload, *, out_dir, trace, progress, on_step, break_at, break_action,
+         checkpoint_every, resume, overwrite, histogram_every, cluster) -> dict:
   """:func:`run`'s body, on this process's ``cluster`` (None: one process)."""
   from bnraw import cluster as clusters
   from bnraw import machine
   from bnraw.core import autotune, batching, loop, optim, replicas, step
-  from bnraw.models import seed
   from bnraw.training.checkpoint import Checkpointer, read_state
   options = dict(trace=trace, checkpoint_every=checkpoint_every,
                  break_at=list(break_at) if break_at else None)
-  twin, metric, strategy = None, "accuracy", None
+  train, strategy = workload.train, workload.strategy
+  model, optimizer = workload.model, workload.optimizer
+  images, labels = workload.images, workload.labels
+  metric = workload.metric_name
   writer = clusters.is_chief(cluster)
-  if break_at is not None and train.replicas > 1:
+  if break_at is not None and strategy is not None:
     raise UsageError("break_at", "stops one device's step; runs with --replicas=1")
-  if keras_model is None:
-    model = model.resolved()
-    seed.check(data, model, train)  # bad input fails here, before anything is written
-    if train.replicas > 1:
-      strategy, replicated_mode = seed.replicated(train)
-    with strategy.scope() if strategy else contextlib.nullcontext():
-      parts = seed.build(data, model, train)
-    record = configs.record(data, model, train, **options)
-    workload, epsilon, width = seed.workload(model, train), model.epsilon, model.width
-  else:  # a user's model: its raw twin (bad model or data fails here, before any output)
-    from bnraw.models import twin as twins
-    twin, parts, strategy = twins.setup(*keras_model, train)
-    if strategy is not None:
-      replicated_mode = seed.replica_mode(train)
-    metric = twin.metric_name
-    record = twins.record(*keras_model, train, **options)
-    workload = {"keras_model": record["keras_model"]["digest"]}
-    epsilon = [layer.epsilon for layer in parts.model.batch_norms]
-    width = None
-  names = [layer.name for layer in parts.model.batch_norms]
+  record = workload.recorded(**options)
+  names = workload.bn_names
   hook = None
   if break_at is not None:
     from bnraw.tracing.debugger import BreakAt
     if break_at[0] not in names:
       raise UsageError("break_at", f"no BN layer {break_at[0]!r}; layers: {', '.join(names)}")
-    if not parts.model.layer(break_at[0]).trainable:
+    if not model.layer(break_at[0]).trainable:
       raise UsageError("break_at", f"{break_at[0]} is frozen (trainable=False): its moving "
                        "statistics are never updated, so there is no update to stop in")
     # a user's model numbers its steps on from its saved optimizer's (the seed from 0)
-    first = optim.steps_run(parts.optimizer)
-    last = first + train.epochs * batching.steps_per_epoch(len(parts.data.images),
+    first = optim.steps_run(optimizer)
+    last = first + train.epochs * batching.steps_per_epoch(len(images),
                                                        train.batch_size) - 1
     if not first <= break_at[1] <= last:
       raise UsageError("break_at", f"step {break_at[1]} is not in this run (steps "
                        f"{first}..{last})")
-    hook = BreakAt(*break_at, lambda: optim.steps_run(parts.optimizer), break_action)
+    hook = BreakAt(*break_at, lambda: optim.steps_run(optimizer), break_action)
   saved = read_state(out_dir) if resume else None  # nothing to resume: refused here
   if writer:
     outputs.prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
-  checkpointer = Checkpointer(out_dir, parts.model, parts.optimizer, record, strategy=strategy,
+  checkpointer = Checkpointer(out_dir, model, optimizer, record, strategy=strategy,
                               writer=writer)
   resume_state = checkpointer.restore() if resume else None
   if resume_state is not None:
     if train.epochs < resume_state.epoch:
       raise UsageError("epochs", f"the run has done {resume_state.epoch} epochs already; "
                        f"resume with epochs >= {resume_state.epoch}")
-    done = optim.steps_run(parts.optimizer)
+    done = optim.steps_run(optimizer)
     if break_at is not None and break_at[1] < done:
       raise UsageError("break_at", f"step {break_at[1]} is before the resumed run's next step "
                        f"({done})")
@@ -143,29 +128,29 @@ def _run(data, model, train, *, out_dir, trace, progress, on_step, break_at, bre
   if saved is not None and train.mode == "auto":
     chosen = earlier.get("mode") or step.resolve_mode("auto")
   if strategy is None:
-    choice = machine.choose_mode(parts.model, parts.optimizer, parts.data.images,
-                                 parts.data.labels, mode=chosen, batch_size=train.batch_size,
-                                 trace=trace, workload=workload)
+    choice = machine.choose_mode(model, optimizer, images,
+                                 labels, mode=chosen, batch_size=train.batch_size,
+                                 trace=trace, workload=workload.tuning_key)
     mode, step_fn = choice.mode, choice.step_fn
     tuning = choice.record or (dict(earlier["autotune"], reused=True)
                                if chosen != train.mode and earlier.get("autotune") else None)
   else:  # the mode Keras compiles replicas in (bnraw.models.seed.replicated): nothing to measure
-    mode, step_fn, tuning = replicated_mode, None, None
+    mode, step_fn, tuning = workload.replica_mode(), None, None
   progress = progress and writer
   if progress and tuning:
     print(autotune.describe(tuning), file=sys.stderr)
   checkpointer.resolved = {"mode": mode, "autotune": tuning}
   recorders = [on_step] if on_step is not None else []
   printer = (EpochProgress(train.epochs, steps_per_epoch=batching.steps_per_epoch(
-      len(parts.data.images), train.batch_size)) if progress else None)
+      len(images), train.batch_size)) if progress else None)
   with contextlib.ExitStack() as stack:
     if trace and writer:  # every worker traces in its step (gathers are collectives)
       from bnraw.tracing.store import TRACE_FILE, Trace, TraceRecorder
       from bnraw.tracing.tensorboard import TensorBoardWriter
-      recorder = TraceRecorder(names, epsilon)
+      recorder = TraceRecorder(names, workload.epsilon)
       if resume_state is not None and os.path.exists(os.path.join(out_dir, TRACE_FILE)):
-        recorder.extend_from(Trace.load(out_dir), optim.steps_run(parts.optimizer))
-      board = stack.enter_context(TensorBoardWriter(out_dir, names, epsilon,
+        recorder.extend_from(Trace.load(out_dir), optim.steps_run(optimizer))
+      board = stack.enter_context(TensorBoardWriter(out_dir, names, workload.epsilon,
                                                     histogram_every))
       recorders += [recorder, board.step]
 
@@ -186,7 +171,7 @@ def _run(data, model, train, *, out_dir, trace, progress, on_step, break_at, bre
       should_stop = lambda: stopped() is not None
     else:  # every worker stops after the same step: a signal to any one stops them all
       should_stop = lambda: replicas.any_worker(strategy, stopped() is not None)
-    history = loop.fit(parts.model, parts.optimizer, parts.data.images, parts.data.labels,
+    history = loop.fit(model, optimizer, images, labels,
                        batch_size=train.batch_size, epochs=train.epochs, seed=train.seed,
                        mode=mode, trace=trace,
                        on_step=(lambda r: [f(r) for f in recorders]) if recorders else None,
@@ -198,33 +183,32 @@ def _run(data, model, train, *, out_dir, trace, progress, on_step, break_at, bre
         "config": record,
         "status": history.status,
         "complete": history.status == "complete",
-        "resolved": {"width": width, "mode": mode},
-        **({"replicas": replicas_summary(parts.model, strategy)} if strategy else {}),
+        "resolved": {"width": workload.width, "mode": mode},
+        **({"replicas": replicas_summary(model, strategy)} if strategy else {}),
         "autotune": tuning,
         "environment": outputs.environment(),
-        "parameters": parts.model.count_parameters(),
+        "parameters": model.count_parameters(),
         "history": {"loss": history.loss,
                     "accuracy": history.accuracy if metric else [None] * len(history.loss)},
         "metric": metric,
         "evaluate": {"loss": None, "accuracy": None},
-        "steps_done": optim.steps_run(parts.optimizer),
+        "steps_done": optim.steps_run(optimizer),
         "train_seconds": time.perf_counter() - start,
     }
-    if isinstance(parts.optimizer, optim.LossScale) and history.status != "non_finite":
+    if isinstance(optimizer, optim.LossScale) and history.status != "non_finite":
       # over the whole run, resumes included (a non-finite step's own skip is not a step done)
       summary["loss_scaling"] = {
-          "initial_scale": parts.optimizer.initial_scale,
-          "final_scale": float(parts.optimizer.dynamic_scale.numpy()),
-          "skipped_steps": int(parts.optimizer.skipped_steps.numpy())}
+          "initial_scale": optimizer.initial_scale,
+          "final_scale": float(optimizer.dynamic_scale.numpy()),
+          "skipped_steps": int(optimizer.skipped_steps.numpy())}
     if history.status == "complete":
-      data_and_batch = dict(images=parts.data.images, labels=parts.data.labels,
+      data_and_batch = dict(images=images, labels=labels,
                             batch_size=train.batch_size, mode=mode)
       # (under a strategy: each shard with its replica's copy)
-      eval_loss, eval_accuracy = loop.evaluate(parts.model, **data_and_batch, strategy=strategy)
+      eval_loss, eval_accuracy = loop.evaluate(model, **data_and_batch, strategy=strategy)
       summary["evaluate"] = {"loss": eval_loss, "accuracy": eval_accuracy if metric else None}
-      if twin is not None and writer:  # the trained twin as the user's own Keras model
-        summary["trained_model"] = twins.save_trained(twin, os.path.join(out_dir,
-                                                                         "trained.keras"))
+      if workload.twin is not None and writer:  # the trained twin as the user's own model
+        summary["trained_model"] = workload.save_keras(os.path.join(out_dir, "trained.keras"))
       if trace and writer:
         board.scalars(summary["steps_done"], {"evaluate/loss": eval_loss,
                                               "evaluate/accuracy": eval_accuracy})
@@ -281,20 +265,11 @@ def replicas_summary(model, strategy) -> dict:
 def resume(out_dir: str, *, epochs: Optional[int] = None, **kwargs) -> dict:
   """Continues the run in ``out_dir`` with the settings it was made with (by the command line or
   by :func:`run`), optionally for more ``epochs``; other keywords go to :func:`run`."""
-  import dataclasses
   from bnraw.training.checkpoint import read_state
-  saved = read_state(out_dir)["config"]
-  if "keras_model" in saved:  # a user's model's run
-    train = configs.from_values(TrainConfig, saved["train"])
-    data = model = None
-    kwargs.setdefault("keras_model", (saved["keras_model"]["path"], saved["data"]["path"]))
-    options = dict(saved.get("options", {}))
-  else:
-    data, model, train, options = configs.from_record(saved)
-  if epochs is not None:
-    train = dataclasses.replace(train, epochs=epochs)
+  changes = {} if epochs is None else {"epochs": epochs}
+  workload, options = workloads.from_record(read_state(out_dir)["config"], **changes)
   options = {k: v for k, v in options.items() if k in ("trace", "checkpoint_every")}
-  return run(data, model, train, out_dir=out_dir, resume=True, **{**options, **kwargs})
+  return run(workload, out_dir=out_dir, resume=True, **{**options, **kwargs})
 
 
 def report(summary: dict) -> str:

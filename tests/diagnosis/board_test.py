@@ -18,6 +18,7 @@ from PIL import Image
 
 from bnraw import diagnosis
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
+from bnraw.models.workload import from_seed
 
 
 def free_port() -> int:
@@ -32,8 +33,9 @@ class TensorBoardServerTest(tf.test.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.tmp = tempfile.TemporaryDirectory()
-    cls.result = diagnosis.run(DataConfig(), ModelConfig(width=1 / 64),
-                               TrainConfig(epochs=3, mode="function"), out_dir=cls.tmp.name,
+    cls.result = diagnosis.run(from_seed(DataConfig(), ModelConfig(width=1 / 64),
+                                         TrainConfig(epochs=3, mode="function")),
+                               out_dir=cls.tmp.name,
                                every=1, progress=False)
     cls.port = free_port()
     cls.server = subprocess.Popen(

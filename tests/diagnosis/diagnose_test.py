@@ -18,15 +18,16 @@ from bnraw.diagnosis.decompose import ATTRIBUTION, LOSS_KEYS
 from bnraw.errors import UsageError
 from tests.tracing.trace_test import read_events
 from bnraw.diagnosis.precise_bn import aggregate, raw_population_statistics
+from bnraw.models.workload import from_seed
 
 TINY = dict(width=1 / 32)
 
 
 def run(tmp, impl="raw", momentum=0.9, batch_size=256, epochs=3, bessel=False, fix=None,
         every=0, trace=False):
-  return diagnosis.run(
+  return diagnosis.run(from_seed(
                        DataConfig(), ModelConfig(momentum=momentum, bessel=bessel, **TINY),
-                       TrainConfig(batch_size=batch_size, epochs=epochs, mode="function"),
+                       TrainConfig(batch_size=batch_size, epochs=epochs, mode="function")),
                        out_dir=tmp, impl=impl, fix=fix, every=every, trace=trace, progress=False)
 
 
@@ -37,8 +38,8 @@ class DecompositionTest(tf.test.TestCase):
       d = run(tmp, batch_size=96, epochs=2)  # batches of 96, 96, 64
       losses = d["losses"]
       # the same setup trained by the train tool: fit's history and model.evaluate's loop
-      summary = training.run(DataConfig(), ModelConfig(momentum=0.9, **TINY),
-                             TrainConfig(batch_size=96, epochs=2, mode="function"),
+      summary = training.run(from_seed(DataConfig(), ModelConfig(momentum=0.9, **TINY),
+                                       TrainConfig(batch_size=96, epochs=2, mode="function")),
                              out_dir=other, progress=False)
       self.assertEqual(losses["fit"], summary["history"]["loss"][-1])
       self.assertAllClose(losses["evaluate"], summary["evaluate"]["loss"], rtol=1e-6)
@@ -128,7 +129,7 @@ class MixedPrecisionDiagnosisTest(tf.test.TestCase):
     model = ModelConfig(width=1 / 64, dtype_policy="mixed_float16")
     train = TrainConfig(batch_size=256, epochs=2, mode="function", loss_scale=1e30)
     with tempfile.TemporaryDirectory() as tmp:
-      d = diagnosis.run(DataConfig(), model, train, out_dir=tmp, progress=False,
+      d = diagnosis.run(from_seed(DataConfig(), model, train), out_dir=tmp, progress=False,
                         tensorboard=False)
     scaling = d["loss_scaling"]
     self.assertEqual((scaling["steps"], scaling["skipped_steps"]), (2, 2))
@@ -160,7 +161,7 @@ class MixedPrecisionDiagnosisTest(tf.test.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       model.save(os.path.join(tmp, "m.keras"))
       np.savez(os.path.join(tmp, "d.npz"), x=x, y=y)
-      d = diagnosis.run_keras_model(os.path.join(tmp, "m.keras"), os.path.join(tmp, "d.npz"),
+      d = diagnosis.run_saved(os.path.join(tmp, "m.keras"), os.path.join(tmp, "d.npz"),
                                     batch_size=20, out_dir=os.path.join(tmp, "out"),
                                     tensorboard=False)
     self.assertEqual(d["precision"]["dtype_policy"], "mixed_bfloat16")
@@ -177,7 +178,7 @@ class KerasModelMetricTest(tf.test.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       model.save(os.path.join(tmp, "m.keras"))
       np.savez(os.path.join(tmp, "d.npz"), x=x, y=y)
-      return diagnosis.run_keras_model(os.path.join(tmp, "m.keras"), os.path.join(tmp, "d.npz"),
+      return diagnosis.run_saved(os.path.join(tmp, "m.keras"), os.path.join(tmp, "d.npz"),
                                        out_dir=os.path.join(tmp, "out"), tensorboard=False,
                                        **kwargs)
 
@@ -321,7 +322,7 @@ class UserKerasModelTest(tf.test.TestCase):
 
   def test_functional_model_diagnosis(self):
     out = os.path.join(self.tmp, "out")
-    d = diagnosis.run_keras_model(self.model_path, self.data_path, batch_size=16,
+    d = diagnosis.run_saved(self.model_path, self.data_path, batch_size=16,
                                   out_dir=out, fix="precise_bn")
     evaluate = self.model.evaluate(self.x, self.y, batch_size=16, verbose=0, return_dict=True)
     self.assertAllClose(d["losses"]["evaluate"], evaluate["loss"], rtol=1e-5)
@@ -402,13 +403,13 @@ class UserKerasModelTest(tf.test.TestCase):
     for (model_path, data_path), pattern in cases:
       with self.subTest(pattern=pattern):
         with self.assertRaisesRegex(UsageError, pattern):
-          diagnosis.run_keras_model(model_path, data_path, batch_size=8,
+          diagnosis.run_saved(model_path, data_path, batch_size=8,
                                     out_dir=os.path.join(self.tmp, "never"))
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "never")))
 
   def test_an_earlier_run_is_refused_unless_overwritten(self):
     out = os.path.join(self.tmp, "run")
-    run = lambda **kw: diagnosis.run_keras_model(self.model_path, self.data_path, batch_size=16,
+    run = lambda **kw: diagnosis.run_saved(self.model_path, self.data_path, batch_size=16,
                                                  out_dir=out, **kw)
     run(fix="precise_bn")
     with open(os.path.join(out, "notes.txt"), "w") as f:

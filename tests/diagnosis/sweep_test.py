@@ -10,6 +10,7 @@ from bnraw import diagnosis
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.diagnosis import sweep
 from bnraw.errors import UsageError
+from bnraw.models.workload import from_seed
 
 MODEL = ModelConfig(width=1 / 64, momentum=0.9)
 TRAIN = TrainConfig(batch_size=256, epochs=2, mode="function")
@@ -35,8 +36,9 @@ class SweepTest(tf.test.TestCase):
       self.assertEqual([(r["case"], r["seed"]) for r in both["runs"]],
                        [(1, 3), (2, 3), (1, 4), (2, 4)])
       for case, seed in ((2, 4), (1, 3)):
-        alone = diagnosis.run(DataConfig(case=case), MODEL,
-                              TrainConfig(batch_size=256, epochs=2, mode="function", seed=seed),
+        alone = diagnosis.run(from_seed(DataConfig(case=case), MODEL,
+                                        TrainConfig(batch_size=256, epochs=2, mode="function",
+                                                    seed=seed)),
                               out_dir=os.path.join(tmp, f"alone{case}{seed}"), progress=False)
         run, = [r for r in both["runs"] if (r["case"], r["seed"]) == (case, seed)]
         self.assertEqual(run["losses"], alone["losses"])

@@ -11,6 +11,7 @@ import pytest
 
 from bnraw.config import TrainConfig
 from bnraw.errors import UsageError
+from bnraw.models.workload import from_keras_file
 from tests.models import zoo
 
 TRAIN = TrainConfig(batch_size=zoo.BATCH_SIZE, epochs=1, mode="function")
@@ -34,8 +35,9 @@ def test_every_step_is_bit_identical_to_the_models_own_fit(saved, name, mode):
   statistic equal to the last bit, and evaluate too; fit with jit_compile as the raw mode."""
   import dataclasses
   from bnraw import parity
-  result = parity.run_keras_model(*saved(name), dataclasses.replace(TRAIN, mode=mode),
-                                  out_dir=None)
+  from bnraw.models.workload import from_keras_file
+  result = parity.run(from_keras_file(*saved(name), dataclasses.replace(TRAIN, mode=mode)),
+                      out_dir=None)
   assert result["mode"] == mode
   assert len(result["steps"]) == 3
   assert result["first_divergent_step"] is None
@@ -49,8 +51,8 @@ def test_trained_keras_evaluates_to_the_raw_twins_evaluate(saved):
   from bnraw import training
   model_path, data_path = saved("nested")
   with tempfile.TemporaryDirectory() as out:
-    summary = training.run(None, None, TRAIN, out_dir=out, progress=False,
-                           keras_model=(model_path, data_path))
+    summary = training.run(from_keras_file(model_path, data_path, TRAIN), out_dir=out,
+                           progress=False)
     trained = keras.models.load_model(os.path.join(out, "trained.keras"))
     with np.load(data_path) as data:
       keras_eval = trained.evaluate(data["x"], data["y"], batch_size=zoo.BATCH_SIZE, verbose=0,
@@ -76,8 +78,8 @@ def test_diagnosis_with_history_sums_and_precise_bn_is_the_population(saved, nam
   from bnraw import diagnosis
   model_path, data_path = saved(name)
   with tempfile.TemporaryDirectory() as out:
-    result = diagnosis.run_twin(model_path, data_path, TRAIN, out_dir=out, fix="precise_bn",
-                                tensorboard=False, progress=False)
+    result = diagnosis.run(from_keras_file(model_path, data_path, TRAIN), out_dir=out,
+                           fix="precise_bn", tensorboard=False, progress=False)
     fixed = keras.models.load_model(result["fixed"]["saved"])
   losses = result["losses"]
   gap = losses["evaluate"] - losses["fit"]
@@ -107,8 +109,8 @@ def test_frozen_bn_fine_tune_diagnosis(saved):
   from bnraw import diagnosis
   model_path, data_path = saved("frozen_bn")
   with tempfile.TemporaryDirectory() as out:
-    result = diagnosis.run_twin(model_path, data_path, TRAIN, out_dir=out, fix="precise_bn",
-                                tensorboard=False, progress=False)
+    result = diagnosis.run(from_keras_file(model_path, data_path, TRAIN), out_dir=out,
+                           fix="precise_bn", tensorboard=False, progress=False)
     fixed = keras.models.load_model(result["fixed"]["saved"])
   assert result["frozen"] == ["base/bn"]
   frozen = next(p for p in result["per_layer"] if p["layer"] == "base/bn")
@@ -126,8 +128,8 @@ def test_dropout_is_priced_apart_and_the_split_is_repeatable(saved):
   runs = []
   for _ in range(2):
     with tempfile.TemporaryDirectory() as out:
-      runs.append(diagnosis.run_twin(model_path, data_path, TRAIN, out_dir=out,
-                                     tensorboard=False, progress=False))
+      runs.append(diagnosis.run(from_keras_file(model_path, data_path, TRAIN), out_dir=out,
+                                tensorboard=False, progress=False))
   assert runs[0]["losses"] == runs[1]["losses"]
   assert runs[0]["dropout"] == runs[1]["dropout"]
   assert [name.split("_")[0] for name in runs[0]["dropout"]["layers"]] == ["dropout"]
@@ -187,10 +189,10 @@ def test_trace_break_at_and_inspect_name_nested_layers_by_path(saved):
   model_path, data_path = saved("nested")
   seen = []
   with tempfile.TemporaryDirectory() as traced, tempfile.TemporaryDirectory() as stopped:
-    training.run(None, None, TRAIN, out_dir=traced, trace=True, progress=False,
-                 keras_model=(model_path, data_path))
-    training.run(None, None, TRAIN, out_dir=stopped, progress=False,
-                 keras_model=(model_path, data_path), break_at=("backbone/block/bn", 4),
+    training.run(from_keras_file(model_path, data_path, TRAIN), out_dir=traced, trace=True,
+                 progress=False)
+    training.run(from_keras_file(model_path, data_path, TRAIN), out_dir=stopped, progress=False,
+                 break_at=("backbone/block/bn", 4),
                  break_action=lambda layer, moving, batch: seen.append((layer.name, batch)))
     trace = Trace.load(traced)
     at = trace.at("backbone/block/bn", 4).values
@@ -209,10 +211,9 @@ def test_an_interrupted_user_model_run_resumes_to_the_uninterrupted_one(saved):
   model_path, data_path = saved("mlp_dropout")  # dropout: the seed states must resume too
   two = TrainConfig(batch_size=zoo.BATCH_SIZE, epochs=2, mode="function")
   with tempfile.TemporaryDirectory() as whole, tempfile.TemporaryDirectory() as parts:
-    full = training.run(None, None, two, out_dir=whole, progress=False,
-                        keras_model=(model_path, data_path))
-    training.run(None, None, TRAIN, out_dir=parts, progress=False,
-                 keras_model=(model_path, data_path))
+    full = training.run(from_keras_file(model_path, data_path, two), out_dir=whole,
+                        progress=False)
+    training.run(from_keras_file(model_path, data_path, TRAIN), out_dir=parts, progress=False)
     resumed = training.resume(parts, epochs=2, progress=False)
   assert resumed["history"] == full["history"]
   assert resumed["evaluate"] == full["evaluate"]
@@ -220,9 +221,9 @@ def test_an_interrupted_user_model_run_resumes_to_the_uninterrupted_one(saved):
 
 def test_profile_times_the_twin_and_the_models_fit(saved):
   from bnraw import profiling
-  result = profiling.run_keras_model(*saved("bn_axis1"), batch_size=zoo.BATCH_SIZE, steps=2,
-                                     warmup=0, rounds=1, raw_modes=["function"],
-                                     keras_jit=[False])
+  result = profiling.run_keras_model(
+      from_keras_file(*saved("bn_axis1"), TrainConfig(batch_size=zoo.BATCH_SIZE)), steps=2,
+      warmup=0, rounds=1, raw_modes=["function"], keras_jit=[False])
   assert [(r["impl"], r["mode"]) for r in result["results"]] == [("raw", "function"),
                                                                    ("keras", "fit")]
   assert all(r["steps_timed"] == 2 and r["step_s_median"] > 0 for r in result["results"])

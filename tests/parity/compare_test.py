@@ -12,6 +12,7 @@ from bnraw.models import keras_bridge
 from bnraw.parity import compare
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.models.seed import build
+from bnraw.models.workload import from_seed
 
 MODEL = ModelConfig(width=1 / 32)
 HAS_TF_KERAS = importlib.util.find_spec("tf_keras") is not None
@@ -61,7 +62,7 @@ class SyncedParityTest(tf.test.TestCase, parameterized.TestCase):
   # (Adam at batch 256: test_adam_steps_are_bit_identical, which asks for more)
   @parameterized.parameters(("adam", 64), ("sgd", 256), ("sgd", 64))
   def test_every_step_within_tolerance(self, optimizer, batch_size):
-    result = compare.run(DataConfig(), MODEL, train_config(optimizer, batch_size, epochs=1),
+    result = compare.run(from_seed(DataConfig(), MODEL, train_config(optimizer, batch_size, epochs=1)),
                          out_dir=None)
     self.assertLen(result["steps"], 256 // batch_size)
     self.assertIsNone(result["first_divergent_step"], compare.format_table(result["steps"]))
@@ -75,7 +76,8 @@ class SyncedParityTest(tf.test.TestCase, parameterized.TestCase):
     # Adam's operation order, the L2 terms summed as one stacked sum), so on CPU in function
     # mode nothing differs at all, the loss fit logs included.
     with_l2 = ModelConfig(width=1 / 32, l2=1e-3)
-    result = compare.run(DataConfig(), with_l2, train_config("adam", 256, epochs=3), out_dir=None)
+    result = compare.run(from_seed(DataConfig(), with_l2, train_config("adam", 256, epochs=3)),
+                         out_dir=None)
     self.assertEqual(result["bit_identical_steps"], 3)
     self.assertEqual(result["evaluate"]["loss_rel_diff"], 0.0)
 
@@ -87,7 +89,7 @@ class SyncedParityTest(tf.test.TestCase, parameterized.TestCase):
     # in xla mode, by hand: the test would take a minute of XLA compiles.)
     train = TrainConfig(batch_size=48, epochs=1, mode="function",
                         steps_per_execution=per_execution)
-    result = compare.run(DataConfig(), MODEL, train, out_dir=None)
+    result = compare.run(from_seed(DataConfig(), MODEL, train), out_dir=None)
     self.assertLen(result["steps"], -(-6 // per_execution))  # one row per Keras execution
     self.assertEqual(result["bit_identical_steps"], len(result["steps"]),
                      compare.format_table(result["steps"]))
@@ -99,8 +101,8 @@ class MixedPrecisionParityTest(tf.test.TestCase):
   def test_float16_loss_scaling_and_skipped_steps_are_bit_identical(self):
     # Keras's default scale 2**15 overflows float16 gradients at first: the scale halves over
     # several skipped steps (statistics moved, weights kept) before steps apply, on both sides.
-    result = compare.run(DataConfig(), ModelConfig(width=1 / 64, dtype_policy="mixed_float16"),
-                         train_config("adam", 64, epochs=2), out_dir=None)
+    result = compare.run(from_seed(DataConfig(), ModelConfig(width=1 / 64, dtype_policy="mixed_float16"),
+                                   train_config("adam", 64, epochs=2)), out_dir=None)
     table = compare.format_table(result["steps"])
     self.assertEqual(result["bit_identical_steps"], 8, table)
     for row in result["steps"]:
@@ -112,8 +114,8 @@ class MixedPrecisionParityTest(tf.test.TestCase):
 
   def test_bfloat16_partial_batches_and_steps_per_execution_are_bit_identical(self):
     train = TrainConfig(batch_size=48, epochs=1, mode="function", steps_per_execution=2)
-    result = compare.run(DataConfig(), ModelConfig(width=1 / 64, dtype_policy="mixed_bfloat16"),
-                         train, out_dir=None)
+    result = compare.run(from_seed(DataConfig(), ModelConfig(width=1 / 64, dtype_policy="mixed_bfloat16"),
+                                   train), out_dir=None)
     self.assertEqual(result["bit_identical_steps"], 3, compare.format_table(result["steps"]))
     self.assertNotIn("skipped_steps", result)  # no loss scaling under bfloat16, as Keras
     self.assertEqual(result["evaluate"]["loss_rel_diff"], 0.0)
@@ -122,7 +124,7 @@ class MixedPrecisionParityTest(tf.test.TestCase):
 class FreeRunningTest(tf.test.TestCase):
 
   def test_perturbation_grows_and_is_reported(self):
-    result = compare.run(DataConfig(), MODEL, train_config(epochs=8), out_dir=None, synced=False,
+    result = compare.run(from_seed(DataConfig(), MODEL, train_config(epochs=8)), out_dir=None, synced=False,
                          perturbation=1e-6)
     report = result["free_running"]
     self.assertIsNotNone(report["loss_diff_growth_per_step"])
@@ -157,8 +159,8 @@ class TfKerasReferenceTest(tf.test.TestCase):
       self.assertAllClose(layer.moving_variance, expected, rtol=1e-5)
 
   def test_compare_against_tf_keras(self):
-    result = compare.run(DataConfig(), MODEL, train_config(epochs=2), out_dir=None,
-                         reference="tf_keras")
+    result = compare.run(from_seed(DataConfig(), MODEL, train_config(epochs=2), reference="tf_keras"),
+                         out_dir=None)
     self.assertEqual(result["reference"], "tf_keras")
     self.assertTrue(result["raw_model_config"]["bessel"])
     self.assertEqual(result["raw_model_config"]["bessel_scope"], "conv")

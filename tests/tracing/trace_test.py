@@ -20,6 +20,7 @@ from bnraw.cli.flags import parse_break_at
 from bnraw.tracing.debugger import BreakAt
 from bnraw.errors import UsageError
 from bnraw.tracing.store import Trace, TraceRecorder, summarize
+from bnraw.models.workload import from_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = ModelConfig(width=1 / 32)
@@ -90,8 +91,8 @@ class DebugHookTest(tf.test.TestCase):
     # not), so the break lands at the step the trace calls 1
     model = ModelConfig(width=1 / 64, dtype_policy="mixed_float16")
     with tempfile.TemporaryDirectory() as traced, tempfile.TemporaryDirectory() as stopped:
-      training.run(DataConfig(), model, one_epoch, out_dir=traced, trace=True, progress=False)
-      training.run(DataConfig(), model, one_epoch, out_dir=stopped, progress=False,
+      training.run(from_seed(DataConfig(), model, one_epoch), out_dir=traced, trace=True, progress=False)
+      training.run(from_seed(DataConfig(), model, one_epoch), out_dir=stopped, progress=False,
                    break_at=("bn_3", 1), break_action=action)
       trace = Trace.load(traced)
       self.assertTrue(trace.arrays["skipped"][0])
@@ -114,7 +115,7 @@ class DebugHookTest(tf.test.TestCase):
 
     with tempfile.TemporaryDirectory() as tmp, mock.patch("pdb.Pdb", FakePdb), \
         mock.patch("sys.stdout", io.StringIO()):
-      training.run(DataConfig(), MODEL, TRAIN, out_dir=tmp, progress=False,
+      training.run(from_seed(DataConfig(), MODEL, TRAIN), out_dir=tmp, progress=False,
                    break_at=("bn_2", 1))
     frame, = frames
     self.assertEqual(frame.f_code.co_name, "_update_moving_statistics")
@@ -127,11 +128,11 @@ class DebugHookTest(tf.test.TestCase):
       parse_break_at("bn_2")
     with tempfile.TemporaryDirectory() as tmp:
       with self.assertRaisesRegex(UsageError, "no BN layer 'bn_9'"):
-        training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(tmp, "o"),
+        training.run(from_seed(DataConfig(), MODEL, TRAIN), out_dir=os.path.join(tmp, "o"),
                      progress=False, break_at=("bn_9", 0))
       self.assertFalse(os.path.exists(os.path.join(tmp, "o")))
       with self.assertRaisesRegex(UsageError, r"step 2 is not in this run \(steps 0..1\)"):
-        training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(tmp, "o"),
+        training.run(from_seed(DataConfig(), MODEL, TRAIN), out_dir=os.path.join(tmp, "o"),
                      progress=False, break_at=("bn_1", 2))
       self.assertFalse(os.path.exists(os.path.join(tmp, "o")))
 

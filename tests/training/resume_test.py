@@ -15,6 +15,7 @@ from bnraw.config import DataConfig, ModelConfig, TrainConfig
 from bnraw.core.loop import NonFiniteError
 from bnraw.errors import UsageError
 from bnraw.tracing.store import Trace
+from bnraw.models.workload import from_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = ModelConfig(width=1 / 32)
@@ -36,18 +37,18 @@ class ResumeTest(tf.test.TestCase):
     # overflows the first steps' gradients here) must come back from the checkpoint too.
     model = ModelConfig(width=1 / 64, dtype_policy="mixed_float16")
     with tempfile.TemporaryDirectory() as whole, tempfile.TemporaryDirectory() as parts:
-      reference = training.run(DataConfig(), model, TRAIN, out_dir=whole, trace=True,
+      reference = training.run(from_seed(DataConfig(), model, TRAIN), out_dir=whole, trace=True,
                                progress=False)
       self.assertBetween(reference["loss_scaling"]["skipped_steps"], 1, 8)
       for stop_step in (4, 6):  # mid-epoch, then end of an epoch
-        first = training.run(DataConfig(), model, TRAIN, out_dir=parts, trace=True,
+        first = training.run(from_seed(DataConfig(), model, TRAIN), out_dir=parts, trace=True,
                              progress=False, on_step=interrupt_at(stop_step),
                              resume=stop_step == 6)
         self.assertEqual(first["status"], "interrupted")
         self.assertFalse(first["complete"])
         self.assertEqual(first["steps_done"], stop_step + 1)
         self.assertEqual(first["signal"], signal.SIGINT)
-      resumed = training.run(DataConfig(), model, TRAIN, out_dir=parts, trace=True,
+      resumed = training.run(from_seed(DataConfig(), model, TRAIN), out_dir=parts, trace=True,
                              progress=False, resume=True)
       self.assertEqual(resumed["status"], "complete")
       self.assertEqual(resumed["loss_scaling"], reference["loss_scaling"])
@@ -62,33 +63,33 @@ class ResumeTest(tf.test.TestCase):
   def test_auto_mode_is_measured_once_and_kept_on_resume(self):
     auto = TrainConfig(batch_size=96, epochs=3, mode="auto", steps_per_execution=2)
     with tempfile.TemporaryDirectory() as whole, tempfile.TemporaryDirectory() as parts:
-      first = training.run(DataConfig(), MODEL, auto, out_dir=parts, progress=False,
+      first = training.run(from_seed(DataConfig(), MODEL, auto), out_dir=parts, progress=False,
                            on_step=interrupt_at(3))  # steps 3 and 4 are one call: stops after 4
       self.assertEqual(first["steps_done"], 5)
       chosen = first["resolved"]["mode"]
       self.assertEqual(first["autotune"]["choice"], chosen)
       self.assertEqual(set(first["autotune"]["candidates"]), {"function", "xla"})
-      resumed = training.run(DataConfig(), MODEL, auto, out_dir=parts, progress=False,
+      resumed = training.run(from_seed(DataConfig(), MODEL, auto), out_dir=parts, progress=False,
                              resume=True)
       self.assertEqual(resumed["resolved"]["mode"], chosen)
       self.assertTrue(resumed["autotune"]["reused"])
       # the uninterrupted run in the chosen mode, one step per call: the same run, bit for bit
       explicit = TrainConfig(batch_size=96, epochs=3, mode=chosen)
-      reference = training.run(DataConfig(), MODEL, explicit, out_dir=whole, progress=False)
+      reference = training.run(from_seed(DataConfig(), MODEL, explicit), out_dir=whole, progress=False)
       self.assertIsNone(reference["autotune"])
       self.assertEqual(resumed["history"], reference["history"])
       self.assertEqual(resumed["evaluate"], reference["evaluate"])
 
   def test_checkpoint_every_and_longer_resume(self):
     with tempfile.TemporaryDirectory() as out:
-      training.run(DataConfig(), MODEL, TRAIN, out_dir=out, progress=False,
+      training.run(from_seed(DataConfig(), MODEL, TRAIN), out_dir=out, progress=False,
                    checkpoint_every=1)
       with open(os.path.join(out, "run_state.json")) as f:
         state = json.load(f)
       self.assertEqual(state["status"], "complete")
       self.assertEqual(state["state"]["epoch"], 3)
       longer = TrainConfig(batch_size=96, epochs=5, mode="function")
-      more = training.run(DataConfig(), MODEL, longer, out_dir=out, progress=False,
+      more = training.run(from_seed(DataConfig(), MODEL, longer), out_dir=out, progress=False,
                           resume=True)
       self.assertLen(more["history"]["loss"], 5)
       self.assertEqual(more["steps_done"], 15)
@@ -107,22 +108,22 @@ class ResumeTest(tf.test.TestCase):
 
   def test_mismatched_resume_is_refused(self):
     with tempfile.TemporaryDirectory() as out:
-      training.run(DataConfig(), MODEL, TRAIN, out_dir=out, progress=False)
+      training.run(from_seed(DataConfig(), MODEL, TRAIN), out_dir=out, progress=False)
       fewer = TrainConfig(batch_size=96, epochs=2, mode="function")
       with self.assertRaisesRegex(UsageError, r"^epochs: the run has done 3 epochs already"):
-        training.run(DataConfig(), MODEL, fewer, out_dir=out, progress=False, resume=True)
+        training.run(from_seed(DataConfig(), MODEL, fewer), out_dir=out, progress=False, resume=True)
       other = TrainConfig(batch_size=96, epochs=3, mode="function", lr=0.01)
       with self.assertRaisesRegex(UsageError, r"^resume: .*train\.lr \(run: 0.001, now: 0.01\)"):
-        training.run(DataConfig(), MODEL, other, out_dir=out, progress=False, resume=True)
+        training.run(from_seed(DataConfig(), MODEL, other), out_dir=out, progress=False, resume=True)
       with self.assertRaisesRegex(UsageError, "nothing to resume"):
-        training.run(DataConfig(), MODEL, TRAIN, out_dir=os.path.join(out, "new"),
+        training.run(from_seed(DataConfig(), MODEL, TRAIN), out_dir=os.path.join(out, "new"),
                      progress=False, resume=True)
 
   def test_non_finite_is_caught_with_step_and_layer(self):
     with tempfile.TemporaryDirectory() as out:
       wild = TrainConfig(batch_size=96, epochs=3, mode="xla", optimizer="sgd", lr=1e12)
       with self.assertRaises(NonFiniteError) as caught:
-        training.run(DataConfig(), MODEL, wild, out_dir=out, trace=True, progress=False)
+        training.run(from_seed(DataConfig(), MODEL, wild), out_dir=out, trace=True, progress=False)
       with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
       self.assertEqual(summary["status"], "non_finite")
@@ -145,7 +146,7 @@ class SignalScriptTest(tf.test.TestCase):
 
   def reference(self, out, epochs):
     train = TrainConfig(batch_size=128, epochs=epochs, mode="function")
-    return training.run(DataConfig(), MODEL, train, out_dir=out, progress=False)
+    return training.run(from_seed(DataConfig(), MODEL, train), out_dir=out, progress=False)
 
   def script(self, *args, **kwargs):
     env = dict(os.environ, PYTHONPATH=ROOT)
