@@ -1,4 +1,4 @@
-"""Typed, frozen configuration: the single source of truth. Defaults are the seed's (DESIGN.md
+"""Typed, frozen configuration: the single source of truth. Defaults are the seed's (docs/design.md
 section 1). The flags in ``bnraw.cli.flags`` only map onto these; outputs and ``--resume`` record
 :func:`record` of them, the same typed values whoever started the run."""
 

@@ -1,4 +1,4 @@
-"""bnraw.keras.BNDiagnosis in a user's own fit: training unchanged, the parts right."""
+"""bnraw.diagnosis.callback.BNDiagnosis in a user's own fit: training unchanged, the parts right."""
 
 import io
 import os
@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bnraw.keras import BNDiagnosis
+from bnraw.diagnosis.callback import BNDiagnosis
 from tests.tracing.trace_test import read_events
 
 

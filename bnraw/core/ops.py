@@ -50,7 +50,7 @@ def conv2d_as_matmul(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Ten
 
   The same sum of products, taken in another order: not bit-identical to Keras's conv, within
   the compare tolerance, and 4-5x faster on CPU (oneDNN runs a 1x1-output conv at ~35 GFLOP/s,
-  the matmul near the ceiling; BUILD.md, "Measured: CPU, this machine class").
+  the matmul near the ceiling; docs/measurements.md, "Speed: the profile").
   """
   if x.shape[1:3] != kernel.shape[:2]:
     raise ValueError(f"conv2d_as_matmul needs a kernel covering the input: {x.shape} vs "

@@ -1,4 +1,4 @@
-"""The decomposition of ``evaluate - fit`` into named causes (DESIGN.md section 3).
+"""The decomposition of ``evaluate - fit`` into named causes (docs/design.md, section 3).
 
 All losses are on the full training set, at the final weights W_f unless said otherwise:
 
@@ -31,6 +31,7 @@ from bnraw.core import ops
 from bnraw.core.layers import BATCH
 from bnraw.core.batching import batches, mean_over_batches
 from bnraw.core.loop import StepRecord
+from bnraw.models.user import first_metric, keras_bn_layers, metric_of
 
 LOSS_KEYS = ("fit", "train_mode_final", "precise_bn", "last_batch_stats", "no_bessel", "evaluate")
 ATTRIBUTION = (  # key, later loss, earlier loss
@@ -209,48 +210,6 @@ def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: i
 # -- Keras models ---------------------------------------------------------------------------------
 
 
-def compiled_metrics(model) -> list:
-  """The metrics a single-output ``model`` was compiled with, flattened as Keras flattens them
-  (a list, nested lists, or a dict by output name), as the live objects or identifiers; [] if
-  none or unreadable (then the report shows no metric)."""
-  import keras
-  try:
-    live = getattr(model, "_compile_config", None)  # Keras 3 keeps compile's own arguments
-    metrics = (live.config if live is not None else model.get_compile_config()).get("metrics")
-    return [m for m in keras.tree.flatten(metrics) if m is not None] if metrics else []
-  except Exception:  # an unserialisable custom metric: the report goes without one
-    return []
-
-
-def _first_metric(model, y, y_pred):
-  """A fresh instance of the model's first compiled metric as Keras resolves it
-  (``"accuracy"`` becomes binary, sparse-categorical or categorical accuracy from the shapes of
-  ``y`` and ``y_pred``); None without one, or when it does not give one number."""
-  import keras
-  from keras.src.trainers.compile_utils import get_metric
-  metrics = compiled_metrics(model)
-  if not metrics:
-    return None
-  first = metrics[0]
-  try:
-    if isinstance(first, keras.metrics.Metric):  # a live one: a copy with its own state
-      first = type(first).from_config(first.get_config())
-    metric = get_metric(first, y, y_pred)
-    metric.update_state(y, y_pred)
-    scalar = np.size(metric.result()) == 1
-    metric.reset_state()
-  except Exception:  # e.g. a custom metric that cannot be copied
-    return None
-  return metric if scalar else None
-
-
-def metric_of(model, y, y_pred) -> Optional[dict]:
-  """``{"name", "class"}`` of the report's second column (:func:`_first_metric`), e.g.
-  ``{"name": "accuracy", "class": "BinaryAccuracy"}``; ``name`` is the key fit logs it under."""
-  metric = _first_metric(model, y, y_pred)
-  return None if metric is None else {"name": metric.name, "class": type(metric).__name__}
-
-
 def keras_loss(model, x, y, batch_size: int, *, training: bool,
                order: Optional[np.ndarray] = None) -> tuple[float, Optional[float]]:
   """Loss (the model's compiled loss, as fit/evaluate compute it, averaged over batches by
@@ -258,7 +217,7 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
   every batch as evaluate accumulates it (so AUC or precision are whole-data values too).
   ``training=True`` runs the training branch and then restores every BN layer's moving
   statistics, so no state changes."""
-  from bnraw.diagnosis.precise_bn import keras_bn_layers, keras_statistics
+  from bnraw.diagnosis.precise_bn import keras_statistics
 
   @tf.function
   def forward_loss(xb, yb):
@@ -271,7 +230,7 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
     yb = tf.constant(y[chunk])
     loss, y_pred = forward_loss(tf.constant(x[chunk]), yb)
     if not found:
-      found.append(_first_metric(model, yb, y_pred))  # a fresh metric: its state starts empty
+      found.append(first_metric(model, yb, y_pred))  # a fresh metric: its state starts empty
     if found[0] is not None:
       found[0].update_state(yb, y_pred)
     return loss, 0.0
@@ -289,7 +248,7 @@ def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
   """The decomposition for a Keras model; keys that need a training history are None unless
   given (``fit_*``, ``last_batch_statistics``). Keras 3 applies no Bessel factor, so
   ``no_bessel`` is ``evaluate`` unless ``bessel_applied``."""
-  from bnraw.diagnosis.precise_bn import (keras_bn_layers, keras_population_statistics,
+  from bnraw.diagnosis.precise_bn import (keras_population_statistics,
                                           keras_statistics)
   layers = keras_bn_layers(model)
   names = [layer.name for layer in layers]

@@ -23,6 +23,7 @@ import tensorflow as tf
 from bnraw.core import ops
 from bnraw.core.layers import BATCH
 from bnraw.core.batching import batches
+from bnraw.models.user import keras_bn_layers, set_keras_moving_statistics
 
 
 def aggregate(parts: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ops.Moments:
@@ -68,26 +69,6 @@ def raw_population_statistics(model, images: np.ndarray, batch_size: int,
 
 
 # -- Keras models ---------------------------------------------------------------------------------
-
-
-def keras_bn_layers(model) -> list:
-  """Every BatchNormalization layer at the top level of ``model``, in order. A BN layer inside a
-  nested model is refused: PreciseBN probes each layer's input from the model's own inputs."""
-  found = []
-  for layer in model.layers:
-    if hasattr(layer, "layers") and keras_bn_layers(layer):
-      raise ValueError(f"BatchNormalization inside the nested model {layer.name!r} is not "
-                       "supported yet; only top-level BN layers are")
-    if type(layer).__name__ in ("BatchNormalization", "SyncBatchNormalization"):
-      found.append(layer)
-  return found
-
-
-def set_keras_moving_statistics(layer, statistics) -> None:
-  """The Keras-side twin of ``BatchNorm.set_moving_statistics``: replaces a Keras BN layer's
-  moving mean and variance (a Keras model's own state; raw models never come here)."""
-  for variable, value in zip((layer.moving_mean, layer.moving_variance), statistics):
-    variable.assign(np.asarray(value, np.float32))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from bnraw.core.graph import Graph, Node
 from bnraw.core.layers import BatchNorm
 from bnraw.errors import UsageError
 
-SUPPORTED = "README.md, 'Your own model'"
+SUPPORTED = "docs/your-model.md, 'Supported layers and settings'"
 BN_CLASSES = ("BatchNormalization",)
 MODEL_CLASSES = ("Functional", "Sequential")
 # A final activation whose input Keras's cross-entropy can recover as logits (_keras_logits).

@@ -25,7 +25,7 @@ import tensorflow as tf
 from bnraw.core import catalog
 from bnraw.errors import UsageError
 
-SUPPORTED = "README.md, 'Your own model'"
+SUPPORTED = "docs/your-model.md, 'Supported layers and settings'"
 # Converted by the caller, not here: raw_layer returns None for them.
 CALLER_CLASSES = ("BatchNormalization", "InputLayer")
 

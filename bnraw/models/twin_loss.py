@@ -179,7 +179,7 @@ def raw_metric(keras_model, y: Optional[np.ndarray] = None
   import keras
   from keras.src.losses import losses as keras_losses
   from keras.src.metrics import accuracy_metrics
-  from bnraw.diagnosis.decompose import _first_metric
+  from bnraw.models.user import first_metric
   spec = _output_spec(keras_model)
   if spec is None:
     return None
@@ -198,7 +198,7 @@ def raw_metric(keras_model, y: Optional[np.ndarray] = None
       candidates.reverse()
   metric = None
   for y_true in candidates:
-    metric = _first_metric(keras_model, y_true, y_pred)
+    metric = first_metric(keras_model, y_true, y_pred)
     if metric is not None:
       break
   if metric is None or type(metric) not in (

@@ -236,7 +236,7 @@ class CatalogAgainstKerasTest(tf.test.TestCase, parameterized.TestCase):
   def test_refuses(self, make, shape, problem):
     layer = make()
     layer(tf.zeros(shape))
-    with self.assertRaisesRegex(UsageError, f"keras_model: layer .*{problem}.*README.md"):
+    with self.assertRaisesRegex(UsageError, f"keras_model: layer .*{problem}.*docs/your-model.md"):
       twin_layers.raw_layer(layer)
 
 

@@ -2,10 +2,10 @@
 
 tf.function runs the same kernels as eager, so every layer agrees bit for bit; a whole step agrees
 to float noise (graph-mode gradient aggregation sums in its own order). XLA fuses and reduces in its
-own order (BUILD.md, "Modes and XLA"): measured at width 1/32 on random images, BN moments differ by
-~1e-4 relative, and BN's backward pass through small-variance channels turns that into ~1% gradient
-differences, which Adam's per-element normalisation passes on as noise-level steps. Those are the
-documented XLA tolerances below.
+own order (docs/parity.md, "How the modes differ numerically"): measured at width 1/32 on random
+images, BN moments differ by ~1e-4 relative, and BN's backward pass through small-variance
+channels turns that into ~1% gradient differences, which Adam's per-element normalisation passes
+on as noise-level steps. Those are the documented XLA tolerances below.
 """
 
 import numpy as np

@@ -148,7 +148,7 @@ def test_an_unsupported_layer_is_one_line_naming_it(tmp_path):
     twin.convert(model)
   message = str(error.value)
   assert "\n" not in message
-  assert "'noise' (GaussianNoise)" in message and "README.md" in message
+  assert "'noise' (GaussianNoise)" in message and "docs/your-model.md" in message
 
 
 @pytest.mark.parametrize("tool,flag", [("bnraw-train", "--width=1/16"),

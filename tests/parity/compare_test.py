@@ -164,7 +164,8 @@ class TfKerasReferenceTest(tf.test.TestCase):
     self.assertEqual(result["reference"], "tf_keras")
     self.assertTrue(result["raw_model_config"]["bessel"])
     self.assertEqual(result["raw_model_config"]["bessel_scope"], "conv")
-    # oneDNN's fused BN kernel rounds differently (~1e-4 in BN outputs on CPU); see BUILD.md.
+    # oneDNN's fused BN kernel rounds differently (~1e-4 in BN outputs on CPU); see
+    # docs/parity.md, "tf_keras (Keras 2)".
     for row in result["steps"]:
       self.assertLess(row["loss_rel_diff"], 1e-4)
       self.assertLess(row["moving_variance_max_rel_diff"], 1e-3)

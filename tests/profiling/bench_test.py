@@ -38,7 +38,7 @@ class FlopsTest(tf.test.TestCase):
     per_image = sum(2 * s * s * k * k * i * o for s, k, i, o in convs)
     per_image += 2 * 4096 * 1024 + 2 * 1024 * 256
     self.assertEqual(forward_flops(ModelConfig(width=1.0), 1), per_image)
-    # DESIGN.md: about 1.69 TFLOP per training step of 256 images.
+    # docs/design.md: about 1.69 TFLOP per training step of 256 images.
     self.assertAllClose(train_step_flops(ModelConfig(width=1.0), 256) / 1e12, 1.69, rtol=0.01)
 
 

@@ -1,6 +1,6 @@
 """Where users already are: a Keras callback that diagnoses their own ``model.fit``.
 
-  model.fit(x, y, epochs=50, callbacks=[bnraw.keras.BNDiagnosis(x[:512], y[:512], every=5,
+  model.fit(x, y, epochs=50, callbacks=[BNDiagnosis(x[:512], y[:512], every=5,
                                                                    log_dir="runs/bn")])
 
 Every ``every`` epochs, on the sample ``(x, y)`` the user chooses, it records the parts of
@@ -23,7 +23,6 @@ diagnosis, outside the training step; ``history[i]["seconds"]`` records it.
 from __future__ import annotations
 
 import os
-import random
 import sys
 import time
 from typing import Optional
@@ -31,57 +30,7 @@ from typing import Optional
 import keras
 import numpy as np
 
-
-NOISE = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "AlphaDropout",
-         "GaussianDropout", "GaussianNoise")
-
-
-def _without_noise(layer):
-  """clone_model's layer copy, with training-only noise replaced by an identity."""
-  if type(layer).__name__ in NOISE:
-    return keras.layers.Identity(name=layer.name)
-  return layer.__class__.from_config(layer.get_config())
-
-
-def noise_layers(model) -> list[str]:
-  """Names of ``model``'s top-level training-only noise layers (Dropout and kin)."""
-  return [layer.name for layer in model.layers if type(layer).__name__ in NOISE]
-
-
-def _seeded_noise(seed: int):
-  def clone(layer):
-    config = layer.get_config()
-    if type(layer).__name__ in NOISE and "seed" in config:
-      config["seed"] = seed
-    return layer.__class__.from_config(config)
-  return clone
-
-
-def quiet_clone(model):
-  """A copy of ``model`` with its noise layers as identities, compiled with its loss and its
-  metrics, holding its weights (moving statistics included), so its training branch is BN's
-  alone and deterministic. Python's ``random`` state is put back (Keras seeds new layers from
-  it), so cloning changes nothing in the user's run."""
-  return _clone(model, _without_noise)
-
-
-def seeded_clone(model, seed: int = 0):
-  """A copy of ``model`` as :func:`quiet_clone`'s, but with its noise layers kept and seeded
-  with ``seed``: the same masks every time (a saved model's own noise state is not in the
-  file, so its masks differ from one load to the next)."""
-  return _clone(model, _seeded_noise(seed))
-
-
-def _clone(model, clone_function):
-  from bnraw.diagnosis.decompose import compiled_metrics
-  state = random.getstate()
-  try:
-    clone = keras.models.clone_model(model, clone_function=clone_function)
-  finally:
-    random.setstate(state)
-  clone.compile(loss=model.loss, metrics=compiled_metrics(model) or None)
-  clone.set_weights(model.get_weights())
-  return clone
+from bnraw.models.user import keras_bn_layers, quiet_clone
 
 
 class BNDiagnosis(keras.callbacks.Callback):
@@ -136,7 +85,6 @@ class BNDiagnosis(keras.callbacks.Callback):
 
   def _check_and_clone(self):
     """The model and sample checked (one ValueError naming the problem), and the clone."""
-    from bnraw.diagnosis.precise_bn import keras_bn_layers
     model = self.model
     if not len(self.x) or len(self.x) != len(self.y):
       raise ValueError(f"BNDiagnosis: x has {len(self.x)} examples and y {len(self.y)}; need "
@@ -156,7 +104,6 @@ class BNDiagnosis(keras.callbacks.Callback):
   def _diagnose(self) -> None:
     from bnraw.diagnosis import board
     from bnraw.diagnosis.decompose import diagnose_keras
-    from bnraw.diagnosis.precise_bn import keras_bn_layers
     began = time.perf_counter()
     clone = self._clone
     clone.set_weights(self.model.get_weights())  # moving statistics included
