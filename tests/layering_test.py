@@ -1,7 +1,11 @@
-"""The layers of the package: the core imports nothing above itself; only the CLI uses flags.
+"""The layers of the package, checked on the source, imports inside functions included:
 
-Checked on the source (``import tensorflow`` itself loads Keras, so a loaded-modules check could
-not tell the core's imports from TensorFlow's)."""
+    {errors, core}  <  {config, outputs, progress, cluster}  <  machine  <  models
+      <  tracing  <  {parity, diagnosis, training, profiling}  <  cli
+
+A module imports only from lower layers or its own package, so there is no cycle; the core
+imports nothing above itself; only the CLI uses flags. (``import tensorflow`` itself loads
+Keras, so a loaded-modules check could not tell the core's imports from TensorFlow's.)"""
 
 import ast
 import os
@@ -61,6 +65,82 @@ class LayeringTest(unittest.TestCase):
       for name in imports(path):
         with self.subTest(module=os.path.relpath(path, ROOT)):
           self.assertFalse(name.startswith("absl"), name)
+
+
+LAYERS = {  # the top of a module's name -> its layer
+    "bnraw": 0, "bnraw.errors": 0, "bnraw.core": 0, "bnraw.config": 1, "bnraw.outputs": 1,
+    "bnraw.progress": 1, "bnraw.cluster": 1, "bnraw.machine": 2, "bnraw.models": 3,
+    "bnraw.tracing": 4, "bnraw.parity": 5, "bnraw.diagnosis": 5, "bnraw.training": 5,
+    "bnraw.profiling": 5, "bnraw.cli": 6,
+}
+
+
+def module_name(path):
+  relative = os.path.relpath(path, ROOT)[:-len(".py")].replace(os.sep, ".")
+  return relative[:-len(".__init__")] if relative.endswith(".__init__") else relative
+
+
+def package_of(name):
+  """``bnraw.models.twin`` -> ``bnraw.models``; a top-level module is its own package."""
+  parts = name.split(".")
+  return ".".join(parts[:2])
+
+
+def bnraw_imports(path):
+  """Every bnraw module ``path`` imports, ``from bnraw.x import y`` as ``bnraw.x.y`` when y is
+  a module (so ``from bnraw import parity`` counts as importing bnraw.parity)."""
+  found = set()
+  for node in ast.walk(ast.parse(open(path).read(), path)):
+    if isinstance(node, ast.Import):
+      found.update(alias.name for alias in node.names if alias.name.startswith("bnraw"))
+    elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bnraw"):
+      for alias in node.names:
+        full = f"{node.module}.{alias.name}"
+        is_module = (os.path.exists(os.path.join(ROOT, *full.split(".")) + ".py")
+                     or os.path.isdir(os.path.join(ROOT, *full.split("."))))
+        found.add(full if is_module else node.module)
+  return found
+
+
+class PackageLayersTest(unittest.TestCase):
+
+  def test_every_module_has_a_layer(self):
+    for path in modules(""):
+      self.assertIn(package_of(module_name(path)), LAYERS, path)
+
+  def test_no_module_imports_upward_or_sideways(self):
+    for path in modules(""):
+      importer = module_name(path)
+      own = package_of(importer)
+      for name in bnraw_imports(path):
+        target = package_of(name)
+        with self.subTest(module=importer, imports=name):
+          if target == own and own != "bnraw":
+            continue  # within one package
+          self.assertLess(LAYERS[target], LAYERS[own] if importer != "bnraw" else 1,
+                          f"{importer} (layer {LAYERS[own]}) imports {name} "
+                          f"(layer {LAYERS[target]})")
+
+  def test_no_import_cycle_between_modules(self):
+    graph = {module_name(path): {n for n in bnraw_imports(path)} for path in modules("")}
+    known = set(graph)
+    graph = {m: {n if n in known else n.rsplit(".", 1)[0] for n in targets} & known - {m}
+             for m, targets in graph.items()}
+    visiting, done = set(), set()
+
+    def visit(m, chain):
+      if m in done:
+        return
+      self.assertNotIn(m, visiting, "import cycle: " + " -> ".join(chain + [m]))
+      visiting.add(m)
+      for n in sorted(graph[m]):
+        if not (m == "bnraw" or n == "bnraw"):  # the package's lazy names are not imports
+          visit(n, chain + [m])
+      visiting.discard(m)
+      done.add(m)
+
+    for m in sorted(graph):
+      visit(m, [])
 
 
 class FastRefusalTest(unittest.TestCase):
