@@ -5,7 +5,7 @@ Every function here emits the TensorFlow operations Keras emits for the same lay
 order (keras/src/layers/*, backend/tensorflow/nn.py and numpy.py), because gradients round by op:
 
 * biases: Keras's TF ``add`` turns a bias-shaped operand into ``tf.nn.bias_add`` (its gradient,
-  BiasAddGrad, rounds differently from a broadcast add's); :func:`keras_add` is that ``add``.
+  BiasAddGrad, rounds differently from a broadcast add's); :func:`ops.add` is that ``add``.
 * grouped convolutions: Keras runs them in a nested ``tf.function(jit_compile=True)`` (TF's CPU
   kernel lacks them), so do we.
 * depthwise/separable convolutions with both strides and dilation > 1: Keras's decomposition
@@ -23,7 +23,7 @@ Every layer has:
   Keras name; ``kernels``: its values but the bias.
 * ``state_variables``: state outside the weights (the Dropout family's seed-generator state).
 * ``compute_dtype``: floating inputs are cast to it on entry, as Keras's ``Layer.__call__``
-  does, and float32 variables are cast to it on read (``layers._autocast``): a mixed policy.
+  does, and float32 variables are cast to it on read (:func:`_autocast`): a mixed policy.
 * ``__call__(inputs, *, training)``: ``inputs`` a tensor, or a list of tensors for the merge
   layers; ``training`` keyword-only with no default, as in :mod:`bnraw.core.layers`.
 
@@ -43,29 +43,19 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw.core import ops
-from bnraw.core.layers import _autocast
 
 Inputs = Union[tf.Tensor, Sequence[tf.Tensor]]
 Value = Union[np.ndarray, tf.Tensor, Sequence[float]]
 
 
+def _autocast(variable: tf.Variable, x: tf.Tensor) -> tf.Tensor:
+  """The float32 variable in ``x``'s dtype, as Keras's autocast scope reads it under a mixed
+  policy (float32: the variable itself, no op)."""
+  return variable if x.dtype == variable.dtype else tf.cast(variable, x.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Keras's backend functions, channels_last.
-
-
-def keras_add(x1: tf.Tensor, x2: tf.Tensor) -> tf.Tensor:
-  """``x1 + x2`` as Keras 3's TF ``ops.add`` computes it (backend/tensorflow/numpy.py): where
-  ``x2`` squeezes to a vector whose (static) length is ``x1``'s second or last dimension, a
-  ``tf.nn.bias_add`` (NHWC when it is the last), else a broadcast ``tf.add``. Same values; the
-  gradients round differently."""
-  squeezed = [d for d in x2.shape.as_list() if d is None or d > 1]
-  if (len(squeezed) == 1 and x1.shape.rank > 1 and squeezed[0] is not None
-      and squeezed[0] in {x1.shape[1], x1.shape[-1]}):
-    data_format = "NHWC" if x1.shape[-1] == squeezed[0] else "NCHW"
-    if x2.shape.rank > 1:
-      x2 = tf.squeeze(x2)
-    return tf.nn.bias_add(x1, x2, data_format=data_format)
-  return tf.add(x1, x2)
 
 
 def keras_shape(x: tf.Tensor) -> list:
@@ -305,7 +295,7 @@ class _Activated(_Layer):
 
 class Dense(_Activated):
   """Keras's ``Dense``: ``matmul`` (``tensordot`` on the last axis for rank > 2 input), then
-  :func:`keras_add` of the bias, then the activation. ``kernel: [Cin, Cout]``, ``bias: [Cout]``
+  :func:`ops.add` of the bias, then the activation. ``kernel: [Cin, Cout]``, ``bias: [Cout]``
   or None."""
 
   def __init__(self, name: str, kernel: Value, bias: Optional[Value] = None, *,
@@ -323,39 +313,56 @@ class Dense(_Activated):
     else:
       y = tf.tensordot(x, kernel, axes=[[-1], [0]])
     if self.bias is not None:
-      y = keras_add(y, _autocast(self.bias, x))
+      y = ops.add(y, _autocast(self.bias, x))
     return y
 
 
 class _Strided(_Activated):
-  """What the convolutions share: strides, padding, dilation, and the bias added as Keras adds
-  it (:func:`ops.add_bias`)."""
+  """What the convolutions share: strides, padding, dilation, and the bias added as Keras's
+  ``BaseConv.call`` adds it: reshaped to ``(1, ..., 1, C)``, then :func:`ops.add`."""
 
   def _setup(self, strides, padding, dilation_rate):
     self.strides, self.dilation_rate = tuple(strides), tuple(dilation_rate)
     self.padding = padding
 
   def _add_bias(self, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    return y if self.bias is None else ops.add_bias(y, _autocast(self.bias, x))
+    if self.bias is None:
+      return y
+    bias = tf.reshape(_autocast(self.bias, x), (1,) * (y.shape.rank - 1) + (-1,))
+    return ops.add(y, bias)
 
 
 class _Conv(_Strided):
   """Keras's ``Conv1D``/``Conv2D`` (``BaseConv.call``): :func:`convolution`, the bias reshaped
-  to ``(1, ..., 1, C)`` and added (:func:`ops.add_bias`), the activation. ``kernel:
-  [*kernel_size, Cin / groups, Cout]``."""
+  to ``(1, ..., 1, C)`` and added (:func:`ops.add`), the activation. ``kernel:
+  [*kernel_size, Cin / groups, Cout]``.
+
+  ``as_matmul`` (the seed's ``--fast_conv``): where a VALID, stride-1 kernel covers the whole
+  input, one matmul (:func:`ops.conv2d_as_matmul`): faster on CPU, no longer bit-identical."""
 
   def __init__(self, name: str, kernel: Value, bias: Optional[Value] = None, *,
                strides: Sequence[int] = (1, 1), padding: str = "valid",
                dilation_rate: Sequence[int] = (1, 1), activation: str = "linear",
                trainable: bool = True, compute_dtype: tf.DType = tf.float32,
-               paths: Optional[Sequence[str]] = None):
+               paths: Optional[Sequence[str]] = None, as_matmul: bool = False):
     super().__init__(name, activation, compute_dtype=compute_dtype)
     made = self._weights({"kernel": kernel, "bias": bias}, paths, trainable)
     self.kernel, self.bias = made["kernel"], made.get("bias")
     self._setup(strides, padding, dilation_rate)
+    self.as_matmul = as_matmul
+
+  def _covers_input(self, x: tf.Tensor) -> bool:
+    return (self.as_matmul and x.shape.rank == 4 and self.padding == "valid"
+            and set(self.strides) == {1} and set(self.dilation_rate) == {1}
+            and tuple(x.shape[1:3]) == tuple(self.kernel.shape[:2]))
 
   def _linear(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
     del training
+    if self._covers_input(x):
+      y = ops.conv2d_as_matmul(x, _autocast(self.kernel, x))
+      if self.bias is not None:
+        y = ops.add(y, _autocast(self.bias, x))
+      return tf.reshape(y, (-1, 1, 1, y.shape[-1]))
     padding = self.padding
     if padding == "causal":  # Conv1D: pad on the left, then a valid convolution
       left = self.dilation_rate[0] * (self.kernel.shape[0] - 1)
@@ -726,7 +733,7 @@ class Merge(_Layer):
       if len(xs) != 2:
         raise ValueError(f"{self.name}: Subtract takes exactly 2 inputs, got {len(xs)}")
       return tf.subtract(xs[0], xs[1])
-    fold = {"add": keras_add, "average": keras_add, "multiply": tf.multiply,
+    fold = {"add": ops.add, "average": ops.add, "multiply": tf.multiply,
             "maximum": tf.maximum, "minimum": tf.minimum}[self.mode]
     y = xs[0]
     for x in xs[1:]:

@@ -1,8 +1,7 @@
-"""Raw layers: explicit variables created up front under Keras's weight names, NHWC throughout.
-
-Every layer has ``variables`` (Keras's ``layer.weights`` order), ``trainable_variables`` and
-``__call__(x, *, training)``; ``training`` is keyword-only with no default, so every caller
-decides the branch. Only :class:`BatchNorm` has state that changes outside the optimizer.
+"""The raw BatchNormalization layer, the one layer whose state changes outside the optimizer
+(every other layer is in :mod:`bnraw.core.catalog`). Its variables are created up front under
+Keras's weight names; ``__call__(x, *, training)`` takes ``training`` keyword-only with no
+default, so every caller decides the branch.
 
 BatchNorm, training branch (``training=True`` on a trainable layer)::
 
@@ -24,9 +23,8 @@ The moving statistics change in exactly two places: the training writer
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Union
 
-import numpy as np
 import tensorflow as tf
 
 from bnraw.core import ops
@@ -39,82 +37,6 @@ Statistics = Union[ops.Moments, str, None]
 # Called eagerly as hook(layer, moving, batch) just before a layer's moving update: the step
 # debugger (bnraw.tracing.debugger) stops there. None in normal runs.
 UpdateHook = Callable[["BatchNorm", ops.Moments, ops.Moments], None]
-
-
-def glorot_uniform(shape: Sequence[int], seed: tuple[int, int]) -> tf.Tensor:
-  """Keras's default kernel initialiser: U(-l, l), ``l = sqrt(6 / (fan_in + fan_out))``, fans
-  counted over the receptive field (kh * kw * channels); stateless, so a seed fixes it."""
-  receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
-  fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
-  limit = np.sqrt(6.0 / (fan_in + fan_out))
-  return tf.random.stateless_uniform(shape, seed, -limit, limit, dtype=tf.float32)
-
-
-def _autocast(variable: tf.Variable, x: tf.Tensor) -> tf.Tensor:
-  """The float32 variable in ``x``'s dtype, as Keras's autocast scope reads it under a mixed
-  policy (float32: the variable itself, no op)."""
-  return variable if x.dtype == variable.dtype else tf.cast(variable, x.dtype)
-
-
-class _Linear:
-  """Kernel and bias (Keras initial values: glorot-uniform kernel, zero bias)."""
-
-  def __init__(self, name: str, shape: Sequence[int], seed: tuple[int, int]):
-    self.name = name
-    self.kernel = tf.Variable(glorot_uniform(shape, seed), name=f"{name}/kernel")
-    self.bias = tf.Variable(tf.zeros([shape[-1]]), name=f"{name}/bias")
-    self.variables = self.trainable_variables = [self.kernel, self.bias]
-    self.kernels = [self.kernel]
-
-
-class Conv2D(_Linear):
-  """VALID, stride-1 convolution plus bias (:func:`ops.conv2d`), kernel ``[k, k, Cin, Cout]``.
-
-  ``as_matmul``: where the kernel covers the whole input, compute it as one matmul
-  (:func:`ops.conv2d_as_matmul`): faster on CPU, no longer bit-identical to Keras.
-  """
-
-  def __init__(self, name: str, kernel_size: int, channels_in: int, channels_out: int,
-               seed: tuple[int, int], *, as_matmul: bool = False):
-    super().__init__(name, [kernel_size, kernel_size, channels_in, channels_out], seed)
-    self.as_matmul = as_matmul
-
-  def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
-    del training  # same in both branches
-    kernel, bias = _autocast(self.kernel, x), _autocast(self.bias, x)
-    if self.as_matmul and tuple(x.shape[1:3]) == tuple(self.kernel.shape[:2]):
-      return ops.conv2d_as_matmul(x, kernel, bias)
-    return ops.conv2d(x, kernel, bias)
-
-
-class Dense(_Linear):
-  """``x @ kernel + bias`` (:func:`ops.dense`), kernel ``[Cin, Cout]``."""
-
-  def __init__(self, name: str, channels_in: int, channels_out: int, seed: tuple[int, int]):
-    super().__init__(name, [channels_in, channels_out], seed)
-
-  def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
-    del training
-    return ops.dense(x, _autocast(self.kernel, x), _autocast(self.bias, x))
-
-
-class _Stateless:
-  variables = trainable_variables = kernels = ()
-
-  def __init__(self, name: str):
-    self.name = name
-
-
-class ReLU(_Stateless):
-  def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
-    del training
-    return ops.relu(x)
-
-
-class Flatten(_Stateless):
-  def __call__(self, x: tf.Tensor, *, training: bool) -> tf.Tensor:
-    del training
-    return tf.reshape(x, (tf.shape(x)[0], -1))
 
 
 class BatchNormOutput(NamedTuple):
@@ -154,7 +76,6 @@ class BatchNorm:
     affine = [v for v in (self.gamma, self.beta) if v is not None]
     self.variables = [*affine, self.moving_mean, self.moving_variance]
     self.trainable_variables = affine if trainable else []
-    self.kernels = ()
 
   @property
   def moving(self) -> ops.Moments:

@@ -1,11 +1,11 @@
-"""Pure maths of the seed network: no variables, no state, NHWC throughout.
+"""Pure maths of the raw layers and losses: no variables, no state, NHWC throughout.
 
 Every function mirrors the TensorFlow operations that Keras 3.15 (TF backend) emits for the same
 layer, in the same order, so that the raw path reproduces Keras bit for bit where it can:
 
 * Conv2D: ``tf.nn.convolution(VALID)`` then ``ops.add(x, reshape(bias, (1, 1, 1, C)))``, and
   Dense: ``matmul`` then ``ops.add(x, bias)``; Keras's TF ``add`` turns a bias-shaped operand into
-  ``tf.nn.bias_add`` (see :func:`add_bias`), whose gradient (BiasAddGrad) rounds differently from
+  ``tf.nn.bias_add`` (see :func:`add`), whose gradient (BiasAddGrad) rounds differently from
   the broadcast-add gradient.
 * BatchNormalization: ``tf.nn.moments`` (biased) and ``tf.nn.batch_normalization``.
 * categorical cross-entropy on a softmax output: ``softmax_cross_entropy_with_logits`` on the
@@ -29,24 +29,26 @@ class Moments(NamedTuple):
   variance: tf.Tensor
 
 
-def conv2d(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
-  """VALID, stride-1 convolution plus bias.
+def add(x1: tf.Tensor, x2: tf.Tensor) -> tf.Tensor:
+  """``x1 + x2`` as Keras 3's TF ``ops.add`` computes it (backend/tensorflow/numpy.py), the one
+  rule for every bias and every merge: where ``x2`` squeezes to a vector whose (static) length is
+  ``x1``'s second or last dimension, a ``tf.nn.bias_add`` (NHWC when it is the last), else a
+  broadcast ``tf.add``. Same values; the gradients round differently (BiasAddGrad against the
+  broadcast add's reduction)."""
+  squeezed = [d for d in x2.shape.as_list() if d is None or d > 1]
+  if (len(squeezed) == 1 and x1.shape.rank > 1 and squeezed[0] is not None
+      and squeezed[0] in {x1.shape[1], x1.shape[-1]}):
+    data_format = "NHWC" if x1.shape[-1] == squeezed[0] else "NCHW"
+    if x2.shape.rank > 1:
+      x2 = tf.squeeze(x2)
+    return tf.nn.bias_add(x1, x2, data_format=data_format)
+  return tf.add(x1, x2)
 
-  Args:
-    x: ``[N, H, W, Cin]``.
-    kernel: ``[kh, kw, Cin, Cout]``.
-    bias: ``[Cout]``.
 
-  Returns:
-    ``[N, H - kh + 1, W - kw + 1, Cout]`` = ``conv(x, kernel) + bias``.
-  """
-  y = tf.nn.convolution(x, kernel, strides=1, padding="VALID", data_format="NHWC")
-  return add_bias(y, bias)
-
-
-def conv2d_as_matmul(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
-  """:func:`conv2d` for a kernel that covers the whole input (output ``[N, 1, 1, Cout]``), as one
-  matmul: ``reshape(x, [N, kh*kw*Cin]) @ reshape(kernel, [kh*kw*Cin, Cout])``.
+def conv2d_as_matmul(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+  """A VALID, stride-1 convolution whose kernel covers the whole input (output
+  ``[N, 1, 1, Cout]``), as one matmul: ``reshape(x, [N, kh*kw*Cin]) @ reshape(kernel,
+  [kh*kw*Cin, Cout])``, still ``[N, Cout]``.
 
   The same sum of products, taken in another order: not bit-identical to Keras's conv, within
   the compare tolerance, and 4-5x faster on CPU (oneDNN runs a 1x1-output conv at ~35 GFLOP/s,
@@ -55,29 +57,8 @@ def conv2d_as_matmul(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Ten
   if x.shape[1:3] != kernel.shape[:2]:
     raise ValueError(f"conv2d_as_matmul needs a kernel covering the input: {x.shape} vs "
                      f"{kernel.shape}")
-  cout = kernel.shape[-1]
-  y = add_bias(tf.matmul(tf.reshape(x, (-1, x.shape[1] * x.shape[2] * x.shape[3])),
-                         tf.reshape(kernel, (-1, cout))), bias)
-  return tf.reshape(y, (-1, 1, 1, cout))
-
-
-def dense(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
-  """``x @ kernel + bias`` for ``x: [N, Cin]``, ``kernel: [Cin, Cout]``, ``bias: [Cout]``."""
-  return add_bias(tf.matmul(x, kernel), bias)
-
-
-def add_bias(x: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
-  """``x + bias`` over the last axis, with the op Keras 3 picks (backend/tensorflow/numpy.py
-  ``add``): ``tf.nn.bias_add`` when the bias has more than one element, a broadcast ``tf.add``
-  when it has exactly one. The values are the same; the gradients' rounding is not."""
-  if bias.shape[-1] == 1:
-    return tf.add(x, tf.reshape(bias, [1] * (x.shape.rank - 1) + [1]))
-  return tf.nn.bias_add(x, bias)
-
-
-def relu(x: tf.Tensor) -> tf.Tensor:
-  """``max(x, 0)``."""
-  return tf.nn.relu(x)
+  return tf.matmul(tf.reshape(x, (-1, x.shape[1] * x.shape[2] * x.shape[3])),
+                   tf.reshape(kernel, (-1, kernel.shape[-1])))
 
 
 def reduction_axes(x: tf.Tensor, axis: int = -1) -> list[int]:
@@ -194,18 +175,12 @@ def softmax_cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
                                tf.cast(tf.size(per_example), logits.dtype))
 
 
-def correct_predictions(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-  """Number of examples whose arg-max class equals the label (Keras's categorical accuracy,
-  taken on the softmax probabilities as Keras takes it, so ties break the same way)."""
+def argmax_hits(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+  """Per example, whether the arg-max class equals the integer label (Keras's categorical
+  accuracy, taken on the softmax probabilities as Keras takes it, so ties break the same
+  way)."""
   predicted = tf.argmax(tf.nn.softmax(logits), axis=-1, output_type=labels.dtype)
-  return tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
-
-
-def l2_terms(kernels: list[tf.Tensor], l2: float) -> list[tf.Tensor]:
-  """Keras's L2 regulariser per kernel: ``l2 * sum(k^2)`` (on the float32 variables, under any
-  policy)."""
-  return [tf.cast(l2, k.dtype) * tf.reduce_sum(tf.square(k)) for k in kernels]
-
+  return tf.equal(predicted, labels)
 
 
 def l2_penalty(x: tf.Tensor, l2: float) -> tf.Tensor:

@@ -26,23 +26,59 @@ from bnraw.config import (CONV_BLOCKS, DTYPE_POLICIES, IMAGE_SIZE, NUM_IMAGES, D
 from bnraw.errors import UsageError
 
 
+def glorot_uniform(shape, seed: tuple[int, int]):
+  """Keras's default kernel initialiser: U(-l, l), ``l = sqrt(6 / (fan_in + fan_out))``, fans
+  counted over the receptive field (kh * kw * channels); stateless, so a seed fixes it."""
+  import tensorflow as tf
+  receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+  fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+  limit = np.sqrt(6.0 / (fan_in + fan_out))
+  return tf.random.stateless_uniform(shape, seed, -limit, limit, dtype=tf.float32)
+
+
+def cross_entropy_loss(labels, y_pred, logits=None):
+  """The seed's compiled loss, categorical cross-entropy on its softmax output, from the
+  logits the forward pass ends with (:func:`bnraw.core.ops.cross_entropy`)."""
+  from bnraw.core import ops
+  del logits  # y_pred is the logits: the model has no output activation of its own
+  return ops.cross_entropy(y_pred, labels)
+
+
 def seed_network(config: ModelConfig, seed: int = 0):
-  """The seed's ``model_toy`` at ``config.width``; kernels glorot-uniform from ``(seed, block)``."""
-  from bnraw.core.graph import Model
-  from bnraw.core.layers import BatchNorm, Conv2D, Dense, Flatten, ReLU
+  """The seed's ``model_toy`` at ``config.width``, a chain of catalog layers and BN:
+  kernels glorot-uniform from ``(seed, block)``, zero biases, the L2 penalty on every kernel
+  when ``config.l2 > 0``, accuracy as the metric."""
+  import functools
+  from bnraw.core import catalog, ops
+  from bnraw.core.graph import Model, chain
+  from bnraw.core.layers import BatchNorm
   config = config.resolved()
   bn = dict(momentum=config.momentum, epsilon=config.epsilon, synchronized=config.sync_bn)
+  dtype = dict(compute_dtype=config.compute_dtype)
+
+  def linear(cls, name, shape, block, **options):
+    return cls(name, glorot_uniform(shape, (seed, block)), np.zeros(shape[-1], np.float32),
+               **dtype, **options)
+
   layers, channels_in, side = [], 3, IMAGE_SIZE
   for i, ((k, _), c) in enumerate(zip(CONV_BLOCKS, config.conv_channels()), start=1):
-    layers += [Conv2D(f"conv_{i}", k, channels_in, c, (seed, i), as_matmul=config.fast_conv),
-               ReLU(f"relu_{i}"), BatchNorm(f"bn_{i}", c, bessel=config.bessel, **bn)]
+    layers += [linear(catalog.Conv2D, f"conv_{i}", [k, k, channels_in, c], i,
+                      as_matmul=config.fast_conv),
+               catalog.ReLU(f"relu_{i}", **dtype),
+               BatchNorm(f"bn_{i}", c, bessel=config.bessel, **bn)]
     channels_in, side = c, side - (k - 1)
   units = config.dense_units()
-  layers += [Flatten("flatten"), Dense("dense_8", side * side * channels_in, units, (seed, 8)),
-             ReLU("relu_8"),
+  layers += [catalog.Flatten("flatten", **dtype),
+             linear(catalog.Dense, "dense_8", [side * side * channels_in, units], 8),
+             catalog.ReLU("relu_8", **dtype),
              BatchNorm("bn_8", units, bessel=config.bessel and config.bessel_scope == "all", **bn),
-             Dense("dense_9", units, NUM_IMAGES, (seed, 9))]
-  return Model("model_toy", layers, l2=config.l2, compute_dtype=config.compute_dtype)
+             linear(catalog.Dense, "dense_9", [units, NUM_IMAGES], 9)]
+  penalty = functools.partial(ops.l2_penalty, l2=config.l2)
+  regularizers = ([(layer.kernel, penalty) for layer in layers if hasattr(layer, "kernel")]
+                  if config.l2 > 0 else [])
+  return Model("model_toy", chain(layers), loss_fn=cross_entropy_loss,
+               metric_fn=lambda labels, logits: ops.argmax_hits(logits, labels),
+               regularizers=regularizers, compute_dtype=config.compute_dtype)
 
 
 class Setup(NamedTuple):

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw.core import ops
-from bnraw.core.graph import Graph, Node
+from bnraw.core.graph import Model, Node
 from bnraw.core.layers import BatchNorm
 from bnraw.errors import UsageError
 
@@ -168,13 +168,13 @@ def _check_output(nodes: list) -> None:
 
 
 class Twin:
-  """A Keras model, its raw :class:`Graph` twin and the pairing of their state.
+  """A Keras model, its raw :class:`Model` twin and the pairing of their state.
 
   ``raw`` trains with ``optimizer`` (the compiled optimizer's raw twin, built over
   ``raw.trainable_variables`` in Keras's order, so slots pair by position).
   """
 
-  def __init__(self, kmodel, raw: Graph, seeds: list, metric_name: Optional[str]):
+  def __init__(self, kmodel, raw: Model, seeds: list, metric_name: Optional[str]):
     self.kmodel, self.raw, self.optimizer = kmodel, raw, None
     self._seeds, self.metric_name = seeds, metric_name
     self.per_replica = False  # under a strategy: states hold every replica's copy in turn
@@ -243,7 +243,7 @@ def convert(kmodel, y: Optional[np.ndarray] = None, *, optimizer: bool = True) -
     from bnraw.core import catalog     # where Keras's loss loses them (bnraw.core.losses)
     output_activation = lambda t, name=activation: catalog.activate(name, t)
   metric = twin_loss.raw_metric(kmodel, y)
-  raw = Graph(kmodel.name, walk.nodes, variables=variables, trainable_variables=trainable,
+  raw = Model(kmodel.name, walk.nodes, variables=variables, trainable_variables=trainable,
               state_variables=[r for _, r in walk.seeds], loss_fn=twin_loss.raw_loss(kmodel),
               metric_fn=metric[1] if metric else None, regularizers=regularizers,
               output_activation=output_activation,
@@ -261,7 +261,7 @@ class Parts(NamedTuple):
   """What a tool trains: the twin's raw model and optimizer and the data (as the seed's
   ``bnraw.models.seed.build`` gives them)."""
 
-  model: Graph
+  model: Model
   optimizer: Any
   data: Any  # .images (x, float32) and .labels (y)
 

@@ -38,7 +38,7 @@ class Workload:
   """
 
   source: str
-  model: Any  # bnraw.core.graph.Graph
+  model: Any  # bnraw.core.graph.Model
   optimizer: Any
   images: np.ndarray
   labels: np.ndarray

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from bnraw.core import ops
 from bnraw.core.autotune import state_restored
-from bnraw.core.graph import BATCH, Model
+from bnraw.core.graph import BATCH, Model, Node
 from bnraw.core.layers import BatchNorm
 from bnraw.core.step import compile_fn, make_train_step
 
@@ -37,12 +37,30 @@ VARIANTS = ("step", "no_optimizer", "no_moving_update", "fixed_statistics", "no_
 BLOCKS = ("optimizer", "moving_update", "bn_statistics", "normalisation", "conv_and_rest")
 
 
+def without_batch_norm(model: Model) -> Model:
+  """``model`` with every BN layer an identity (its output is its input): the same other
+  layers, variables, loss and metric, so a step of it is the step less BN's cost."""
+  alias, nodes = [0], []  # value id in model -> value id in the copy
+  for layer, inputs in model.nodes:
+    if isinstance(layer, BatchNorm):
+      alias.append(alias[inputs[0]])
+    else:
+      nodes.append(Node(layer, tuple(alias[i] for i in inputs)))
+      alias.append(len(nodes))
+  kept = {id(v) for node in nodes for v in node.layer.variables}
+  return Model(f"{model.name}_no_bn", nodes, loss_fn=model.loss_fn, metric_fn=model.metric_fn,
+               variables=[v for v in model.variables if id(v) in kept],
+               trainable_variables=[v for v in model.trainable_variables if id(v) in kept],
+               state_variables=model.state_variables, regularizers=model.regularizers,
+               output_activation=model.output_activation,
+               loss_uses_logits=model.loss_uses_logits, compute_dtype=model.compute_dtype)
+
+
 def variant_steps(model: Model, optimizer, mode: str, *,
                   relax_batch: bool = False) -> dict[str, Callable]:
   """``{variant: step(images, labels)}`` for :data:`VARIANTS`, compiled in ``mode`` (and
   ``relax_batch``, as the run's step would be: :func:`bnraw.core.step.relaxed_batch`)."""
-  no_bn = Model(f"{model.name}_no_bn", [l for l in model.layers if not isinstance(l, BatchNorm)],
-                l2=model.l2)
+  no_bn = without_batch_norm(model)
 
   def ablated(level: str) -> Callable:
     def step(images, labels):

@@ -14,7 +14,9 @@ from absl.testing import parameterized
 
 from bnraw.config import ModelConfig
 from bnraw.core import step as steps
-from bnraw.core.layers import BATCH, BatchNorm, Conv2D, Dense, Flatten, ReLU
+from bnraw.core.catalog import Conv2D, Dense, Flatten, ReLU
+from bnraw.core.layers import BATCH, BatchNorm
+from bnraw.models.seed import glorot_uniform
 from bnraw.core.optim import make_optimizer
 from bnraw.models.seed import seed_network
 
@@ -33,14 +35,23 @@ def max_rel(a, b):
   return diff / scale if scale else diff
 
 
+def kernel(shape):
+  return glorot_uniform(shape, (0, 1))
+
+
+def bias(channels):
+  return np.linspace(-0.5, 0.5, channels).astype(np.float32)
+
+
 def layer_cases():
-  """(name, make layer, input shape, call keywords): every layer kind and every BN branch."""
+  """(name, make layer, input shape, call keywords): the seed's layer kinds and every BN
+  branch."""
   bn = lambda: BatchNorm("bn", 6, momentum=0.9, epsilon=1e-3)
   return [
-      ("conv", lambda: Conv2D("conv", 3, 4, 6, (0, 1)), (5, 7, 7, 4), {}),
-      ("conv_as_matmul", lambda: Conv2D("conv", 3, 4, 6, (0, 1), as_matmul=True), (5, 3, 3, 4),
-       {}),
-      ("dense", lambda: Dense("dense", 4, 6, (0, 2)), (5, 4), {}),
+      ("conv", lambda: Conv2D("conv", kernel([3, 3, 4, 6]), bias(6)), (5, 7, 7, 4), {}),
+      ("conv_as_matmul", lambda: Conv2D("conv", kernel([3, 3, 4, 6]), bias(6), as_matmul=True),
+       (5, 3, 3, 4), {}),
+      ("dense", lambda: Dense("dense", kernel([4, 6]), bias(6)), (5, 4), {}),
       ("relu", lambda: ReLU("relu"), (5, 4), {}),
       ("flatten", lambda: Flatten("flatten"), (5, 2, 2, 3), {}),
       ("bn_training", bn, (5, 3, 3, 6), {"training": True}),

@@ -8,7 +8,9 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from bnraw.core import ops
-from bnraw.core.layers import BATCH, BatchNorm, Conv2D, Dense, Flatten, ReLU
+from bnraw.core.catalog import Conv2D, Dense, Flatten, ReLU
+from bnraw.core.layers import BATCH, BatchNorm
+from bnraw.models.seed import glorot_uniform
 
 
 def bn_weights(rng, channels=3):
@@ -103,7 +105,7 @@ class LinearLayersAgainstKerasTest(tf.test.TestCase):
   def test_conv_dense_relu_flatten(self):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
-    conv = Conv2D("conv_1", 3, 3, 5, (0, 1))
+    conv = Conv2D("conv_1", glorot_uniform([3, 3, 3, 5], (0, 1)), np.zeros(5, np.float32))
     keras_conv = keras.layers.Conv2D(5, 3)
     keras_conv.build(x.shape)
     keras_conv.set_weights([conv.kernel.numpy(), rng.standard_normal(5).astype(np.float32)])
@@ -113,7 +115,8 @@ class LinearLayersAgainstKerasTest(tf.test.TestCase):
     self.assertAllEqual(ReLU("r")(h, training=True), keras.layers.ReLU()(h))
     flat = Flatten("f")(h, training=False)
     self.assertAllEqual(flat, keras.layers.Flatten()(h))
-    dense = Dense("dense_1", flat.shape[-1], 4, (0, 2))
+    dense = Dense("dense_1", glorot_uniform([flat.shape[-1], 4], (0, 2)),
+                  np.zeros(4, np.float32))
     keras_dense = keras.layers.Dense(4)
     keras_dense.build(flat.shape)
     keras_dense.set_weights([v.numpy() for v in dense.variables])

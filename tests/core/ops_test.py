@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from bnraw.core import ops
+from bnraw.core import catalog, ops
 
 
 def numpy_conv_valid(x, kernel, bias):
@@ -30,7 +30,7 @@ class OpsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_conv2d_closed_form_and_keras(self):
     x, kernel, bias = self.randn(2, 9, 8, 3), self.randn(5, 5, 3, 4), self.randn(4)
-    got = ops.conv2d(x, kernel, bias).numpy()
+    got = catalog.Conv2D("c", kernel, bias)(x, training=False).numpy()
     self.assertEqual(got.shape, (2, 5, 4, 4))
     self.assertAllClose(got, numpy_conv_valid(x, kernel, bias), atol=1e-4, rtol=1e-5)
     layer = keras.layers.Conv2D(4, 5, padding="valid")
@@ -40,15 +40,28 @@ class OpsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_dense_closed_form_and_keras(self):
     x, kernel, bias = self.randn(5, 7), self.randn(7, 3), self.randn(3)
-    got = ops.dense(x, kernel, bias).numpy()
+    got = catalog.Dense("d", kernel, bias)(x, training=False).numpy()
     self.assertAllClose(got, x.astype(np.float64) @ kernel + bias, atol=1e-5)
     layer = keras.layers.Dense(3)
     layer.build(x.shape)
     layer.set_weights([kernel, bias])
     self.assertAllEqual(got, layer(x).numpy())
 
-  def test_relu(self):
-    self.assertAllEqual(ops.relu(np.array([-2.0, 0.0, 3.0], np.float32)), [0.0, 0.0, 3.0])
+  def test_conv_as_one_matmul_is_the_same_sum(self):
+    x, kernel, bias = self.randn(3, 4, 4, 5), self.randn(4, 4, 5, 6), self.randn(6)
+    want = numpy_conv_valid(x, kernel, bias)
+    got = catalog.Conv2D("c", kernel, bias, as_matmul=True)(x, training=False).numpy()
+    self.assertEqual(got.shape, (3, 1, 1, 6))
+    self.assertAllClose(got, want, atol=1e-4, rtol=1e-5)
+
+  def test_add_takes_bias_add_for_a_bias_shaped_operand_as_keras_does(self):
+    x = tf.constant(self.randn(2, 3, 4))
+    for shape, op in (((4,), "BiasAdd"), ((1, 1, 4), "BiasAdd"), ((3, 1), "BiasAdd"),
+                      ((1,), "AddV2"), ((2, 3, 4), "AddV2")):
+      operand = tf.constant(self.randn(*shape))
+      graph = tf.function(ops.add).get_concrete_function(x, operand).graph
+      self.assertIn(op, {o.type for o in graph.get_operations()}, shape)
+      self.assertAllClose(ops.add(x, operand), x.numpy() + operand.numpy(), atol=1e-6)
 
   @parameterized.parameters(((6, 4, 4, 3),), ((10, 5),))
   def test_moments_are_biased_over_all_but_last_axis(self, shape):
@@ -91,13 +104,13 @@ class OpsTest(tf.test.TestCase, parameterized.TestCase):
     keras_loss = keras.losses.CategoricalCrossentropy()(np.eye(5, dtype=np.float32)[labels], probs)
     self.assertEqual(got, float(keras_loss))
 
-  def test_correct_predictions(self):
+  def test_argmax_hits(self):
     logits = np.array([[0.1, 2.0], [3.0, 0.0], [0.0, 1.0]], np.float32)
-    self.assertEqual(float(ops.correct_predictions(logits, np.array([1, 1, 1], np.int32))), 2.0)
+    self.assertAllEqual(ops.argmax_hits(logits, np.array([1, 1, 1], np.int32)),
+                        [True, False, True])
 
-  def test_l2_terms(self):
-    self.assertAllClose(ops.l2_terms([np.ones((2, 2), np.float32), np.full(3, 2.0, np.float32)],
-                                     0.5), [0.5 * 4, 0.5 * 12])
+  def test_l2_penalty(self):
+    self.assertAllClose(ops.l2_penalty(np.full(3, 2.0, np.float32), 0.5), 0.5 * 12)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw import diagnosis, training
-from bnraw.core import loop, ops
+from bnraw.core import loop
 from bnraw.diagnosis import decompose
 from bnraw.models import seed
 from bnraw.config import DataConfig, ModelConfig, TrainConfig
@@ -275,8 +275,8 @@ class PreciseBNTest(tf.test.TestCase):
     net, images = parts.model, parts.data.images
     whole = raw_population_statistics(net, images, 256)  # one tf.nn.moments pass, as Keras
     batched = raw_population_statistics(net, images, 100)  # float64 aggregation of 3 batches
-    first = ops.relu(ops.conv2d(tf.constant(images), net.layer("conv_1").kernel,
-                                   net.layer("conv_1").bias))
+    first = net.layer("relu_1")(net.layer("conv_1")(tf.constant(images), training=False),
+                                training=False)
     flat = first.numpy().reshape(-1, first.shape[-1]).astype(np.float64)
     # Layer 1: the batched aggregate is accurate; a single float32 reduction over 135k values
     # per channel (tf.nn.moments, what Keras uses) is measurably off (3e-3 seen).
