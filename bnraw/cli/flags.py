@@ -130,7 +130,7 @@ def define_common_flags(*, out_dir: str, trace: bool) -> None:
                        lower_bound=1)
   flags.DEFINE_integer("replicas", train.replicas, "Replicas under MirroredStrategy: N GPUs, or "
                        "the CPU split into N logical devices; the global batch is split over "
-                       "them (bnraw-compare and bnraw-diagnose so far).", lower_bound=1)
+                       "them (bnraw-train, bnraw-compare, bnraw-diagnose).", lower_bound=1)
   flags.DEFINE_enum("shards", train.shards, ["iid", "sorted"], "With --replicas: iid shards "
                     "(each global batch as drawn), or sorted: each global batch sorted by label "
                     "before it is split (non-iid shards).")

@@ -16,7 +16,8 @@ from bnraw.cli import flags as common
 from bnraw.errors import UsageError
 
 flags.DEFINE_string("run_dir", None, "Output directory of a run made with --trace.")
-flags.DEFINE_string("layer", None, "BN layer name, bn_1 .. bn_8.")
+flags.DEFINE_string("layer", None, "BN layer name as the trace has it (the seed: bn_1 .. "
+                    "bn_8; a user's model: its own names, e.g. backbone/bn_1).")
 flags.DEFINE_integer("step", None, "0-based optimizer step.", lower_bound=0)
 flags.DEFINE_enum("where", None, ["mean_gap", "variance_gap", "min_batch_variance",
                                   "max_amplification"], "Find the first step where this "

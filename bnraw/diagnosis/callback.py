@@ -30,7 +30,7 @@ from typing import Optional
 import keras
 import numpy as np
 
-from bnraw.models.user import keras_bn_layers, quiet_clone
+from bnraw.models.keras_bridge import keras_bn_layers, quiet_clone
 
 
 class BNDiagnosis(keras.callbacks.Callback):

@@ -31,7 +31,7 @@ from bnraw.core import ops
 from bnraw.core.layers import BATCH
 from bnraw.core.batching import batches, mean_over_batches
 from bnraw.core.loop import StepRecord
-from bnraw.models.user import first_metric, keras_bn_layers, metric_of
+from bnraw.models.keras_bridge import first_metric, keras_bn_layers, metric_of
 
 LOSS_KEYS = ("fit", "train_mode_final", "precise_bn", "last_batch_stats", "no_bessel", "evaluate")
 ATTRIBUTION = (  # key, later loss, earlier loss

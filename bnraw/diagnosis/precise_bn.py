@@ -23,7 +23,7 @@ import tensorflow as tf
 from bnraw.core import ops
 from bnraw.core.layers import BATCH
 from bnraw.core.batching import batches
-from bnraw.models.user import keras_bn_layers, set_keras_moving_statistics
+from bnraw.models.keras_bridge import keras_bn_layers, set_keras_moving_statistics
 
 
 def aggregate(parts: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ops.Moments:

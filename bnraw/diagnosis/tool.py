@@ -20,7 +20,7 @@ from bnraw.core import autotune, batching, loop, optim, step
 from bnraw.core.layers import BATCH
 from bnraw.diagnosis import board as diagnosis_board
 from bnraw.diagnosis import decompose as dg
-from bnraw.models.user import keras_bn_layers, metric_of, set_keras_moving_statistics
+from bnraw.models.keras_bridge import keras_bn_layers, metric_of, set_keras_moving_statistics
 from bnraw.errors import UsageError
 from bnraw.models import keras_bridge, seed, user
 from bnraw.models.user import KERAS_FIT_BATCH_SIZE
@@ -421,7 +421,7 @@ def run_saved(model_path: str, data_path: str, *, batch_size: Optional[int],
   # train_mode_final on shuffled batches, as fit would draw them (sorted data would put similar
   # examples together and give batch statistics no training step ever saw)
   shuffled = np.random.default_rng(0).permutation(len(x))
-  from bnraw.models.user import noise_layers, quiet_clone, seeded_clone
+  from bnraw.models.keras_bridge import noise_layers, quiet_clone, seeded_clone
   noise = noise_layers(kmodel)
   # with dropout the training branch is random and not BN's: the parts use a copy without it
   result = dg.diagnose_keras(quiet_clone(kmodel) if noise else kmodel, x, y,

@@ -179,7 +179,7 @@ def raw_metric(keras_model, y: Optional[np.ndarray] = None
   import keras
   from keras.src.losses import losses as keras_losses
   from keras.src.metrics import accuracy_metrics
-  from bnraw.models.user import first_metric
+  from bnraw.models.keras_bridge import first_metric
   spec = _output_spec(keras_model)
   if spec is None:
     return None

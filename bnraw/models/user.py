@@ -7,11 +7,10 @@ import os
 import warnings
 import zipfile
 
-from typing import Optional
-
 import numpy as np
 
 from bnraw.errors import UsageError
+from bnraw.models.keras_bridge import keras_bn_layers
 
 KERAS_FIT_BATCH_SIZE = 32  # model.fit's batch_size when none is given
 
@@ -119,122 +118,3 @@ def load_data(path: str, model) -> tuple[np.ndarray, np.ndarray]:
     raise UsageError("data", f"y (shape {y.shape}) gives a non-finite loss with the model's "
                      "output: labels out of range for the loss?")
   return x, y
-
-
-# -- reading a user's Keras model: its BN layers, metrics and noise; quiet and seeded clones --
-
-
-def keras_bn_layers(model) -> list:
-  """Every BatchNormalization layer at the top level of ``model``, in order. A BN layer inside a
-  nested model is refused: PreciseBN probes each layer's input from the model's own inputs."""
-  found = []
-  for layer in model.layers:
-    if hasattr(layer, "layers") and keras_bn_layers(layer):
-      raise ValueError(f"BatchNormalization inside the nested model {layer.name!r} is not "
-                       "supported yet; only top-level BN layers are")
-    if type(layer).__name__ in ("BatchNormalization", "SyncBatchNormalization"):
-      found.append(layer)
-  return found
-
-
-def set_keras_moving_statistics(layer, statistics) -> None:
-  """The Keras-side twin of ``BatchNorm.set_moving_statistics``: replaces a Keras BN layer's
-  moving mean and variance (a Keras model's own state; raw models never come here)."""
-  for variable, value in zip((layer.moving_mean, layer.moving_variance), statistics):
-    variable.assign(np.asarray(value, np.float32))
-
-
-def compiled_metrics(model) -> list:
-  """The metrics a single-output ``model`` was compiled with, flattened as Keras flattens them
-  (a list, nested lists, or a dict by output name), as the live objects or identifiers; [] if
-  none or unreadable (then the report shows no metric)."""
-  import keras
-  try:
-    live = getattr(model, "_compile_config", None)  # Keras 3 keeps compile's own arguments
-    metrics = (live.config if live is not None else model.get_compile_config()).get("metrics")
-    return [m for m in keras.tree.flatten(metrics) if m is not None] if metrics else []
-  except Exception:  # an unserialisable custom metric: the report goes without one
-    return []
-
-
-def first_metric(model, y, y_pred):
-  """A fresh instance of the model's first compiled metric as Keras resolves it
-  (``"accuracy"`` becomes binary, sparse-categorical or categorical accuracy from the shapes of
-  ``y`` and ``y_pred``); None without one, or when it does not give one number."""
-  import keras
-  from keras.src.trainers.compile_utils import get_metric
-  metrics = compiled_metrics(model)
-  if not metrics:
-    return None
-  first = metrics[0]
-  try:
-    if isinstance(first, keras.metrics.Metric):  # a live one: a copy with its own state
-      first = type(first).from_config(first.get_config())
-    metric = get_metric(first, y, y_pred)
-    metric.update_state(y, y_pred)
-    scalar = np.size(metric.result()) == 1
-    metric.reset_state()
-  except Exception:  # e.g. a custom metric that cannot be copied
-    return None
-  return metric if scalar else None
-
-
-def metric_of(model, y, y_pred) -> Optional[dict]:
-  """``{"name", "class"}`` of the report's second column (:func:`first_metric`), e.g.
-  ``{"name": "accuracy", "class": "BinaryAccuracy"}``; ``name`` is the key fit logs it under."""
-  metric = first_metric(model, y, y_pred)
-  return None if metric is None else {"name": metric.name, "class": type(metric).__name__}
-
-
-NOISE = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "AlphaDropout",
-         "GaussianDropout", "GaussianNoise")
-
-
-def _without_noise(layer):
-  """clone_model's layer copy, with training-only noise replaced by an identity."""
-  import keras
-  if type(layer).__name__ in NOISE:
-    return keras.layers.Identity(name=layer.name)
-  return layer.__class__.from_config(layer.get_config())
-
-
-def noise_layers(model) -> list[str]:
-  """Names of ``model``'s top-level training-only noise layers (Dropout and kin)."""
-  return [layer.name for layer in model.layers if type(layer).__name__ in NOISE]
-
-
-def _seeded_noise(seed: int):
-  def clone(layer):
-    config = layer.get_config()
-    if type(layer).__name__ in NOISE and "seed" in config:
-      config["seed"] = seed
-    return layer.__class__.from_config(config)
-  return clone
-
-
-def quiet_clone(model):
-  """A copy of ``model`` with its noise layers as identities, compiled with its loss and its
-  metrics, holding its weights (moving statistics included), so its training branch is BN's
-  alone and deterministic. Python's ``random`` state is put back (Keras seeds new layers from
-  it), so cloning changes nothing in the user's run."""
-  return _clone(model, _without_noise)
-
-
-def seeded_clone(model, seed: int = 0):
-  """A copy of ``model`` as :func:`quiet_clone`'s, but with its noise layers kept and seeded
-  with ``seed``: the same masks every time (a saved model's own noise state is not in the
-  file, so its masks differ from one load to the next)."""
-  return _clone(model, _seeded_noise(seed))
-
-
-def _clone(model, clone_function):
-  import keras
-  import random
-  state = random.getstate()
-  try:
-    clone = keras.models.clone_model(model, clone_function=clone_function)
-  finally:
-    random.setstate(state)
-  clone.compile(loss=model.loss, metrics=compiled_metrics(model) or None)
-  clone.set_weights(model.get_weights())
-  return clone
