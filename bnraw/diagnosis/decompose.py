@@ -132,7 +132,7 @@ def batch_chunks(n: int, batch_size: int, order: Optional[np.ndarray]) -> list[n
 def forward_loss_fn(model):
   """``(x, y, statistics) -> (loss, correct)`` compiled for ``model``, inference branch with
   ``statistics`` overriding BN (reusable across runs that re-initialise the model)."""
-  @tf.function
+  @tf.function(autograph=False)
   def forward_loss(x, y, statistics):
     logits = model(x, training=False, statistics=statistics).logits
     return model.loss(logits, y), model.correct(logits, y)
@@ -219,7 +219,7 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
   statistics, so no state changes."""
   from bnraw.diagnosis.precise_bn import keras_statistics
 
-  @tf.function
+  @tf.function(autograph=False)
   def forward_loss(xb, yb):
     y_pred = model(xb, training=training)
     return model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=False), y_pred

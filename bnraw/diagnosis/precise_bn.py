@@ -39,7 +39,8 @@ def aggregate(parts: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ops.Mome
 
 def population_forward_fn(model):
   """``(x, statistics) -> Forward`` compiled for ``model`` (inference branch, overrides)."""
-  return tf.function(lambda x, stats: model(x, training=False, statistics=stats))
+  return tf.function(lambda x, stats: model(x, training=False, statistics=stats),
+                     autograph=False)
 
 
 def raw_population_statistics(model, images: np.ndarray, batch_size: int,
@@ -105,7 +106,8 @@ def keras_population_statistics(model, x: np.ndarray, batch_size: int) -> list[o
                                tf.constant(layer.moving_variance.numpy())))
       continue
     probe = keras.Model(model.inputs, layer.input)
-    probe_input = tf.function(lambda xb, probe=probe: probe(xb, training=False))
+    probe_input = tf.function(lambda xb, probe=probe: probe(xb, training=False),
+                              autograph=False)
     axis = layer.axis if layer.axis >= 0 else len(layer.input.shape) + layer.axis
     parts = []
     with keras_statistics(layers, {l.name: stats for l, stats in zip(layers, found)}):

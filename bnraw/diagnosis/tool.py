@@ -323,7 +323,7 @@ def _raw_dropout_part(model, images, labels, batch_size: int, order) -> float:
   for v in model.state_variables:
     v.assign(tf.constant([DROPOUT_SEED, 0], v.dtype))
 
-  @tf.function
+  @tf.function(autograph=False)
   def with_dropout(x, y):
     logits = model(x, training=True, statistics=BATCH).logits
     return model.loss(logits, y), model.correct(logits, y)
