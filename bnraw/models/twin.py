@@ -87,6 +87,15 @@ class _Walk:
   pairs: list = dataclasses.field(default_factory=list)  # (keras variable, raw variable)
   seeds: list = dataclasses.field(default_factory=list)  # (keras state, raw state)
   seen: set = dataclasses.field(default_factory=set)
+  names: set = dataclasses.field(default_factory=set)  # node names (paths) so far
+
+
+def _claim(name: str, walk: _Walk) -> None:
+  """Records a node's name (its path), refusing a second node of the same name."""
+  if name in walk.names:
+    raise UsageError("keras_model", f"two layers or operations are named {name!r}; bnraw "
+                     "needs unique names (rename one)")
+  walk.names.add(name)
 
 
 def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
@@ -98,11 +107,19 @@ def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
   if len(graph.inputs) != len(input_ids) or len(graph.outputs) != 1:
     _refuse(model, f"has {len(graph.inputs)} inputs and {len(graph.outputs)} outputs; "
             "bnraw converts models with one of each")
+  import keras
   ids = {id(t): i for t, i in zip(graph.inputs, input_ids)}
   for depth in sorted(graph._nodes_by_depth, reverse=True):
     for node in graph._nodes_by_depth[depth]:
       layer = node.operation
       if not layer or node.is_input:
+        continue
+      name = prefix + layer.name
+      if not isinstance(layer, keras.layers.Layer):  # x + 3.0, keras.ops.mean(x), ...
+        _claim(name, walk)
+        inputs = tuple(ids[id(t)] for t in node.input_tensors)
+        walk.nodes.append(Node(twin_layers.raw_operation(layer, node, name), inputs))
+        ids[id(node.outputs[0])] = len(walk.nodes)
         continue
       kind = type(layer).__name__
       extra = {k: v for k, v in node.arguments.kwargs.items() if v is not None
@@ -112,8 +129,8 @@ def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
       if id(layer) in walk.seen:
         _refuse(layer, "is called more than once (shared layers must be called once)")
       walk.seen.add(id(layer))
+      _claim(name, walk)
       inputs = tuple(ids[id(t)] for t in node.input_tensors)
-      name = prefix + layer.name
       if kind in MODEL_CLASSES or hasattr(layer, "_nodes_by_depth") or hasattr(layer, "layers"):
         out = _inline(layer, list(inputs), name + "/", walk)
       else:
@@ -152,6 +169,13 @@ def _check_output(nodes: list) -> None:
   pass-through layer after a final softmax or sigmoid (Keras keeps the logits through some of
   them and not others, by branch)."""
   last = nodes[-1].layer
+  from bnraw.models.twin_layers import OpNode
+  if isinstance(last, OpNode) and type(last.operation).__name__ in ("Softmax", "Sigmoid",
+                                                                     "LogSoftmax"):
+    raise UsageError("keras_model", f"the output is the operation {last.name!r} "
+                     f"(keras.ops.{type(last.operation).__name__.lower()}), whose logits "
+                     "Keras's loss recovers; make it an Activation layer (supported: "
+                     f"{SUPPORTED})")
   if type(last).__name__ == "Softmax" and getattr(last, "activation", None) is None:
     raise UsageError("keras_model", f"the output layer {last.name!r} takes the softmax over "
                      f"axis {last.axis}, not the last one; supported: {SUPPORTED}")

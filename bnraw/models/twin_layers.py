@@ -11,6 +11,13 @@ from the layer's, or ``autocast=False``.
 BatchNormalization, InputLayer and models (Sequential, Functional, Model) are the caller's:
 :func:`raw_layer` returns None for them (bnraw.models.twin converts BN and inlines models).
 
+A Keras operation applied to symbolic tensors in a functional graph (``x + 3.0``, ``x * (1 /
+6)``, ``keras.ops.mean(x, axis=1)``: MobileNetV3's hard sigmoid is one) becomes an
+:class:`OpNode` (:func:`raw_operation`): it has no weights and no state, so it is run as Keras's
+functional call runs it, its arguments filled in with the raw tensors and passed to the
+operation's own TF-backend ``call`` (the same TensorFlow ops fit runs). Only the stateless
+families qualify (:data:`OP_MODULES`); any other operation is refused with one line naming it.
+
 Dtype policies: a layer computes in ``layer.compute_dtype`` (its floating inputs cast on entry,
 its float32 variables cast on read), as Keras 3 does under ``mixed_float16``/``mixed_bfloat16``.
 """
@@ -232,6 +239,53 @@ def raw_layer(keras_layer) -> Optional[Any]:
   if keras_layer.weights and build not in (_dense, _conv, _depthwise, _separable):
     _refuse(keras_layer, f"unexpected weights {[v.path for v in keras_layer.weights]}")
   return build(keras_layer, dtype)
+
+
+# keras.ops families whose operations are pure functions of their arguments (no seeds, no
+# variables, no control flow): random, image, linalg and core operations are refused.
+OP_MODULES = ("keras.src.ops.numpy", "keras.src.ops.nn", "keras.src.ops.math")
+
+
+class OpNode:
+  """A Keras operation on symbolic tensors, e.g. ``Add`` from ``x + 3.0``: called with the raw
+  tensors in place of its KerasTensor arguments (``node.arguments.fill_in``, as
+  ``Functional._run_through_graph``), constants and keyword arguments as recorded."""
+
+  variables = trainable_variables = state_variables = ()
+  regularizable: dict = {}
+
+  def __init__(self, name: str, operation, arguments):
+    self.name, self.operation, self.arguments = name, operation, arguments
+    self.keras_tensors = list(arguments.keras_tensors)  # the order of node.input_tensors
+
+  @property
+  def kernels(self) -> list:
+    return []
+
+  def __call__(self, inputs, *, training: bool) -> tf.Tensor:
+    del training  # an operation has one branch
+    values = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    args, kwargs = self.arguments.fill_in(
+        {id(t): v for t, v in zip(self.keras_tensors, values)})
+    return self.operation.call(*args, **kwargs)
+
+
+def raw_operation(operation, node, name: str) -> OpNode:
+  """The :class:`OpNode` for ``operation`` called at ``node`` of a functional graph.
+
+  Raises:
+    UsageError: ("keras_model") an operation outside :data:`OP_MODULES`, or one returning
+      several tensors.
+  """
+  where = f"{type(operation).__module__}.{type(operation).__name__}"
+  if type(operation).__module__ not in OP_MODULES:
+    raise UsageError("keras_model", f"operation {operation.name!r} ({where}) in the functional "
+                     "graph is not supported: bnraw runs keras.ops numpy, nn and math "
+                     f"operations; supported layers are listed in {SUPPORTED}")
+  if len(node.outputs) != 1:
+    raise UsageError("keras_model", f"operation {operation.name!r} ({where}) returns "
+                     f"{len(node.outputs)} tensors; bnraw runs operations with one output")
+  return OpNode(name, operation, node.arguments)
 
 
 def _seed_state(keras_layer):

@@ -23,10 +23,11 @@ def saved():
     yield lambda name: zoo.save(name, directory)
 
 
-# every model under tf.function; under XLA the convolution kinds and dropout (all seven were
-# bit-identical under XLA too when measured by hand: see the closing note of issue 12)
+# every model under tf.function; under XLA the convolution kinds, dropout and symbolic ops (the
+# first seven were bit-identical under XLA too when measured by hand: closing note of issue 12)
 PARITY = ([(name, "function") for name in sorted(zoo.ZOO)]
-          + [(name, "xla") for name in ("mlp_dropout", "resnet", "separable")])
+          + [(name, "xla") for name in ("mlp_dropout", "resnet", "separable",
+                                        "hard_swish_se")])
 
 
 @pytest.mark.parametrize("name,mode", PARITY)
@@ -149,6 +150,24 @@ def test_an_unsupported_layer_is_one_line_naming_it(tmp_path):
   message = str(error.value)
   assert "\n" not in message
   assert "'noise' (GaussianNoise)" in message and "docs/your-model.md" in message
+
+
+@pytest.mark.parametrize("make,named", [
+    (lambda keras, x: keras.ops.image.resize(x, (2, 2)), "keras.src.ops.image.Resize"),
+    (lambda keras, x: keras.ops.split(x, 2, axis=-1)[0], "returns 2 tensors"),
+])
+def test_an_unsupported_operation_is_one_line_naming_it(make, named):
+  import keras
+  from bnraw.models import twin
+  inp = keras.Input((4, 4, 2))
+  h = keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 1)(inp))
+  out = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(make(keras, h)))
+  model = keras.Model(inp, out)
+  model.compile("adam", "sparse_categorical_crossentropy")
+  with pytest.raises(UsageError) as error:
+    twin.convert(model)
+  message = str(error.value)
+  assert "\n" not in message and named in message and "operation '" in message
 
 
 @pytest.mark.parametrize("tool,flag", [("bnraw-train", "--width=1/16"),

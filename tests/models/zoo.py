@@ -121,8 +121,36 @@ def synchronized(keras, rng):
   return model, (x + 20.0, y)
 
 
+def hard_swish_se(keras, rng):
+  """MobileNetV3's idioms as its source writes them: Python operators and keras.ops calls on
+  symbolic tensors (the hard sigmoid ``ReLU(6)(x + 3.0) * (1.0 / 6.0)``, a hard swish as
+  ``x * hard_sigmoid(x)``, a ``keras.ops.mean`` squeeze), a squeeze-and-excite gate multiplied
+  in, a Rescaling in front."""
+  L, ops = keras.layers, keras.ops
+
+  def hard_sigmoid(x):
+    return L.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)
+
+  inp = keras.Input((8, 8, 3))
+  h = L.Rescaling(1.0 / 2.0, offset=-0.5)(inp)
+  h = L.Conv2D(6, 3, padding="same", use_bias=False, name="stem")(h)
+  h = L.BatchNormalization(name="stem_bn")(h)
+  h = h * hard_sigmoid(h)
+  s = ops.mean(h, axis=(1, 2), keepdims=True)
+  s = L.Conv2D(3, 1, name="squeeze")(s)
+  s = L.ReLU()(s)
+  s = hard_sigmoid(L.Conv2D(6, 1, name="excite")(s))
+  h = L.Multiply(name="excite_mul")([h, s])
+  h = L.BatchNormalization(name="out_bn")(ops.subtract(h, 0.25))
+  h = L.GlobalAveragePooling2D()(h)
+  model = keras.Model(inp, L.Dense(3, activation="softmax", name="head")(h), name="hswish")
+  model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy",
+                metrics=["accuracy"])
+  return model, _data(rng, (8, 8, 3), rng.integers(0, 3, EXAMPLES))
+
+
 ZOO: dict[str, Callable] = {f.__name__: f for f in (
-    resnet, mlp_dropout, nested, bn_axis1, frozen_bn, separable, synchronized)}
+    resnet, mlp_dropout, nested, bn_axis1, frozen_bn, separable, synchronized, hard_swish_se)}
 
 
 def save(name: str, directory: str, seed: int = 0, fit_epochs: int = 1) -> tuple[str, str]:
