@@ -158,6 +158,9 @@ def define_keras_model_flags(what: str) -> None:
   flags.DEFINE_string("keras_model", None, f"{what} your own compiled .keras model instead of "
                       "the seed (needs --data).")
   flags.DEFINE_string("data", None, ".npz with arrays x and y for --keras_model.")
+  flags.DEFINE_list("custom_objects", [], "Python files (.py) or modules to import before "
+                    "loading --keras_model: where its custom layers are registered "
+                    "(keras.saving.register_keras_serializable), as your own code loads it.")
   flags.register_multi_flags_validator(
       ["keras_model", "data"], lambda f: (f["keras_model"] is None) == (f["data"] is None),
       message="--keras_model and --data go together")
@@ -175,7 +178,15 @@ def check_keras_model_setup(*, resume: bool = False, replicas: bool = False) -> 
   if clusters.from_environment() is not None:
     raise UsageError("TF_CONFIG", "describes a cluster; a --keras_model run is in one process "
                      "so far (--replicas splits its devices): unset TF_CONFIG")
+  import_custom_objects()
   check_outputs(resume=resume)
+
+
+def import_custom_objects() -> None:
+  """--custom_objects imported (Keras with them, so only when given)."""
+  if FLAGS.custom_objects:
+    from bnraw.models import user
+    user.import_custom_objects(FLAGS.custom_objects)
 
 
 def keras_fit_batch_size() -> int:

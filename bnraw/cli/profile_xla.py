@@ -70,6 +70,7 @@ def check(argv):
     for value in FLAGS.keras_jit if FLAGS["keras_jit"].present else ():
       if value not in ("false", "true"):
         raise UsageError("keras_jit", f"expected false or true with --keras_model; got {value!r}")
+    common.import_custom_objects()
     return
   if FLAGS.replicas:
     common.refuse_present(("raw_modes", "steps_per_execution", "dtype_policy", "breakdown",

@@ -142,7 +142,7 @@ def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
         if kind in BN_CLASSES:
           raw = raw_batch_norm(layer, name)
         else:
-          raw = twin_layers.raw_layer(layer)
+          raw = twin_layers.raw_layer(layer, node)
           if raw is None:
             _refuse(layer, "has no raw twin")
           raw.name = name

@@ -222,19 +222,23 @@ def _is_callers(layer) -> bool:
   return type(layer).__name__ in CALLER_CLASSES or isinstance(layer, keras.Model)
 
 
-def raw_layer(keras_layer) -> Optional[Any]:
-  """The raw twin of a built Keras 3 layer, its weights (and Dropout seed state) copied.
+def raw_layer(keras_layer, node=None) -> Optional[Any]:
+  """The raw twin of a built Keras 3 layer, its weights (and Dropout seed state) copied: a
+  catalog layer for the classes :func:`_builders` knows (exactly those classes), an
+  :class:`OpaqueLayer` for any other (a custom layer, a subclass, a built-in bnraw has no
+  hand-written twin for), called at ``node`` (default: its first call).
 
   Returns None for BatchNormalization, InputLayer and models (the caller converts those).
 
   Raises:
-    UsageError: ("keras_model") the layer's class or one of its settings has no raw twin.
+    UsageError: ("keras_model") one of the layer's settings has no raw twin, or an opaque
+      layer holds BN, draws random numbers, updates its state or adds a loss.
   """
   if _is_callers(keras_layer):
     return None
   build = _builders().get(type(keras_layer))
   if build is None:
-    _refuse(keras_layer, "no raw twin for this layer class")
+    return OpaqueLayer(keras_layer.name, keras_layer, node or keras_layer._inbound_nodes[0])
   dtype = _check_common(keras_layer)
   if keras_layer.weights and build not in (_dense, _conv, _depthwise, _separable):
     _refuse(keras_layer, f"unexpected weights {[v.path for v in keras_layer.weights]}")
@@ -262,12 +266,83 @@ class OpNode:
   def kernels(self) -> list:
     return []
 
+  def _fill_in(self, inputs) -> tuple[list, dict]:
+    values = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    return self.arguments.fill_in({id(t): v for t, v in zip(self.keras_tensors, values)})
+
   def __call__(self, inputs, *, training: bool) -> tf.Tensor:
     del training  # an operation has one branch
-    values = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-    args, kwargs = self.arguments.fill_in(
-        {id(t): v for t, v in zip(self.keras_tensors, values)})
+    args, kwargs = self._fill_in(inputs)
     return self.operation.call(*args, **kwargs)
+
+
+class OpaqueLayer(OpNode):
+  """A layer bnraw has no hand-written twin for (a user's custom layer, InceptionResNetV2's
+  ``CustomScaleLayer``, EfficientNet's ``Normalization``), run as Keras runs it: the layer's own
+  ``__call__`` (input cast, autocast, ``call``) on the raw tensors, inside a Keras
+  ``StatelessScope`` that maps each of its Keras variables to its raw copy, so every read is a
+  read of the raw variable and the tape sees it. Its weights are copied, paired and trained like
+  any other layer's. Only a pure function of its inputs and weights qualifies: checked once at
+  conversion by a call on zeros (no BN inside, no seed generator, no variable written, no
+  ``add_loss``)."""
+
+  def __init__(self, name: str, keras_layer, node):
+    super().__init__(name, keras_layer, node.arguments)
+    self.keras_layer = keras_layer
+    _check_opaque(keras_layer, node)
+    trainable = {id(v) for v in keras_layer.trainable_variables}
+    self.variables = tuple(tf.Variable(v.numpy(), name=v.path, trainable=id(v) in trainable)
+                           for v in keras_layer.weights)
+    self.trainable_variables = tuple(
+        r for k, r in zip(keras_layer.weights, self.variables) if id(k) in trainable)
+    self.compute_dtype = tf.as_dtype(keras_layer.compute_dtype)
+
+  def __call__(self, inputs, *, training: bool) -> tf.Tensor:
+    import keras
+    args, kwargs = self._fill_in(inputs)
+    if "training" in self.keras_layer._call_context_args:  # as Functional's operation_fn
+      kwargs["training"] = training
+    with keras.StatelessScope(state_mapping=list(zip(self.keras_layer.weights, self.variables))):
+      return self.keras_layer(*args, **kwargs)
+
+
+def _check_opaque(layer, node) -> None:
+  """Refuses a layer whose own call is not a pure function of its inputs and weights."""
+  import keras
+  kind = f"{type(layer).__module__}.{type(layer).__name__}"
+
+  def refuse(why):
+    raise UsageError("keras_model", f"layer {layer.name!r} ({kind}) has no hand-written twin "
+                     f"and cannot run as an opaque node: {why}; see {SUPPORTED}")
+  if not layer.built:
+    refuse("it is not built (call the model on an input first)")
+  if len(node.outputs) != 1:
+    refuse(f"it returns {len(node.outputs)} tensors (bnraw runs layers with one output)")
+  for inner in layer._flatten_layers(include_self=False):
+    if type(inner).__name__ in ("BatchNormalization",) or isinstance(inner, keras.Model):
+      refuse(f"it holds {type(inner).__name__} {inner.name!r} (bnraw must see every BN layer "
+             "and model: build the block as a functional sub-model)")
+  for inner in layer._flatten_layers(include_self=True):
+    if inner._seed_generators:
+      refuse("it draws random numbers (a seed generator)")
+  zeros = {id(t): tf.zeros([2 if d is None else d for d in t.shape], t.dtype)
+           for t in node.arguments.keras_tensors}
+  args, kwargs = node.arguments.fill_in(zeros)
+  if "training" in layer._call_context_args:
+    kwargs["training"] = True
+  mapping = [(v, v.value) for v in layer.weights]
+  try:
+    with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+      before = dict(scope.state_mapping)
+      layer(*args, **kwargs)
+  except Exception as e:  # a user's call may raise anything on zeros
+    refuse(f"a trial call on zeros raised {type(e).__name__}: {str(e).splitlines()[0]}")
+  written = [v.path for v in layer.weights
+             if scope.state_mapping.get(id(v)) is not before.get(id(v))]
+  if written or len(scope.state_mapping) != len(before):
+    refuse(f"its call writes {', '.join(written) or 'a variable'} (state updates)")
+  if scope.losses:
+    refuse("its call adds a loss (add_loss)")
 
 
 def raw_operation(operation, node, name: str) -> OpNode:
@@ -304,4 +379,5 @@ def keras_state_variables(keras_layer) -> list:
   return []
 
 
-__all__ = ["CALLER_CLASSES", "keras_state_variables", "raw_layer"]
+__all__ = ["CALLER_CLASSES", "OpNode", "OpaqueLayer", "keras_state_variables", "raw_layer",
+           "raw_operation"]

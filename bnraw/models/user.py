@@ -34,6 +34,11 @@ def load_keras_model(path: str, *, nested_bn: bool = False):
       warnings.simplefilter("ignore")
       model = keras.models.load_model(path)
   except Exception as e:  # Keras raises many types for a bad file
+    unknown = _unregistered_classes(path)
+    if unknown:
+      raise UsageError("keras_model", f"cannot load {path}: its custom layer class "
+                       f"{unknown[0]!r} is not registered in this process; give "
+                       "--custom_objects=<the .py file or module that registers it>") from None
     raise UsageError("keras_model", f"cannot load {path}: {str(e).splitlines()[0]}") from None
   try:
     has_bn = (any(type(layer).__name__ == "BatchNormalization" for layer in all_layers(model))
@@ -60,6 +65,56 @@ def load_keras_model(path: str, *, nested_bn: bool = False):
                          "data_format='channels_first', which TensorFlow cannot run on a CPU; "
                          "rebuild it channels_last or run on a GPU")
   return model
+
+
+def _unregistered_classes(path: str) -> list[str]:
+  """The registered names of the custom classes in a .keras file's config that this process
+  cannot resolve (none for an .h5 file or an unreadable config)."""
+  import json
+  import keras
+  try:
+    with zipfile.ZipFile(path) as archive:
+      config = json.loads(archive.read("config.json"))
+  except Exception:  # not ours to diagnose: the caller reports Keras's own error
+    return []
+  found = []
+
+  def walk(node):
+    if isinstance(node, dict):
+      name = node.get("registered_name")
+      if (isinstance(name, str) and "class_name" in node and not str(
+          node.get("module", "")).startswith("keras")
+          and keras.saving.get_registered_object(name) is None):
+        found.append(name)
+      for value in node.values():
+        walk(value)
+    elif isinstance(node, list):
+      for value in node:
+        walk(value)
+  walk(config)
+  return found
+
+
+def import_custom_objects(specs) -> None:
+  """Imports each of ``specs`` (a ``.py`` file or a module name), so the custom classes it
+  registers with Keras load from a ``.keras`` file."""
+  import importlib
+  import importlib.util
+  for spec in specs:
+    try:
+      if spec.endswith(".py"):
+        if not os.path.isfile(spec):
+          raise UsageError("custom_objects", f"no such file: {spec}")
+        found = importlib.util.spec_from_file_location(
+            os.path.splitext(os.path.basename(spec))[0], spec)
+        found.loader.exec_module(importlib.util.module_from_spec(found))
+      else:
+        importlib.import_module(spec)
+    except UsageError:
+      raise
+    except Exception as e:  # a user's module may raise anything
+      raise UsageError("custom_objects", f"importing {spec} raised {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def save_model(model, path: str) -> str:

@@ -27,7 +27,7 @@ def saved():
 # first seven were bit-identical under XLA too when measured by hand: closing note of issue 12)
 PARITY = ([(name, "function") for name in sorted(zoo.ZOO)]
           + [(name, "xla") for name in ("mlp_dropout", "resnet", "separable",
-                                        "hard_swish_se")])
+                                        "hard_swish_se", "opaque")])
 
 
 @pytest.mark.parametrize("name,mode", PARITY)
@@ -149,7 +149,41 @@ def test_an_unsupported_layer_is_one_line_naming_it(tmp_path):
     twin.convert(model)
   message = str(error.value)
   assert "\n" not in message
-  assert "'noise' (GaussianNoise)" in message and "docs/your-model.md" in message
+  assert "'noise' (keras.src.layers.regularization.gaussian_noise.GaussianNoise)" in message
+  assert "random numbers" in message and "docs/your-model.md" in message
+
+
+def _custom(keras, name, call, build=None):
+  methods = {"call": call, **({"build": build} if build else {})}
+  return type(name, (keras.layers.Layer,), methods)(name=name.lower())
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda keras: _custom(keras, "Counter", lambda self, x: (
+        self.count.assign_add(1.0), x)[1], lambda self, shape: setattr(
+            self, "count", self.add_weight(shape=(), initializer="zeros", trainable=False))),
+     "writes counter/"),
+    (lambda keras: _custom(keras, "Penalised", lambda self, x: (
+        self.add_loss(keras.ops.mean(x)), x)[1]), "adds a loss"),
+    (lambda keras: type("Holder", (keras.layers.Layer,), {
+        "__init__": lambda self, **kw: (keras.layers.Layer.__init__(self, **kw), setattr(
+            self, "bn", keras.layers.BatchNormalization()))[0],
+        "call": lambda self, x, training=None: self.bn(x, training=training)})(name="holder"),
+     "holds BatchNormalization"),
+])
+def test_an_opaque_layer_that_is_not_a_pure_function_is_refused(make, problem):
+  """A layer without a hand-written twin runs as its own call only if that call is a pure
+  function of its inputs and weights: state writes, losses and BN inside are one line."""
+  import keras
+  from bnraw.models import twin
+  inp = keras.Input((4,))
+  h = make(keras)(keras.layers.BatchNormalization()(keras.layers.Dense(3)(inp)))
+  model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(h))
+  model.compile("adam", "sparse_categorical_crossentropy")
+  with pytest.raises(UsageError) as error:
+    twin.convert(model)
+  message = str(error.value)
+  assert "\n" not in message and problem in message and "opaque node" in message
 
 
 @pytest.mark.parametrize("make,named", [
@@ -247,3 +281,48 @@ def test_profile_times_the_twin_and_the_models_fit(saved):
                                                                    ("keras", "fit")]
   assert all(r["steps_timed"] == 2 and r["step_s_median"] > 0 for r in result["results"])
   assert result["ratio"]["exact_raw_over_best_keras"] > 0
+
+
+CUSTOM_MODULE = '''
+import keras
+
+
+@keras.saving.register_keras_serializable(package="bnraw_cli_test")
+class Shift(keras.layers.Layer):
+  def build(self, shape):
+    self.shift = self.add_weight(shape=(shape[-1],), initializer="zeros")
+
+  def call(self, x):
+    return x - self.shift
+'''
+
+
+def test_a_registered_custom_layer_loads_with_custom_objects_and_is_exact(tmp_path):
+  """The user's module that registers the layer, imported by --custom_objects: the compare is
+  bit-identical; without it, loading fails in one line, exit 2."""
+  import keras
+  from bnraw.models import user
+  module = tmp_path / "my_layers.py"
+  module.write_text(CUSTOM_MODULE)
+  user.import_custom_objects([str(module)])
+  shift = keras.saving.get_registered_object("bnraw_cli_test>Shift")
+  inp = keras.Input((5,))
+  h = shift(name="shift")(keras.layers.BatchNormalization()(keras.layers.Dense(4)(inp)))
+  model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(h))
+  model.compile("adam", "sparse_categorical_crossentropy")
+  rng = np.random.default_rng(3)
+  model.save(tmp_path / "m.keras")
+  np.savez(tmp_path / "d.npz", x=rng.normal(size=(20, 5)).astype("float32"),
+           y=rng.integers(0, 3, 20))
+  script = os.path.join(os.path.dirname(sys.executable), "bnraw-compare")
+  args = [script, f"--keras_model={tmp_path / 'm.keras'}", f"--data={tmp_path / 'd.npz'}",
+          "--batch_size=8", "--mode=function"]
+  done = subprocess.run(args + [f"--out_dir={tmp_path / 'no'}"], capture_output=True, text=True)
+  assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+  assert "Shift" in done.stderr and not (tmp_path / "no").exists()
+  done = subprocess.run(args + [f"--custom_objects={module}", f"--out_dir={tmp_path / 'out'}"],
+                        capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  import json
+  result = json.loads((tmp_path / "out" / "compare.json").read_text())
+  assert result["bit_identical_steps"] == len(result["steps"]) == 3

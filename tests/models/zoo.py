@@ -149,8 +149,61 @@ def hard_swish_se(keras, rng):
   return model, _data(rng, (8, 8, 3), rng.integers(0, 3, EXAMPLES))
 
 
+_CUSTOM: dict = {}
+
+
+def custom_classes(keras) -> dict:
+  """A user's own layers, registered as Keras loads them (once per process): ``Scale``
+  (InceptionResNetV2's ``CustomScaleLayer``: ``a + b * scale`` on two inputs) and ``Gain`` (a
+  weight of its own, L2-regularised, a branch on ``training``)."""
+  if not _CUSTOM:
+    @keras.saving.register_keras_serializable(package="bnraw_zoo")
+    class Scale(keras.layers.Layer):
+      def __init__(self, scale, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+      def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+
+      def call(self, inputs):
+        return inputs[0] + inputs[1] * self.scale
+
+    @keras.saving.register_keras_serializable(package="bnraw_zoo")
+    class Gain(keras.layers.Layer):
+      def build(self, shape):
+        self.gain = self.add_weight(shape=(shape[-1],), initializer="ones", regularizer="l2")
+
+      def call(self, x, training=None):
+        return x * self.gain if training else x * (self.gain * 1.0)
+
+    _CUSTOM.update(Scale=Scale, Gain=Gain)
+  return _CUSTOM
+
+
+def opaque(keras, rng):
+  """Layers bnraw has no hand-written twin for, run as opaque nodes: a Normalization with its
+  own mean and variance in front (EfficientNet's), Conv2DTranspose, LayerNormalization and two
+  custom layers (:func:`custom_classes`)."""
+  L, custom = keras.layers, custom_classes(keras)
+  inp = keras.Input((6, 6, 3))
+  h = L.Normalization(mean=[0.5, -0.2, 1.0], variance=[2.0, 0.5, 1.0])(inp)
+  h = L.Conv2D(4, 3, padding="same", name="conv")(h)
+  h = L.BatchNormalization(name="bn")(h)
+  up = L.Conv2DTranspose(4, 3, padding="same", name="transpose")(L.ReLU()(h))
+  h = custom["Scale"](0.17, name="scale")([h, up])
+  h = L.LayerNormalization(name="ln")(custom["Gain"](name="gain")(h))
+  h = L.BatchNormalization(name="bn_2")(h)
+  h = L.GlobalAveragePooling2D()(h)
+  model = keras.Model(inp, L.Dense(3, activation="softmax", name="head")(h), name="opaque")
+  model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy",
+                metrics=["accuracy"])
+  return model, _data(rng, (6, 6, 3), rng.integers(0, 3, EXAMPLES))
+
+
 ZOO: dict[str, Callable] = {f.__name__: f for f in (
-    resnet, mlp_dropout, nested, bn_axis1, frozen_bn, separable, synchronized, hard_swish_se)}
+    resnet, mlp_dropout, nested, bn_axis1, frozen_bn, separable, synchronized, hard_swish_se,
+    opaque)}
 
 
 def save(name: str, directory: str, seed: int = 0, fit_epochs: int = 1) -> tuple[str, str]:
