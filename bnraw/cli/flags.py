@@ -178,8 +178,8 @@ def check_keras_model_setup(*, resume: bool = False, replicas: bool = False) -> 
   if clusters.from_environment() is not None:
     raise UsageError("TF_CONFIG", "describes a cluster; a --keras_model run is in one process "
                      "so far (--replicas splits its devices): unset TF_CONFIG")
-  import_custom_objects()
   check_outputs(resume=resume)
+  import_custom_objects()  # after the cheap checks: it loads Keras
 
 
 def import_custom_objects() -> None:

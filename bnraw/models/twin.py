@@ -115,9 +115,9 @@ def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
       if not layer or node.is_input:
         continue
       name = prefix + layer.name
+      inputs = tuple(ids[id(t)] for t in node.input_tensors)
       if not isinstance(layer, keras.layers.Layer):  # x + 3.0, keras.ops.mean(x), ...
         _claim(name, walk)
-        inputs = tuple(ids[id(t)] for t in node.input_tensors)
         walk.nodes.append(Node(twin_layers.raw_operation(layer, node, name), inputs))
         ids[id(node.outputs[0])] = len(walk.nodes)
         continue
@@ -130,7 +130,6 @@ def _inline(model, input_ids: list[int], prefix: str, walk: _Walk) -> int:
         _refuse(layer, "is called more than once (shared layers must be called once)")
       walk.seen.add(id(layer))
       _claim(name, walk)
-      inputs = tuple(ids[id(t)] for t in node.input_tensors)
       if kind in MODEL_CLASSES or hasattr(layer, "_nodes_by_depth") or hasattr(layer, "layers"):
         out = _inline(layer, list(inputs), name + "/", walk)
       else:

@@ -1,12 +1,14 @@
 """Built Keras 3 layers -> their raw twins (:mod:`bnraw.core.catalog`), values copied.
 
 :func:`raw_layer` reads a layer's configuration and weights (values, Keras paths, trainability,
-dtype policy) and builds the raw layer that computes what it computes, op for op. Anything the
-raw layer would not reproduce is refused with a :class:`UsageError` naming the layer and the
-setting: an unknown layer class (subclasses included: they may override ``call``),
-``channels_first``, a custom or parameterised activation, a constraint or activity regulariser
-(applied outside the layer's call), LoRA, quantisation, per-variable trainability that differs
-from the layer's, or ``autocast=False``.
+dtype policy) and builds the raw layer that computes what it computes, op for op, for the
+classes it has a hand-written twin for (exactly those classes: a subclass may override
+``call``). Anything that raw layer would not reproduce is refused with a :class:`UsageError`
+naming the layer and the setting: ``channels_first``, a custom or parameterised activation, a
+constraint or activity regulariser (applied outside the layer's call), LoRA, quantisation,
+per-variable trainability that differs from the layer's, or ``autocast=False``. Any other class
+becomes an :class:`OpaqueLayer`, the layer's own call on the raw variables, if that call is a
+pure function of its inputs and weights.
 
 BatchNormalization, InputLayer and models (Sequential, Functional, Model) are the caller's:
 :func:`raw_layer` returns None for them (bnraw.models.twin converts BN and inlines models).
@@ -287,8 +289,7 @@ class OpaqueLayer(OpNode):
   ``add_loss``)."""
 
   def __init__(self, name: str, keras_layer, node):
-    super().__init__(name, keras_layer, node.arguments)
-    self.keras_layer = keras_layer
+    super().__init__(name, keras_layer, node.arguments)  # self.operation: the Keras layer
     _check_opaque(keras_layer, node)
     trainable = {id(v) for v in keras_layer.trainable_variables}
     self.variables = tuple(tf.Variable(v.numpy(), name=v.path, trainable=id(v) in trainable)
@@ -300,10 +301,10 @@ class OpaqueLayer(OpNode):
   def __call__(self, inputs, *, training: bool) -> tf.Tensor:
     import keras
     args, kwargs = self._fill_in(inputs)
-    if "training" in self.keras_layer._call_context_args:  # as Functional's operation_fn
+    if "training" in self.operation._call_context_args:  # as Functional's operation_fn
       kwargs["training"] = training
-    with keras.StatelessScope(state_mapping=list(zip(self.keras_layer.weights, self.variables))):
-      return self.keras_layer(*args, **kwargs)
+    with keras.StatelessScope(state_mapping=list(zip(self.operation.weights, self.variables))):
+      return self.operation(*args, **kwargs)
 
 
 def _check_opaque(layer, node) -> None:

@@ -114,7 +114,7 @@ def import_custom_objects(specs) -> None:
       raise
     except Exception as e:  # a user's module may raise anything
       raise UsageError("custom_objects", f"importing {spec} raised {type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                       f"{(str(e).splitlines() or [''])[0]}") from None
 
 
 def save_model(model, path: str) -> str:
