@@ -17,17 +17,19 @@ layer computes in it (float32 variables cast on read; BN in float32 inside, see
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 
 from bnraw.core import ops
-from bnraw.core.layers import BATCH, BatchNorm, UpdateHook
+from bnraw.core.layers import BATCH, BatchNorm, Switch, UpdateHook
 
 # What every BN layer normalises with: None = the branch's own (``training`` decides), BATCH =
-# every layer its batch moments without updates, or per layer name (absent names: the branch).
-StatisticsChoice = Union[None, str, Mapping[str, Union[ops.Moments, str]]]
+# every layer its batch moments without updates, or per layer name (absent names: the branch;
+# see BatchNorm.__call__ for Moments, BATCH and Switch).
+StatisticsChoice = Union[None, str, Mapping[str, Union[ops.Moments, Switch, str]]]
 
 
 class Forward(NamedTuple):
@@ -49,6 +51,18 @@ class Node(NamedTuple):
 def chain(layers: Sequence) -> list[Node]:
   """Layers applied in order: node k reads value k (the input, or layer k-1's output)."""
   return [Node(layer, (k,)) for k, layer in enumerate(layers)]
+
+
+def name_scope(layer):
+  """The name scope a layer's ops are created in, Keras's: ``{layer}/`` inside the model's
+  (nested layers by path, ``backbone/conv/``). Grappler sorts the inputs of commutative ops
+  (AddN, Add, Mul) by node name, so the order in which gradients are summed, and their rounding,
+  follows the names: the twin must name its ops as Keras does to be bit-identical. A layer
+  with ``opens_own_scope`` (BN, and a Keras layer run opaquely) opens its leaf itself; an
+  operation (``x + 3.0``) opens none, as in Keras."""
+  own = getattr(layer, "opens_own_scope", False)
+  scope = layer.name.rpartition("/")[0] if own else layer.name
+  return tf.name_scope(scope) if scope else contextlib.nullcontext()
 
 
 class Model:
@@ -109,20 +123,23 @@ class Model:
       if unknown:
         raise KeyError(f"no BN layer {sorted(unknown)}")
     used, counts = [], []
-    values = [tf.cast(x, self.compute_dtype)]  # Keras casts a model's float inputs to its policy
     last = len(self.nodes) - 1
-    for k, (layer, inputs) in enumerate(self.nodes):
-      h = values[inputs[0]] if len(inputs) == 1 else [values[i] for i in inputs]
-      if isinstance(layer, BatchNorm):
-        out = layer(h, training=training, statistics=self._choice(statistics, layer), hook=hook)
-        h = out.y
-        used.append(out.statistics)
-        counts.append(out.count)
-      elif k == last and self.output_activation is not None:  # the loss applies it
-        h = layer.preactivation(h, training=training)
-      else:
-        h = layer(h, training=training)
-      values.append(h)
+    with tf.name_scope(self.name):  # Keras's op names: "{model}/{layer}/...", see name_scope
+      values = [tf.cast(x, self.compute_dtype)]  # Keras casts float inputs to the policy
+      for k, (layer, inputs) in enumerate(self.nodes):
+        h = values[inputs[0]] if len(inputs) == 1 else [values[i] for i in inputs]
+        with name_scope(layer):
+          if isinstance(layer, BatchNorm):
+            out = layer(h, training=training, statistics=self._choice(statistics, layer),
+                        hook=hook)
+            h = out.y
+            used.append(out.statistics)
+            counts.append(out.count)
+          elif k == last and self.output_activation is not None:  # the loss applies it
+            h = layer.preactivation(h, training=training)
+          else:
+            h = layer(h, training=training)
+        values.append(h)
     return Forward(values[-1], used, counts)
 
   def predictions(self, logits: tf.Tensor) -> tf.Tensor:
@@ -153,4 +170,37 @@ class Model:
             else statistics.get(layer.name))
 
 
-__all__ = ["BATCH", "Forward", "Model", "Node", "StatisticsChoice", "chain"]
+def switch_arguments(model: Model, statistics: StatisticsChoice
+                     ) -> tuple[list[ops.Moments], tf.Tensor]:
+  """``statistics`` for the inference branch (BATCH, or per layer name Moments or BATCH; a
+  layer not named keeps its moving statistics) as the arguments of a forward that takes
+  :func:`switched` statistics: every BN layer's given moments, and a bool vector saying which
+  layers take their batch's instead. Any choice has the same structure, so a compiled forward
+  traces once for all of them."""
+  if statistics is not None and not isinstance(statistics, str):
+    unknown = set(statistics) - {layer.name for layer in model.batch_norms}
+    if unknown:
+      raise KeyError(f"no BN layer {sorted(unknown)}")
+  given, use_batch = [], []
+  for layer in model.batch_norms:
+    choice = model._choice(statistics, layer)
+    if choice is not None and not isinstance(choice, (str, ops.Moments)):
+      choice = ops.Moments(*choice)
+    moments = choice if isinstance(choice, ops.Moments) else layer.moving
+    given.append(ops.Moments(tf.convert_to_tensor(moments.mean, tf.float32),
+                             tf.convert_to_tensor(moments.variance, tf.float32)))
+    if isinstance(choice, str) and choice != BATCH:
+      raise ValueError(f"statistics must be BATCH, Moments or None, got {choice!r}")
+    use_batch.append(choice == BATCH if isinstance(choice, str) else False)
+  return given, tf.constant(use_batch, tf.bool, shape=[len(use_batch)])
+
+
+def switched(model: Model, given: Sequence[ops.Moments], use_batch: tf.Tensor) -> dict:
+  """The ``statistics`` argument from :func:`switch_arguments`'s values (inside a traced
+  forward): layer j its batch's moments where ``use_batch[j]``, else ``given[j]``."""
+  return {layer.name: Switch(use_batch[j], given[j])
+          for j, layer in enumerate(model.batch_norms)}
+
+
+__all__ = ["BATCH", "Forward", "Model", "Node", "StatisticsChoice", "Switch", "chain",
+           "switch_arguments", "switched"]

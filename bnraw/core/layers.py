@@ -32,7 +32,18 @@ from bnraw.core import ops
 # ``statistics=BATCH``: normalise with this batch's own moments and change nothing (the
 # training branch's normalisation without its update, for the diagnosis).
 BATCH = "batch"
-Statistics = Union[ops.Moments, str, None]
+
+
+class Switch(NamedTuple):
+  """``statistics=Switch(use_batch, given)``: :data:`BATCH` where the scalar bool tensor
+  ``use_batch`` is true, else ``given``, chosen when the graph runs (``tf.where``, exact), so one
+  traced function serves every per-layer choice (PreciseBN's layer-by-layer passes)."""
+
+  use_batch: tf.Tensor
+  given: ops.Moments
+
+
+Statistics = Union[ops.Moments, Switch, str, None]
 
 # Called eagerly as hook(layer, moving, batch) just before a layer's moving update: the step
 # debugger (bnraw.tracing.debugger) stops there. None in normal runs.
@@ -56,6 +67,8 @@ class BatchNorm:
   path takes even on one device, :func:`ops.moments_one_pass`), ``trainable=False`` (frozen:
   the inference branch inside fit too, and gamma/beta not trained).
   """
+
+  opens_own_scope = True  # its ops under "{name}/" wherever it is called (graph.name_scope)
 
   def __init__(self, name: str, channels: int, *, momentum: float, epsilon: float,
                bessel: bool = False, trainable: bool = True, axis: int = -1,
@@ -92,7 +105,8 @@ class BatchNorm:
         False, or a frozen layer: the moving statistics, no state change.
       statistics: overrides the branch and changes no state: :data:`BATCH` normalises as the
         training branch does (the batch's own moments; a frozen layer's moving statistics), an
-        ``ops.Moments`` with those (PreciseBN, the diagnosis).
+        ``ops.Moments`` with those (the diagnosis), a :class:`Switch` either of them chosen at
+        run time (PreciseBN).
       hook: called eagerly just before the moving update (the step debugger).
     """
     with tf.name_scope(self.name):  # op names "bn_3/moments/..." survive into XLA's HLO
@@ -104,16 +118,25 @@ class BatchNorm:
       count = ops.elements_per_channel(x, self.axis)
       if statistics is None:
         statistics = BATCH if update else self.moving
-      if isinstance(statistics, str):
+      if isinstance(statistics, Switch):
+        batch, given = self._batch_branch(x), statistics.given
+        statistics = ops.Moments(tf.where(statistics.use_batch, batch.mean, given.mean),
+                                 tf.where(statistics.use_batch, batch.variance, given.variance))
+      elif isinstance(statistics, str):
         if statistics != BATCH:
-          raise ValueError(f"statistics must be BATCH, Moments or None, got {statistics!r}")
-        # the training branch's normalisation: a frozen layer's is its moving statistics
-        statistics = self.batch_moments(x) if self.trainable else self.moving
+          raise ValueError(f"statistics must be BATCH, Moments, Switch or None, got "
+                           f"{statistics!r}")
+        statistics = self._batch_branch(x)
       y = tf.cast(ops.normalize(x, statistics, self.gamma, self.beta, self.epsilon, self.axis),
                   compute_dtype)
     if update:
       self._update_moving_statistics(statistics, count, hook)
     return BatchNormOutput(y, statistics, count)
+
+  def _batch_branch(self, x: tf.Tensor) -> ops.Moments:
+    """What :data:`BATCH` normalises with: the training branch's statistics (a frozen layer's
+    are its moving statistics)."""
+    return self.batch_moments(x) if self.trainable else self.moving
 
   def batch_moments(self, x: tf.Tensor) -> ops.Moments:
     """This batch's biased moments, as this layer's training branch takes them."""

@@ -22,12 +22,14 @@ updates: ``evaluate`` against the loss with the moving statistics replayed witho
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from bnraw.core import ops
+from bnraw.core.graph import switch_arguments, switched
 from bnraw.core.layers import BATCH
 from bnraw.core.batching import batches, mean_over_batches
 from bnraw.core.loop import StepRecord
@@ -130,11 +132,12 @@ def batch_chunks(n: int, batch_size: int, order: Optional[np.ndarray]) -> list[n
 
 
 def forward_loss_fn(model):
-  """``(x, y, statistics) -> (loss, correct)`` compiled for ``model``, inference branch with
-  ``statistics`` overriding BN (reusable across runs that re-initialise the model)."""
+  """``(x, y, given, use_batch) -> (loss, correct)`` compiled for ``model``: the inference
+  branch with :func:`bnraw.core.graph.switch_arguments`'s statistics, so one trace serves every
+  choice of statistics (reusable across runs that re-initialise the model)."""
   @tf.function(autograph=False)
-  def forward_loss(x, y, statistics):
-    logits = model(x, training=False, statistics=statistics).logits
+  def forward_loss(x, y, given, use_batch):
+    logits = model(x, training=False, statistics=switched(model, given, use_batch)).logits
     return model.loss(logits, y), model.correct(logits, y)
   return forward_loss
 
@@ -145,9 +148,10 @@ def raw_loss(model, images, labels, statistics, batch_size: int,
   ``bnraw.core.graph.StatisticsChoice``: BATCH, or per layer name), batches taken in ``order``;
   Keras's epoch averaging."""
   forward_loss = forward_loss or forward_loss_fn(model)
+  given, use_batch = switch_arguments(model, statistics)
   return mean_over_batches(
       lambda chunk: forward_loss(tf.constant(images[chunk]), tf.constant(labels[chunk]),
-                                 statistics),
+                                 given, use_batch),
       batch_chunks(len(images), batch_size, order))
 
 
@@ -210,20 +214,28 @@ def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: i
 # -- Keras models ---------------------------------------------------------------------------------
 
 
-def keras_loss(model, x, y, batch_size: int, *, training: bool,
-               order: Optional[np.ndarray] = None) -> tuple[float, Optional[float]]:
-  """Loss (the model's compiled loss, as fit/evaluate compute it, averaged over batches by
-  size) and its first compiled metric (:func:`metric_of`; None without one), accumulated over
-  every batch as evaluate accumulates it (so AUC or precision are whole-data values too).
-  ``training=True`` runs the training branch and then restores every BN layer's moving
-  statistics, so no state changes."""
-  from bnraw.diagnosis.precise_bn import keras_statistics
-
+def keras_forward_loss_fn(model, *, training: bool):
+  """``(x, y) -> (loss, y_pred)`` compiled for a Keras model (the compiled loss as fit and
+  evaluate compute it): the BN statistics are the model's variables, read when it runs, so one
+  trace serves every swap of statistics."""
   @tf.function(autograph=False)
   def forward_loss(xb, yb):
     y_pred = model(xb, training=training)
     return model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=False), y_pred
+  return forward_loss
 
+
+def keras_loss(model, x, y, batch_size: int, *, training: bool,
+               order: Optional[np.ndarray] = None,
+               forward_loss=None) -> tuple[float, Optional[float]]:
+  """Loss (the model's compiled loss, as fit/evaluate compute it, averaged over batches by
+  size) and its first compiled metric (:func:`metric_of`; None without one), accumulated over
+  every batch as evaluate accumulates it (so AUC or precision are whole-data values too).
+  ``training=True`` runs the training branch and then restores every BN layer's moving
+  statistics, so no state changes. ``forward_loss``: a :func:`keras_forward_loss_fn` of the
+  same ``training`` to reuse."""
+  from bnraw.diagnosis.precise_bn import keras_statistics
+  forward_loss = forward_loss or keras_forward_loss_fn(model, training=training)
   found = []
 
   def one_batch(chunk):
@@ -235,7 +247,9 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
       found[0].update_state(yb, y_pred)
     return loss, 0.0
 
-  with keras_statistics(keras_bn_layers(model), {}):  # restores the moving statistics
+  restore = (keras_statistics(keras_bn_layers(model), {}) if training  # its updates undone
+             else contextlib.nullcontext())
+  with restore:
     loss, _ = mean_over_batches(one_batch, batch_chunks(len(x), batch_size, order))
   return loss, (float(found[0].result()) if found and found[0] is not None else None)
 
@@ -253,12 +267,13 @@ def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
   layers = keras_bn_layers(model)
   names = [layer.name for layer in layers]
   precise = keras_population_statistics(model, x, batch_size)
+  inference = keras_forward_loss_fn(model, training=False)  # one trace for every swap
 
   def inference_with(statistics):
     with keras_statistics(layers, statistics):
-      return keras_loss(model, x, y, batch_size, training=False)
+      return keras_loss(model, x, y, batch_size, training=False, forward_loss=inference)
 
-  evaluate = keras_loss(model, x, y, batch_size, training=False)
+  evaluate = inference_with({})
   results = {
       "fit": (fit_loss, fit_accuracy),
       "train_mode_final": keras_loss(model, x, y, batch_size, training=True, order=last_order),

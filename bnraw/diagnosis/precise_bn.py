@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw.core import ops
-from bnraw.core.layers import BATCH
+from bnraw.core.graph import switched
 from bnraw.core.batching import batches
 from bnraw.models.keras_bridge import keras_bn_layers, set_keras_moving_statistics
 
@@ -38,9 +38,13 @@ def aggregate(parts: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> ops.Mome
 
 
 def population_forward_fn(model):
-  """``(x, statistics) -> Forward`` compiled for ``model`` (inference branch, overrides)."""
-  return tf.function(lambda x, stats: model(x, training=False, statistics=stats),
-                     autograph=False)
+  """``(x, given, use_batch) -> Forward`` compiled for ``model``: BN layer j normalises with its
+  batch moments where ``use_batch[j]``, else with ``given[j]`` (inference branch, no state
+  change). The choice is an argument, so one trace serves every layer of PreciseBN."""
+  return tf.function(
+      lambda x, given, use_batch: model(x, training=False,
+                                        statistics=switched(model, given, use_batch)),
+      autograph=False)
 
 
 def raw_population_statistics(model, images: np.ndarray, batch_size: int,
@@ -50,23 +54,26 @@ def raw_population_statistics(model, images: np.ndarray, batch_size: int,
   statistics: they are what fit used."""
   chunks = batches(np.arange(len(images)), batch_size)
   forward = forward or population_forward_fn(model)
+  layers = model.batch_norms
+  found = [_tensors(layer.moving) for layer in layers]  # layers not done yet: any value
+  every = lambda k: tf.constant([j >= k for j in range(len(layers))])  # layers k.. on BATCH
   if len(chunks) == 1:  # one batch = the dataset: the training branch computes exactly this
-    return list(forward(tf.constant(images), BATCH).statistics)
-  names = [layer.name for layer in model.batch_norms]
-  found: list[ops.Moments] = []
-  for k, name in enumerate(names):
-    layer = model.batch_norms[k]
+    return [_tensors(s) for s in forward(tf.constant(images), found, every(0)).statistics]
+  for k, layer in enumerate(layers):
     if not layer.trainable:  # frozen: fit normalised with its moving statistics, PreciseBN too
-      found.append(layer.moving)
       continue
     parts = []
-    chosen = {**dict(zip(names, found)), **{later: BATCH for later in names[k:]}}
     for chunk in chunks:
-      out = forward(tf.constant(images[chunk]), chosen)
+      out = forward(tf.constant(images[chunk]), found, every(k))
       parts.append((out.statistics[k].mean.numpy(), out.statistics[k].variance.numpy(),
                     float(out.counts[k])))
-    found.append(aggregate(parts))
+    found[k] = aggregate(parts)
   return found
+
+
+def _tensors(statistics: ops.Moments) -> ops.Moments:
+  return ops.Moments(tf.convert_to_tensor(statistics.mean, tf.float32),
+                     tf.convert_to_tensor(statistics.variance, tf.float32))
 
 
 # -- Keras models ---------------------------------------------------------------------------------
@@ -90,32 +97,34 @@ def keras_statistics(layers: Sequence, statistics: dict):
 def keras_population_statistics(model, x: np.ndarray, batch_size: int) -> list[ops.Moments]:
   """PreciseBN statistics of every BN layer of a Keras model at its current weights.
 
-  For layer k, a sub-model maps the inputs to that layer's input; it runs in inference mode with
-  layers 1..k-1 already holding their population statistics. The model's own moving statistics
-  are restored afterwards. A frozen layer (``trainable=False``: Keras 3 runs its inference branch
+  One probe model maps the inputs to every BN layer's input and is compiled once; for layer k
+  it runs in inference mode with layers 1..k-1 already holding their population statistics
+  (layer k's input depends on nothing after it). The model's own moving statistics are
+  restored afterwards. A frozen layer (``trainable=False``: Keras 3 runs its inference branch
   inside ``fit``) keeps its moving statistics: they are what fit used, so PreciseBN, the
   per-layer split and the fix leave it alone.
   """
   import keras
   layers = keras_bn_layers(model)
+  probe = keras.Model(model.inputs, [layer.input for layer in layers])
+  probe_inputs = tf.function(lambda xb: tf.nest.flatten(probe(xb, training=False)),
+                             autograph=False)  # (one output comes back bare: a list always)
   found: list[ops.Moments] = []
   chunks = batches(np.arange(len(x)), batch_size)
-  for k, layer in enumerate(layers):
-    if not layer.trainable:
-      found.append(ops.Moments(tf.constant(layer.moving_mean.numpy()),
-                               tf.constant(layer.moving_variance.numpy())))
-      continue
-    probe = keras.Model(model.inputs, layer.input)
-    probe_input = tf.function(lambda xb, probe=probe: probe(xb, training=False),
-                              autograph=False)
-    axis = layer.axis if layer.axis >= 0 else len(layer.input.shape) + layer.axis
-    parts = []
-    with keras_statistics(layers, {l.name: stats for l, stats in zip(layers, found)}):
+  with keras_statistics(layers, {}):  # restores every layer's moving statistics
+    for k, layer in enumerate(layers):
+      if not layer.trainable:
+        found.append(ops.Moments(tf.constant(layer.moving_mean.numpy()),
+                                 tf.constant(layer.moving_variance.numpy())))
+        continue
+      axis = layer.axis if layer.axis >= 0 else len(layer.input.shape) + layer.axis
+      parts = []
       for chunk in chunks:
-        h = probe_input(tf.constant(x[chunk]))
+        h = probe_inputs(tf.constant(x[chunk]))[k]
         reduce = [i for i in range(len(h.shape)) if i != axis]
         mean, variance = tf.nn.moments(h, reduce)
         n = float(np.prod([h.shape[i] for i in reduce]))
         parts.append((mean.numpy(), variance.numpy(), n))
-    found.append(aggregate(parts))
+      found.append(aggregate(parts))
+      set_keras_moving_statistics(layer, found[-1])  # what layers after k normalise with
   return found

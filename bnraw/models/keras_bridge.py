@@ -84,7 +84,8 @@ def _build_model(keras, config: ModelConfig):
             layers.Activation("relu"), layers.BatchNormalization(name="bn_8", **bn),
             layers.Dense(NUM_IMAGES, kernel_regularizer=regularizer, name="dense_9"),
             layers.Activation("softmax")]
-  return keras.Sequential(stack, name="model_toy")
+  from bnraw.models.seed import MODEL_NAME
+  return keras.Sequential(stack, name=MODEL_NAME)
 
 
 def make_optimizer(train: TrainConfig, reference: str = "keras3"):

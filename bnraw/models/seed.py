@@ -25,6 +25,8 @@ from bnraw.config import (CONV_BLOCKS, DTYPE_POLICIES, IMAGE_SIZE, NUM_IMAGES, D
                           ModelConfig, TrainConfig)
 from bnraw.errors import UsageError
 
+MODEL_NAME = "model_toy"  # the seed's Keras model's name: its ops are named under it
+
 
 def glorot_uniform(shape, seed: tuple[int, int]):
   """Keras's default kernel initialiser: U(-l, l), ``l = sqrt(6 / (fan_in + fan_out))``, fans
@@ -76,7 +78,7 @@ def seed_network(config: ModelConfig, seed: int = 0):
   penalty = functools.partial(ops.l2_penalty, l2=config.l2)
   regularizers = ([(layer.kernel, penalty) for layer in layers if hasattr(layer, "kernel")]
                   if config.l2 > 0 else [])
-  return Model("model_toy", chain(layers), loss_fn=cross_entropy_loss,
+  return Model(MODEL_NAME, chain(layers), loss_fn=cross_entropy_loss,
                metric_fn=lambda labels, logits: ops.argmax_hits(logits, labels),
                regularizers=regularizers, compute_dtype=config.compute_dtype)
 

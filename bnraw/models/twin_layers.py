@@ -259,6 +259,7 @@ class OpNode:
 
   variables = trainable_variables = state_variables = ()
   regularizable: dict = {}
+  opens_own_scope = True  # Keras opens no scope for an operation (graph.name_scope)
 
   def __init__(self, name: str, operation, arguments):
     self.name, self.operation, self.arguments = name, operation, arguments

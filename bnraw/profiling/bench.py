@@ -406,10 +406,12 @@ def run(*, widths: list[float], batch_size: int, steps: int, warmup: int, rounds
       capture_profile(best.run, capture_dir, steps=5)
       ops = op_stats.framework_op_stats(capture_dir)
       if ops is not None:
+        from bnraw.models.seed import MODEL_NAME
         names = [f"bn_{i}" for i in range(1, len(CONV_BLOCKS) + 2)]
         op_tables.append({"width": width, "mode": best.row["mode"],
                           "fast_conv": best_variant.fast_conv,
-                          **op_stats.summarize(ops, names, split=best.row["mode"] != "xla")})
+                          **op_stats.summarize(ops, names, split=best.row["mode"] != "xla",
+                                               model=MODEL_NAME)})
     del benches
   result = {"device": device_name(), "matmul_peak_gflops": peak, "rounds": rounds,
             "results": rows, "environment": outputs.environment()}

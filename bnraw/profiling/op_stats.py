@@ -2,9 +2,10 @@
 package, ``pip install 'bnraw[xprof]'``): the top ops by self time, and each BN layer's share of
 the step split into statistics, normalisation, moving update and backward pass.
 
-bnraw names its BN ops by layer, so XProf's ``framework_op_stats`` attributes them:
-``bn_3/moments/*`` (statistics), ``bn_3/batchnorm/*`` (normalisation), ``bn_3_moving_update/*``
-(the moving-average update) and ``gradient_tape/bn_3/*`` (their gradients). Where the table has
+bnraw names its ops by model and layer, as Keras does, so XProf's ``framework_op_stats``
+attributes them: ``model_toy/bn_3/moments/*`` (statistics), ``model_toy/bn_3/batchnorm/*``
+(normalisation), ``model_toy/bn_3_moving_update/*`` (the moving-average update) and
+``gradient_tape/model_toy/bn_3/*`` (their gradients). Where the table has
 device rows (a GPU), only those count: host rows are then kernel launches. Under XLA the framework
 ops are compiled into clusters and the split is not made here (``hlo_stats`` keeps the TF op
 names of fused HLO and could attribute them: not done yet); an eager capture has no name scopes.
@@ -17,8 +18,9 @@ import json
 import os
 from typing import Optional, Sequence
 
-PARTS = {"statistics": "{layer}/moments/", "normalization": "{layer}/batchnorm/",
-         "moving_update": "{layer}_moving_update/", "backward": "gradient_tape/{layer}/"}
+PARTS = {"statistics": "{scope}{layer}/moments/", "normalization": "{scope}{layer}/batchnorm/",
+         "moving_update": "{scope}{layer}_moving_update/",
+         "backward": "gradient_tape/{scope}{layer}/"}
 
 
 def framework_op_stats(profile_dir: str) -> Optional[list[dict]]:
@@ -46,15 +48,17 @@ def framework_op_stats(profile_dir: str) -> Optional[list[dict]]:
 
 
 def summarize(ops: Sequence[dict], layer_names: Sequence[str], top: int = 10,
-              split: bool = True) -> dict:
-  """The ``top`` ops by self time and, per BN layer, each part's share of all ops' self time
-  (``split=False``: None, for a capture whose ops lost their names, XLA's)."""
+              split: bool = True, model: str = "") -> dict:
+  """The ``top`` ops by self time and, per BN layer of the model named ``model``, each part's
+  share of all ops' self time (``split=False``: None, for a capture whose ops lost their names,
+  XLA's)."""
+  scope = f"{model}/" if model else ""
   total = sum(op["self_time_us"] for op in ops) or 1.0
   ranked = sorted(ops, key=lambda op: -op["self_time_us"])
   shares = {}
   for layer in layer_names:
     parts = {part: sum(op["self_time_us"] for op in ops
-                       if op["operation"].startswith(prefix.format(layer=layer))) / total
+                       if op["operation"].startswith(prefix.format(scope=scope, layer=layer))) / total
              for part, prefix in PARTS.items()}
     shares[layer] = {**parts, "total": sum(parts.values())} if split else None
   return {"tool": "xprof framework_op_stats", "self_time_us": total,

@@ -9,7 +9,7 @@ from absl.testing import parameterized
 
 from bnraw.core import ops
 from bnraw.core.catalog import Conv2D, Dense, Flatten, ReLU
-from bnraw.core.layers import BATCH, BatchNorm
+from bnraw.core.layers import BATCH, BatchNorm, Switch
 from bnraw.models.seed import glorot_uniform
 
 
@@ -78,6 +78,28 @@ class BatchNormAgainstKerasTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllEqual(probe.moving_variance, weights[3])
     with self.assertRaisesRegex(ValueError, "BATCH"):
       probe(x, training=False, statistics="moving")
+
+  def test_switch_is_batch_or_given_chosen_at_run_time(self):
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.standard_normal((5, 3, 4)).astype(np.float32))
+    weights = bn_weights(rng, 4)
+    given = ops.Moments(tf.constant(weights[2] - 1), tf.constant(weights[3] * 3))
+    for trainable in (True, False):  # frozen: BATCH is its moving statistics
+      layer = raw_bn(weights, momentum=0.9, trainable=trainable)
+      switched = tf.function(
+          lambda x, use, m, layer=layer: layer(x, training=False, statistics=Switch(use, m)),
+          autograph=False)
+      direct = tf.function(lambda x, s, layer=layer: layer(x, training=False, statistics=s),
+                           autograph=False)
+      for use, want in ((True, direct(x, BATCH)), (False, direct(x, given)),
+                        (True, direct(x, BATCH))):
+        got = switched(x, tf.constant(use), given)
+        self.assertAllEqual(got.y, want.y)  # bit for bit, either way
+        self.assertAllEqual(got.statistics.mean, want.statistics.mean)
+        self.assertAllEqual(got.statistics.variance, want.statistics.variance)
+      self.assertEqual(switched.experimental_get_tracing_count(), 1)
+      self.assertAllEqual(layer.moving_mean, weights[2])  # nothing written
+      self.assertAllEqual(layer.moving_variance, weights[3])
 
   def test_named_setter(self):
     raw = BatchNorm("bn_1", 2, momentum=0.9, epsilon=1e-3)

@@ -149,6 +149,31 @@ def hard_swish_se(keras, rng):
   return model, _data(rng, (8, 8, 3), rng.integers(0, 3, EXAMPLES))
 
 
+def dense_blocks(keras, rng):
+  """DenseNet's idiom at a tiny size and many BN layers (13): pre-activation BN-ReLU-Conv units
+  whose outputs are concatenated onto their input, a transition with average pooling, SGD with
+  momentum; the model where a cost per BN layer would show."""
+  L = keras.layers
+  inp = keras.Input((6, 6, 2))
+  h = L.Conv2D(3, 3, padding="same", use_bias=False, name="stem")(inp)
+  for block in range(2):
+    for unit in range(3):
+      u = L.Activation("relu")(L.BatchNormalization(name=f"b{block}_u{unit}_bn1")(h))
+      u = L.Conv2D(4, 1, use_bias=False, name=f"b{block}_u{unit}_conv1")(u)
+      u = L.Activation("relu")(L.BatchNormalization(name=f"b{block}_u{unit}_bn2")(u))
+      u = L.Conv2D(2, 3, padding="same", use_bias=False, name=f"b{block}_u{unit}_conv2")(u)
+      h = L.Concatenate(name=f"b{block}_u{unit}_concat")([h, u])
+    if block == 0:
+      h = L.BatchNormalization(name="transition_bn")(h)
+      h = L.Conv2D(4, 1, use_bias=False, name="transition_conv")(L.Activation("relu")(h))
+      h = L.AveragePooling2D(2, name="transition_pool")(h)
+  h = L.GlobalAveragePooling2D()(L.ReLU()(h))
+  model = keras.Model(inp, L.Dense(3, activation="softmax", name="head")(h), name="densenet")
+  model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "sparse_categorical_crossentropy",
+                metrics=["accuracy"])
+  return model, _data(rng, (6, 6, 2), rng.integers(0, 3, EXAMPLES))
+
+
 _CUSTOM: dict = {}
 
 
@@ -188,7 +213,9 @@ def opaque(keras, rng):
   L, custom = keras.layers, custom_classes(keras)
   inp = keras.Input((6, 6, 3))
   h = L.Normalization(mean=[0.5, -0.2, 1.0], variance=[2.0, 0.5, 1.0])(inp)
-  h = L.Conv2D(4, 3, padding="same", name="conv")(h)
+  # no bias before BN: its true gradient is 0 (BN subtracts the mean), so what it gets is
+  # rounding noise that Adam scales to lr-sized steps; XLA's noise differs by CPU (AMD EPYC)
+  h = L.Conv2D(4, 3, padding="same", use_bias=False, name="conv")(h)
   h = L.BatchNormalization(name="bn")(h)
   up = L.Conv2DTranspose(4, 3, padding="same", name="transpose")(L.ReLU()(h))
   h = custom["Scale"](0.17, name="scale")([h, up])
@@ -203,7 +230,7 @@ def opaque(keras, rng):
 
 ZOO: dict[str, Callable] = {f.__name__: f for f in (
     resnet, mlp_dropout, nested, bn_axis1, frozen_bn, separable, synchronized, hard_swish_se,
-    opaque)}
+    opaque, dense_blocks)}
 
 
 def save(name: str, directory: str, seed: int = 0, fit_epochs: int = 1) -> tuple[str, str]:

@@ -61,17 +61,18 @@ class OpStatsTest(tf.test.TestCase):
 
   def test_bn_shares_by_name_scope(self):
     ops = [{"operation": name, "type": "T", "occurrences": 1, "self_time_us": t} for name, t in (
-        ("bn_3/moments/mean", 10.0), ("bn_3/batchnorm/mul_1", 5.0),
-        ("bn_3_moving_update/mul", 1.0), ("gradient_tape/bn_3/moments/sub", 4.0),
-        ("bn_30/moments/mean", 7.0),  # another layer: a name prefix, not a substring
-        ("gradient_tape/convolution_1/Conv2DBackpropFilter", 73.0))]
-    summary = op_stats.summarize(ops, ["bn_3"], top=2)
+        ("m/bn_3/moments/mean", 10.0), ("m/bn_3/batchnorm/mul_1", 5.0),
+        ("m/bn_3_moving_update/mul", 1.0), ("gradient_tape/m/bn_3/moments/sub", 4.0),
+        ("m/bn_30/moments/mean", 7.0),  # another layer: a name prefix, not a substring
+        ("bn_3/moments/mean", 7.0),  # another model's
+        ("gradient_tape/m/conv_1/Conv2DBackpropFilter", 66.0))]
+    summary = op_stats.summarize(ops, ["bn_3"], top=2, model="m")
     self.assertEqual(summary["self_time_us"], 100.0)
     self.assertAllClose(summary["bn_layers"]["bn_3"], {
         "statistics": 0.10, "normalization": 0.05, "moving_update": 0.01, "backward": 0.04,
         "total": 0.2})
     self.assertEqual([op["operation"] for op in summary["top_ops"]],
-                     ["gradient_tape/convolution_1/Conv2DBackpropFilter", "bn_3/moments/mean"])
+                     ["gradient_tape/m/conv_1/Conv2DBackpropFilter", "m/bn_3/moments/mean"])
 
 
   @unittest.skipIf(importlib.util.find_spec("xprof") is None, "XProf is an optional extra")
@@ -86,7 +87,8 @@ class OpStatsTest(tf.test.TestCase):
     run()
     with tempfile.TemporaryDirectory() as capture:
       capture_profile(run, capture, steps=2)
-      summary = op_stats.summarize(op_stats.framework_op_stats(capture), ["bn_3"])
+      summary = op_stats.summarize(op_stats.framework_op_stats(capture), ["bn_3"],
+                                   model=net.name)
     shares = summary["bn_layers"]["bn_3"]
     for part in ("statistics", "normalization", "moving_update", "backward"):
       self.assertGreater(shares[part], 0.0, msg=part)
