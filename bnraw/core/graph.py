@@ -118,10 +118,7 @@ class Model:
                hook: Optional[UpdateHook] = None) -> Forward:
     """Runs every layer in ``training``'s branch; ``statistics`` overrides what BN layers
     normalise with (those layers then change no state; see :meth:`BatchNorm.__call__`)."""
-    if statistics is not None and not isinstance(statistics, str):
-      unknown = set(statistics) - {layer.name for layer in self.batch_norms}
-      if unknown:
-        raise KeyError(f"no BN layer {sorted(unknown)}")
+    self._check_names(statistics)
     used, counts = [], []
     last = len(self.nodes) - 1
     with tf.name_scope(self.name):  # Keras's op names: "{model}/{layer}/...", see name_scope
@@ -165,6 +162,12 @@ class Model:
       return tf.constant(0.0)
     return tf.reduce_sum(tf.cast(self.metric_fn(labels, self.predictions(logits)), tf.float32))
 
+  def _check_names(self, statistics: StatisticsChoice) -> None:
+    if statistics is not None and not isinstance(statistics, str):
+      unknown = set(statistics) - {layer.name for layer in self.batch_norms}
+      if unknown:
+        raise KeyError(f"no BN layer {sorted(unknown)}")
+
   def _choice(self, statistics: StatisticsChoice, layer: BatchNorm):
     return (statistics if statistics is None or isinstance(statistics, str)
             else statistics.get(layer.name))
@@ -177,21 +180,16 @@ def switch_arguments(model: Model, statistics: StatisticsChoice
   :func:`switched` statistics: every BN layer's given moments, and a bool vector saying which
   layers take their batch's instead. Any choice has the same structure, so a compiled forward
   traces once for all of them."""
-  if statistics is not None and not isinstance(statistics, str):
-    unknown = set(statistics) - {layer.name for layer in model.batch_norms}
-    if unknown:
-      raise KeyError(f"no BN layer {sorted(unknown)}")
+  model._check_names(statistics)
   given, use_batch = [], []
   for layer in model.batch_norms:
     choice = model._choice(statistics, layer)
-    if choice is not None and not isinstance(choice, (str, ops.Moments)):
-      choice = ops.Moments(*choice)
-    moments = choice if isinstance(choice, ops.Moments) else layer.moving
-    given.append(ops.Moments(tf.convert_to_tensor(moments.mean, tf.float32),
-                             tf.convert_to_tensor(moments.variance, tf.float32)))
     if isinstance(choice, str) and choice != BATCH:
       raise ValueError(f"statistics must be BATCH, Moments or None, got {choice!r}")
-    use_batch.append(choice == BATCH if isinstance(choice, str) else False)
+    moments = layer.moving if choice is None or choice == BATCH else ops.Moments(*choice)
+    given.append(ops.Moments(tf.convert_to_tensor(moments.mean, tf.float32),
+                             tf.convert_to_tensor(moments.variance, tf.float32)))
+    use_batch.append(isinstance(choice, str))
   return given, tf.constant(use_batch, tf.bool, shape=[len(use_batch)])
 
 

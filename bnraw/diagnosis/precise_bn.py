@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw.core import ops
-from bnraw.core.graph import switched
+from bnraw.core.graph import switch_arguments, switched
 from bnraw.core.batching import batches
 from bnraw.models.keras_bridge import keras_bn_layers, set_keras_moving_statistics
 
@@ -55,10 +55,10 @@ def raw_population_statistics(model, images: np.ndarray, batch_size: int,
   chunks = batches(np.arange(len(images)), batch_size)
   forward = forward or population_forward_fn(model)
   layers = model.batch_norms
-  found = [_tensors(layer.moving) for layer in layers]  # layers not done yet: any value
+  found, _ = switch_arguments(model, None)  # layers not done yet: any value (the moving)
   every = lambda k: tf.constant([j >= k for j in range(len(layers))])  # layers k.. on BATCH
   if len(chunks) == 1:  # one batch = the dataset: the training branch computes exactly this
-    return [_tensors(s) for s in forward(tf.constant(images), found, every(0)).statistics]
+    return list(forward(tf.constant(images), found, every(0)).statistics)
   for k, layer in enumerate(layers):
     if not layer.trainable:  # frozen: fit normalised with its moving statistics, PreciseBN too
       continue
@@ -69,11 +69,6 @@ def raw_population_statistics(model, images: np.ndarray, batch_size: int,
                     float(out.counts[k])))
     found[k] = aggregate(parts)
   return found
-
-
-def _tensors(statistics: ops.Moments) -> ops.Moments:
-  return ops.Moments(tf.convert_to_tensor(statistics.mean, tf.float32),
-                     tf.convert_to_tensor(statistics.variance, tf.float32))
 
 
 # -- Keras models ---------------------------------------------------------------------------------
