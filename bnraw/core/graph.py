@@ -115,9 +115,11 @@ class Model:
     return sum(int(np.prod(v.shape)) for v in self.variables)
 
   def __call__(self, x: tf.Tensor, *, training: bool, statistics: StatisticsChoice = None,
-               hook: Optional[UpdateHook] = None) -> Forward:
+               hook: Optional[UpdateHook] = None,
+               outputs: Optional[dict] = None) -> Forward:
     """Runs every layer in ``training``'s branch; ``statistics`` overrides what BN layers
-    normalise with (those layers then change no state; see :meth:`BatchNorm.__call__`)."""
+    normalise with (those layers then change no state; see :meth:`BatchNorm.__call__`).
+    ``outputs``: a dict that receives each layer's output by layer name."""
     self._check_names(statistics)
     used, counts = [], []
     last = len(self.nodes) - 1
@@ -137,6 +139,8 @@ class Model:
           else:
             h = layer(h, training=training)
         values.append(h)
+        if outputs is not None:
+          outputs[layer.name] = h
     return Forward(values[-1], used, counts)
 
   def predictions(self, logits: tf.Tensor) -> tf.Tensor:

@@ -31,17 +31,12 @@ from bnraw.core import batching, loop, step
 from bnraw.errors import UsageError
 from bnraw.models import keras_bridge
 from bnraw.models.workload import Workload
+from bnraw.parity import first_difference
+from bnraw.parity.metrics import max_rel
 
 TOLERANCE = {"loss_rel_diff": 1e-6, "moving_mean_max_rel_diff": 1e-6,
              "moving_variance_max_rel_diff": 1e-6, "update_rel_l2_diff": 1e-5}
 FREE_RUNNING_THRESHOLD = 1e-3
-
-
-def max_rel(a: np.ndarray, b: np.ndarray) -> float:
-  """``max|a - b| / max|b|`` (0 when both are all zero)."""
-  scale = float(np.abs(b).max()) if np.size(b) else 0.0
-  diff = float(np.abs(np.asarray(a, np.float64) - b).max()) if np.size(b) else 0.0
-  return diff / scale if scale else diff
 
 
 def _flat(weights: list[np.ndarray], mask: list[bool]) -> np.ndarray:
@@ -100,6 +95,8 @@ class Sides:
   kmodel: object
   run_group: Callable  # [example indices per batch] -> per-step outputs
   evaluate: Callable  # () -> (loss, metric)
+  # the first step that is not bit-identical: its state before, first batch, differing weights
+  first_unequal: Optional[dict] = None
 
   def raw_state(self) -> dict:
     return self.workload.raw_state()
@@ -141,7 +138,7 @@ def lockstep(sides: Sides, *, synced: bool, progress: Optional[Callable] = None)
       self.raw_before = sides.raw_state()
       group = batching.batches(self.order, train.batch_size)[
           batch:batch + train.steps_per_execution]
-      self.executed = len(group)
+      self.executed, self.first_batch = len(group), group[0]
       outs = sides.run_group(group)
       self.raw_loss = float(outs[-1]["loss"])
       self.raw_skipped = sum(int(out.get("skipped", False)) for out in outs)
@@ -166,6 +163,14 @@ def lockstep(sides: Sides, *, synced: bool, progress: Optional[Callable] = None)
       row.update(step_metrics(self.raw_before, sides.raw_state(), self.keras_before,
                               keras_after, trainable, moving_mean, moving_variance))
       steps.append(row)
+      if (not (row["bit_identical"] and row["loss_rel_diff"] == 0)
+          and sides.first_unequal is None):
+        sides.first_unequal = {
+            "step": row.get("first_step", row["step"]), "before": self.keras_before,
+            "batch": self.first_batch,
+            "weights": first_difference.differing_weights(
+                names, sides.raw_state()["weights"], keras_after["weights"], trainable),
+            "weight_count": len(names)}
       if progress is not None:
         progress(row)
 
@@ -291,6 +296,8 @@ def run(workload: Workload, *, out_dir: Optional[str], synced: bool = True,
                                   perturb=perturbation),
       **verdict(sides, steps),
   }
+  if sides.first_unequal is not None:
+    result["first_difference"] = locate(sides, mode, synced)
   if workload.source == "seed":
     result["raw_model_config"] = dataclasses.asdict(workload.model_config)
   else:
@@ -304,6 +311,27 @@ def run(workload: Workload, *, out_dir: Optional[str], synced: bool = True,
     result["free_running"] = growth_report(steps)
   if out_dir is not None:
     outputs.write_json(os.path.join(out_dir, "compare.json"), result)
+  return result
+
+
+def locate(sides: Sides, mode: str, synced: bool) -> dict:
+  """``result["first_difference"]``: the first step that is not bit-identical, the weights
+  that differ after it (deepest first) and, synced on one device, the first layer whose
+  training-mode output differs from the state before it
+  (:mod:`bnraw.parity.first_difference`)."""
+  workload, found = sides.workload, sides.first_unequal
+  result = {"step": found["step"], "weights": found["weights"],
+            "weight_count": found["weight_count"], "forward": None}
+  if synced and workload.strategy is None:
+    after_raw, after_keras = workload.raw_state(), sides.keras_state()
+    workload.set_raw_state(found["before"])
+    workload.set_keras_state(sides.kmodel, found["before"])
+    try:
+      result["forward"] = first_difference.first_layer_output(
+          workload, sides.kmodel, workload.images[found["batch"]], mode)
+    finally:
+      workload.set_raw_state(after_raw)
+      workload.set_keras_state(sides.kmodel, after_keras)
   return result
 
 
@@ -370,6 +398,8 @@ def summary_lines(result: dict) -> str:
       f"first step beyond tolerance: {first}")
   lines.append(f"bit-identical steps (loss and every weight): {result['bit_identical_steps']} "
                f"of {len(steps)}")
+  if "first_difference" in result:
+    lines.extend(first_difference.describe(result["first_difference"]))
   ev = result["evaluate"]
   lines.append(f"evaluate: raw {ev['raw']['loss']:.7g}  keras {ev['keras']['loss']:.7g}  "
                f"rel diff {ev['loss_rel_diff']:.1e}")

@@ -326,3 +326,33 @@ def test_a_registered_custom_layer_loads_with_custom_objects_and_is_exact(tmp_pa
   import json
   result = json.loads((tmp_path / "out" / "compare.json").read_text())
   assert result["bit_identical_steps"] == len(result["steps"]) == 3
+
+
+def test_the_report_names_the_first_layer_whose_output_differs(saved, capsys):
+  """A twin broken on purpose (one conv's output scaled by 1 + 2^-20 in the raw model only):
+  compare names that conv as the first layer whose output differs, and the weights that differ
+  after step 0, deepest first; a bit-identical run has no first_difference."""
+  from bnraw import parity
+  from bnraw.parity.compare import summary_lines
+  workload = from_keras_file(*saved("resnet"), TRAIN)
+  layer = workload.model.layer("block_conv2")
+  cls = type(layer)
+
+  class Nudged(cls):
+    def __call__(self, inputs, *, training):
+      return cls.__call__(self, inputs, training=training) * (1 + 2.0 ** -20)
+
+  layer.__class__ = Nudged
+  try:
+    result = parity.run(workload, out_dir=None)
+  finally:
+    layer.__class__ = cls
+  found = result["first_difference"]
+  assert found["step"] == 0
+  assert found["forward"]["layer"] == "block_conv2"
+  assert 0 < found["forward"]["max_rel_diff"] < 1e-5
+  names = [w["name"] for w in found["weights"]]
+  assert names[0].startswith("head/") and any(n.startswith("stem/") for n in names)
+  assert "first layer whose output differs: block_conv2" in summary_lines(result)
+  assert "first_difference" not in parity.run(from_keras_file(*saved("resnet"), TRAIN),
+                                              out_dir=None)
