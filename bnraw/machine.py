@@ -51,8 +51,17 @@ def cache_path() -> Optional[str]:
 
 
 def file_digest(path: str) -> str:
-  """A short content hash of a file (a user's model, as part of a workload)."""
+  """A short content hash of a file (a user's model, as part of a workload); of a folder (a
+  saved dataset, a folder of images): of its files' relative paths and contents."""
   digest = hashlib.sha256()
+  if os.path.isdir(path):
+    for root, dirs, names in os.walk(path):
+      dirs.sort()
+      for name in sorted(names):
+        file = os.path.join(root, name)
+        digest.update(os.path.relpath(file, path).encode() + b"\0")
+        digest.update(file_digest(file).encode())
+    return digest.hexdigest()[:16]
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)

@@ -93,6 +93,22 @@ class BNDiagnosisTest(tf.test.TestCase):
       self.assertAllClose(events["diagnosis/evaluate"][3], result["losses"]["evaluate"])
       self.assertIn("diagnosis/report", events)
 
+  def test_a_dataset_gives_the_arrays_result_and_a_bad_one_is_one_line(self):
+    """BNDiagnosis(dataset) with (x, y) elements, batched: the same losses as on the arrays."""
+    results = []
+
+    def callbacks(x, y, dataset):
+      results.append(BNDiagnosis(dataset(x, y)) if dataset else BNDiagnosis(x, y))
+      results[-1].stream = None
+      return results[-1:]
+
+    batched = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    for dataset in (None, batched):
+      train(lambda x, y: callbacks(x, y, dataset))
+    self.assertEqual(results[0].result["losses"], results[1].result["losses"])
+    with self.assertRaisesRegex(ValueError, r"BNDiagnosis: the dataset: elements must be \(x, y\)"):
+      train(lambda x, y: [BNDiagnosis(tf.data.Dataset.from_tensor_slices(x))])
+
 
 if __name__ == "__main__":
   tf.test.main()

@@ -157,7 +157,11 @@ def define_keras_model_flags(what: str) -> None:
   """--keras_model and --data (together), for a tool that also runs on a user's model."""
   flags.DEFINE_string("keras_model", None, f"{what} your own compiled .keras model instead of "
                       "the seed (needs --data).")
-  flags.DEFINE_string("data", None, ".npz with arrays x and y for --keras_model.")
+  flags.DEFINE_string("data", None, "--keras_model's data: a .npz with arrays x and y, a "
+                      "saved tf.data dataset (Dataset.save, elements (x, y)), or a folder of "
+                      "class sub-folders of images (read as "
+                      "keras.utils.image_dataset_from_directory reads it, at the model's input "
+                      "size).")
   flags.DEFINE_list("custom_objects", [], "Python files (.py) or modules to import before "
                     "loading --keras_model: where its custom layers are registered "
                     "(keras.saving.register_keras_serializable), as your own code loads it.")

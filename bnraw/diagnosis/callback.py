@@ -37,19 +37,27 @@ class BNDiagnosis(keras.callbacks.Callback):
   """Diagnoses BatchNorm's fit/evaluate gap during ``model.fit``; see the module docstring.
 
   Args:
-    x, y: the sample to diagnose on (arrays in the form the model's compiled loss takes).
+    x, y: the sample to diagnose on (arrays in the form the model's compiled loss takes), or
+      ``x`` a ``tf.data.Dataset`` of ``(x, y)`` elements, batched or not, and no ``y``.
     every: diagnose every K epochs (and at the end of training).
     log_dir: TensorBoard directory (None: no TensorBoard output).
     batch_size: batches for the diagnosis passes (as ``evaluate`` would take them).
     stream: where the final report goes (None: not printed).
   """
 
-  def __init__(self, x, y, *, every: int = 1, log_dir: Optional[str] = None,
+  def __init__(self, x, y=None, *, every: int = 1, log_dir: Optional[str] = None,
                batch_size: int = 32, stream=sys.stdout):
     super().__init__()
     if every < 1:
       raise ValueError(f"every must be >= 1, got {every}")
-    self.x, self.y = np.asarray(x, np.float32), np.asarray(y)
+    self._dataset = x if y is None else None  # read when the model is known
+    if self._dataset is not None:
+      import tensorflow as tf
+      if not isinstance(x, tf.data.Dataset):
+        raise ValueError("BNDiagnosis: give arrays x and y, or a tf.data.Dataset of (x, y) "
+                         f"as x alone, not a {type(x).__name__} without y")
+    else:
+      self.x, self.y = np.asarray(x, np.float32), np.asarray(y)
     self.every, self.log_dir, self.batch_size, self.stream = every, log_dir, batch_size, stream
     self.history: list[dict] = []  # {"epoch", "losses", "attribution", "frozen", "seconds"}
     self.result: Optional[dict] = None
@@ -86,9 +94,6 @@ class BNDiagnosis(keras.callbacks.Callback):
   def _check_and_clone(self):
     """The model and sample checked (one ValueError naming the problem), and the clone."""
     model = self.model
-    if not len(self.x) or len(self.x) != len(self.y):
-      raise ValueError(f"BNDiagnosis: x has {len(self.x)} examples and y {len(self.y)}; need "
-                       "the same, > 0")
     if getattr(model, "loss", None) is None:
       raise ValueError("BNDiagnosis: the model has no compiled loss")
     if len(model.outputs) != 1:
@@ -97,6 +102,17 @@ class BNDiagnosis(keras.callbacks.Callback):
     if len(model.inputs) != 1:
       raise ValueError(f"BNDiagnosis: the model takes {len(model.inputs)} inputs; single-input "
                        "models only")
+    if self._dataset is not None:
+      from bnraw.errors import UsageError
+      from bnraw.models.data import dataset_arrays
+      try:
+        x, y = dataset_arrays(self._dataset, model, "the dataset")
+      except UsageError as e:
+        raise ValueError(f"BNDiagnosis: {e.problem}") from None
+      self.x, self.y = x.astype(np.float32), y
+    if not len(self.x) or len(self.x) != len(self.y):
+      raise ValueError(f"BNDiagnosis: x has {len(self.x)} examples and y {len(self.y)}; need "
+                       "the same, > 0")
     if not keras_bn_layers(model):  # also refuses BN inside a nested model
       raise ValueError("BNDiagnosis: the model has no BatchNormalization layer")
     return quiet_clone(model)

@@ -134,17 +134,12 @@ def all_layers(model):
 
 
 def load_data(path: str, model) -> tuple[np.ndarray, np.ndarray]:
-  """Arrays ``x`` (float32) and ``y`` from the ``.npz`` at ``path``, checked against ``model``:
-  same length, x fits the input, y numeric, finite, and accepted by the model's loss."""
-  if not os.path.isfile(path):
-    raise UsageError("data", f"no such file: {path}")
-  try:
-    with np.load(path, allow_pickle=False) as arrays:
-      x, y = arrays["x"], arrays["y"]
-  except KeyError:
-    raise UsageError("data", f"{path} needs arrays named x and y") from None
-  except Exception as e:
-    raise UsageError("data", f"cannot read {path}: {str(e).splitlines()[0]}") from None
+  """Arrays ``x`` (float32) and ``y`` from ``path`` (a ``.npz``, a saved tf.data dataset or a
+  folder of class sub-folders of images: :mod:`bnraw.models.data`), checked against
+  ``model``: same length, x fits the input, y numeric, finite, and accepted by the model's
+  loss."""
+  from bnraw.models import data
+  x, y = data.read(path, model)
   if len(x) != len(y) or len(x) == 0:
     raise UsageError("data", f"x has {len(x)} examples and y {len(y)}; need the same, > 0")
   for name, array in (("x", x), ("y", y)):
@@ -162,14 +157,7 @@ def load_data(path: str, model) -> tuple[np.ndarray, np.ndarray]:
   x = x.astype(np.float32)
   if y.dtype.kind == "f":  # Keras's data adapter casts float arrays to floatx; ints stay
     y = y.astype(np.float32)
-  y_pred = model(x[:2], training=False)  # the model's own loss on two examples
-  try:
-    loss = model.compute_loss(x=x[:2], y=y[:2], y_pred=y_pred, training=False)
-  except Exception as e:
-    raise UsageError("data", f"y (shape {y.shape}) does not fit the model's output (shape "
-                     f"{tuple(y_pred.shape)[1:]}) under its loss: "
-                     f"{str(e).splitlines()[0]}") from None
-  if not np.isfinite(np.asarray(loss)).all():
-    raise UsageError("data", f"y (shape {y.shape}) gives a non-finite loss with the model's "
-                     "output: labels out of range for the loss?")
+  problem = data.label_problem(model, x, y)  # the model's own loss on a few examples
+  if problem is not None:
+    raise UsageError("data", problem)
   return x, y

@@ -5,8 +5,8 @@ on one device), the state in and out (both sides: the raw twin and the Keras mod
 and its record (what outputs and checkpoints store to build it again). Two builders make one:
 
 * :func:`from_seed` -- the seed network and dataset (bnraw.models.seed) from typed configs;
-* :func:`from_keras_file` -- a user's saved ``.keras`` model and ``.npz`` data, through its raw
-  twin (bnraw.models.twin);
+* :func:`from_keras_file` -- a user's saved ``.keras`` model and its data (``--data``), through
+  its raw twin (bnraw.models.twin);
 
 and :func:`from_record` builds either again from a stored record (``--resume``). Every tool
 (bnraw.training, bnraw.parity, bnraw.diagnosis, bnraw.profiling) is one function of a Workload,
