@@ -160,7 +160,8 @@ def lockstep(sides: Sides, *, synced: bool, progress: Optional[Callable] = None)
                    skipped_raw=self.raw_skipped,
                    skipped_keras=self.executed - (keras_after["iterations"]
                                                   - self.keras_before["iterations"]))
-      row.update(step_metrics(self.raw_before, sides.raw_state(), self.keras_before,
+      raw_after = sides.raw_state()
+      row.update(step_metrics(self.raw_before, raw_after, self.keras_before,
                               keras_after, trainable, moving_mean, moving_variance))
       steps.append(row)
       if (not (row["bit_identical"] and row["loss_rel_diff"] == 0)
@@ -169,7 +170,7 @@ def lockstep(sides: Sides, *, synced: bool, progress: Optional[Callable] = None)
             "step": row.get("first_step", row["step"]), "before": self.keras_before,
             "batch": self.first_batch,
             "weights": first_difference.differing_weights(
-                names, sides.raw_state()["weights"], keras_after["weights"], trainable),
+                names, raw_after["weights"], keras_after["weights"], trainable),
             "weight_count": len(names)}
       if progress is not None:
         progress(row)

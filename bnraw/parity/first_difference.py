@@ -31,7 +31,8 @@ def differing_weights(names: list[str], raw: list[np.ndarray], keras: list[np.nd
 def first_layer_output(workload, kmodel, x: np.ndarray, mode: str) -> Optional[dict]:
   """The first layer (in the raw model's order) whose training-mode output on ``x`` differs,
   with its max relative diff and the number of layers compared; ``{"layer": None, ...}`` when
-  every compared output is identical. Leaves both models' states as they were."""
+  every compared output is identical. The training-mode forwards move both models' BN
+  statistics and seeds: the caller restores them (:func:`bnraw.parity.compare.locate` does)."""
   from bnraw.models import keras_bridge
   keras = keras_bridge.keras_module(workload.reference)
   raw = workload.model
@@ -50,15 +51,9 @@ def first_layer_output(workload, kmodel, x: np.ndarray, mode: str) -> Optional[d
     return [outputs[name] for name in shared]
 
   compile_ = lambda fn: tf.function(fn, jit_compile=(mode == "xla"))
-  before_raw, before_keras = workload.raw_state(), workload.keras_state(kmodel)
-  try:
-    x = tf.constant(x)
-    ours = [np.asarray(v, np.float32) for v in compile_(raw_forward)(x)]
-    theirs = [np.asarray(v, np.float32)
-              for v in compile_(lambda x: probe(x, training=True))(x)]
-  finally:  # the training-mode forwards moved the BN statistics and the seeds
-    workload.set_raw_state(before_raw)
-    workload.set_keras_state(kmodel, before_keras)
+  x = tf.constant(x)
+  ours = [np.asarray(v, np.float32) for v in compile_(raw_forward)(x)]
+  theirs = [np.asarray(v, np.float32) for v in compile_(lambda x: probe(x, training=True))(x)]
   for name, a, b in zip(shared, ours, theirs):
     if a.shape != b.shape or not np.array_equal(a, b):
       return {"layer": name, "max_rel_diff": (max_rel(a, b) if a.shape == b.shape
