@@ -42,3 +42,42 @@ class EpochProgress:
     else:
       self.stream.write(line + "\n")
     self.stream.flush()
+
+
+class PassProgress:
+  """``observer(what, done, total)`` (:func:`bnraw.core.batching.observing`) printing a line
+  for a pass over the data once it has run ``after`` seconds, then every ``every`` seconds and
+  when it ends::
+
+      precise_bn: layer 3/12 (bn_3)  4,096/20,000 examples  812 examples/s  ETA 20s
+
+  A pass shorter than ``after`` prints nothing. On a terminal the line is rewritten in place."""
+
+  def __init__(self, stream: TextIO = sys.stderr, after: float = 3.0, every: float = 5.0,
+               clock=time.perf_counter):
+    self.stream, self.after, self.every, self.clock = stream, after, every, clock
+    self.interactive = stream.isatty()
+    self.start = self.last = None
+    self.shown = False
+
+  def __call__(self, what: str, done: int, total: int) -> None:
+    now = self.clock()
+    if done == 0:
+      self.start, self.last, self.shown = now, None, False
+      return
+    elapsed = now - self.start
+    end = done >= total
+    due = (elapsed >= self.after and
+           (self.last is None or now - self.last >= (0.5 if self.interactive else self.every)))
+    if not (due or (end and self.shown)):
+      return
+    rate = done / elapsed if elapsed > 0 else 0.0
+    line = (f"{what}  {done:,}/{total:,} examples  {rate:,.0f} examples/s  "
+            + (_duration(elapsed) if end else f"ETA {_duration((total - done) / rate)}"
+               if rate else ""))
+    if self.interactive:
+      self.stream.write("\r" + line.ljust(79) + ("\n" if end else ""))
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+    self.last, self.shown = now, True

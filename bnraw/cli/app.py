@@ -27,6 +27,17 @@ EXIT_LOST_WORKER = 4
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _define_progress_flag() -> None:
+  from absl import flags
+  if "progress" not in flags.FLAGS:
+    flags.DEFINE_bool("progress", True, "Progress lines on stderr: one per epoch, and for every "
+                      "pass over the data longer than a few seconds (PreciseBN, evaluate, the "
+                      "split): examples/s and ETA. --noprogress: quiet.")
+
+
+_define_progress_flag()
+
+
 @contextlib.contextmanager
 def _stderr_fd_silenced():
   """Points file descriptor 2 at /dev/null for the duration (C++ logging bypasses sys.stderr)."""
@@ -104,8 +115,12 @@ def run(main: Callable[[list[str]], Optional[int]],
       import_tensorflow_quietly()
       from bnraw.cluster import LostWorker
       from bnraw.core.loop import NonFiniteError
+      from bnraw.core import batching
+      from bnraw.progress import PassProgress
       try:
-        return main(argv)
+        with (batching.observing(PassProgress()) if flags.FLAGS.progress
+              else contextlib.nullcontext()):
+          return main(argv)
       except NonFiniteError as e:
         print(f"{_name()}: {e}; stopped.", file=sys.stderr)
         return EXIT_NON_FINITE

@@ -26,6 +26,9 @@ flags.DEFINE_enum("fix", None, ["precise_bn"], "Apply a fix and report its evalu
                   "writes population statistics into the moving statistics and saves the model.")
 flags.DEFINE_integer("every", 0, "Also compute the decomposition every K epochs (0: only at the "
                      "end); with --trace it goes to TensorBoard too.", lower_bound=0)
+flags.DEFINE_integer("precise_bn_batches", None, "PreciseBN's statistics from the data's first K "
+                     "batches (default: all of it; 1e3-1e4 examples are usually enough).",
+                     lower_bound=1)
 flags.DEFINE_bool("tensorboard", True, "Write the diagnosis to TensorBoard in --out_dir/"
                   "tensorboard: curves, the report, the per-layer chart, amplification histograms.")
 common.define_keras_model_flags("Diagnose")
@@ -67,12 +70,15 @@ def main(argv):
     result = diagnosis.run_saved(FLAGS.keras_model, FLAGS.data,
                                  batch_size=(FLAGS.batch_size if FLAGS["batch_size"].present
                                              else None), out_dir=FLAGS.out_dir, fix=FLAGS.fix,
-                                 overwrite=FLAGS.overwrite, tensorboard=FLAGS.tensorboard)
+                                 overwrite=FLAGS.overwrite, tensorboard=FLAGS.tensorboard,
+                                 image_size=common.image_size(),
+                                 precise_bn_batches=FLAGS.precise_bn_batches)
   else:
     result = diagnosis.run(common.workload(), out_dir=FLAGS.out_dir, impl=FLAGS.impl,
                            trace=FLAGS.trace, fix=FLAGS.fix, every=FLAGS.every,
                            overwrite=FLAGS.overwrite, histogram_every=FLAGS.histogram_every,
-                           tensorboard=FLAGS.tensorboard)
+                           tensorboard=FLAGS.tensorboard, progress=FLAGS.progress,
+                           precise_bn_batches=FLAGS.precise_bn_batches)
   title = (f"bnraw diagnosis of {result['title']}" if FLAGS.keras_model
            else f"bnraw diagnosis: {result['title']}")
   print()

@@ -52,6 +52,22 @@ def parse_block(text: str) -> tuple[int, int]:
   return start, stop
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+  """``"64,48"`` -> (64, 48): a folder's images' height and width."""
+  try:
+    height, width = (int(part) for part in text.split(","))
+  except ValueError:
+    raise ValueError(f"expected HEIGHT,WIDTH (e.g. 64,64), got {text!r}") from None
+  if height < 1 or width < 1:
+    raise ValueError(f"height and width must be >= 1, got {text!r}")
+  return height, width
+
+
+def image_size():
+  """--image_size as (height, width), or None."""
+  return parse_image_size(FLAGS.image_size) if FLAGS.image_size else None
+
+
 def parse_break_at(text: str) -> tuple[str, int]:
   """``"bn_3:41"`` -> ("bn_3", 41)."""
   try:
@@ -161,7 +177,13 @@ def define_keras_model_flags(what: str) -> None:
                       "saved tf.data dataset (Dataset.save, elements (x, y)), or a folder of "
                       "class sub-folders of images (read as "
                       "keras.utils.image_dataset_from_directory reads it, at the model's input "
-                      "size).")
+                      "size, batch by batch).")
+  flags.DEFINE_string("image_size", None, "HEIGHT,WIDTH to read a --data folder of images at, "
+                      "for a model that takes any size (default: the model's input size).")
+  _check("image_size", parse_image_size)
+  flags.register_multi_flags_validator(
+      ["image_size", "data"], lambda f: f["image_size"] is None or f["data"] is not None,
+      message="--image_size sets the size a --data folder of images is read at: give --data")
   flags.DEFINE_list("custom_objects", [], "Python files (.py) or modules to import before "
                     "loading --keras_model: where its custom layers are registered "
                     "(keras.saving.register_keras_serializable), as your own code loads it.")
@@ -298,7 +320,8 @@ def workload(reference: str = "keras3"):
   else the seed's (bnraw.models.workload). Imports TensorFlow: call it in ``main``."""
   from bnraw.models import workload as workloads
   if FLAGS.keras_model:
-    return workloads.from_keras_file(FLAGS.keras_model, FLAGS.data, twin_train_config())
+    return workloads.from_keras_file(FLAGS.keras_model, FLAGS.data, twin_train_config(),
+                                     image_size())
   return workloads.from_seed(*configs(), reference=reference)
 
 

@@ -51,7 +51,7 @@ def main(argv):
   summary = training.run(common.workload(), out_dir=FLAGS.out_dir, trace=FLAGS.trace,
                          break_at=break_at, checkpoint_every=FLAGS.checkpoint_every,
                          resume=FLAGS.resume, overwrite=FLAGS.overwrite,
-                         histogram_every=FLAGS.histogram_every)
+                         histogram_every=FLAGS.histogram_every, progress=FLAGS.progress)
   if summary["status"] == "interrupted":
     print(f"interrupted after step {summary['steps_done'] - 1}; checkpoint and summary.json "
           f"(marked incomplete) are in {FLAGS.out_dir}. Resume with the same flags plus "

@@ -4,7 +4,8 @@ that average per-batch values into what fit and evaluate print (on N replicas to
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -56,6 +57,18 @@ def epoch_orders(seed: int, n: int):
     yield rng.permutation(n)
 
 
+def data_orders(seed: int, images, batch_size: int):
+  """The per-epoch orders a run on ``images`` draws: :func:`epoch_orders`, or for a folder of
+  images (an ``x`` with ``epoch_order``) those of fit on Keras's shuffled dataset of it."""
+  if not hasattr(images, "epoch_order"):
+    yield from epoch_orders(seed, len(images))
+    return
+  epoch = 0
+  while True:
+    yield images.epoch_order(seed, batch_size, epoch)
+    epoch += 1
+
+
 def sorted_within_batches(order: np.ndarray, labels: np.ndarray,
                           batch_size: int) -> np.ndarray:
   """``order`` with each batch's examples sorted by label (stable): split contiguously over
@@ -87,15 +100,60 @@ def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
   return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def mean_over_batches(one_batch: Callable[[np.ndarray], tuple], chunks, *,
-                      replicas: int = 1) -> tuple[float, float]:
-  """Keras's epoch averaging: ``one_batch(indices) -> (loss, correct count)`` per batch,
-  combined as fit/evaluate's float32 ``Mean`` metrics weighted by batch size; on ``replicas``
-  replicas each is per replica (``[N]``), weighted by its shard (:class:`MeanTracker`)."""
+def mean_over_batches(one_batch: Callable, chunks, data: tuple, *, replicas: int = 1,
+                      what: str = "") -> tuple[float, float]:
+  """Keras's epoch averaging: ``one_batch(x_batch, y_batch) -> (loss, correct count)`` for
+  each chunk of ``data = (x, y)`` (example indices, read by :func:`read_batches`, ``what``
+  naming the pass), combined as fit/evaluate's float32 ``Mean`` metrics weighted by batch
+  size; on ``replicas`` replicas each is per replica (``[N]``), weighted by its shard
+  (:class:`MeanTracker`)."""
   loss_mean, accuracy_mean = MeanTracker(replicas=replicas), MeanTracker(replicas=replicas)
-  for chunk in chunks:
-    loss, correct = one_batch(chunk)
+  chunks = list(chunks)
+  for chunk, (xb, yb) in zip(chunks, read_batches(data[0], data[1], chunks, what)):
+    loss, correct = one_batch(xb, yb)
     sizes = shard_sizes(len(chunk), replicas)
     loss_mean.update(np.asarray(loss, np.float32), sizes)
     accuracy_mean.add(np.asarray(correct, np.float32), sizes)
   return loss_mean.result(), accuracy_mean.result()
+
+
+# -- reading batches: in memory, or streamed ------------------------------------------------------
+
+
+def streamed(x) -> bool:
+  """Whether ``x`` is read from storage batch by batch (it has ``batches``, as
+  ``bnraw.models.data.ImageFolder``), not an array held in memory."""
+  return hasattr(x, "batches")
+
+
+_observers: list = []
+
+
+@contextlib.contextmanager
+def observing(observer: Callable):
+  """While inside, ``observer(what, done, total)`` hears every pass of :func:`read_batches`
+  as each batch is read (``done`` of ``total`` examples; ``done == 0`` when a pass starts):
+  what draws the progress lines."""
+  _observers.append(observer)
+  try:
+    yield observer
+  finally:
+    _observers.remove(observer)
+
+
+def read_batches(x, y, chunks, what: str = "") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """``(x[chunk], y[chunk])`` (``y`` None: None) for each chunk of example indices, in order:
+  a streamed ``x`` (:func:`streamed`) through its own ``batches(chunks)``, which reads ahead;
+  an array by indexing. The one place every pass over the data reads it (the observers of :func:`observing`
+  hear it as ``what``)."""
+  chunks = list(chunks)
+  total = sum(len(chunk) for chunk in chunks)
+  source = x.batches(chunks) if streamed(x) else (x[chunk] for chunk in chunks)
+  done = 0
+  for observer in _observers:
+    observer(what, done, total)
+  for chunk, xb in zip(chunks, source):
+    done += len(chunk)
+    for observer in _observers:  # on reading (a reader that stops at the last batch hears it)
+      observer(what, done, total)
+    yield xb, (y[chunk] if y is not None else None)

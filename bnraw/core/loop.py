@@ -15,8 +15,8 @@ import tensorflow as tf
 from bnraw.core import optim
 from bnraw.core.graph import Model
 from bnraw.core.layers import UpdateHook
-from bnraw.core.batching import (MeanTracker, batches, mean_over_batches, shard_sizes,
-                                 sorted_within_batches)
+from bnraw.core.batching import (MeanTracker, batches, mean_over_batches, read_batches,
+                                 shard_sizes, sorted_within_batches, streamed)
 from bnraw.core.step import make_eval_step, make_multi_step, make_train_step, relaxed_batch
 
 
@@ -129,7 +129,7 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
               else None)
   debug_fn = (make_train_step(model, optimizer, mode="eager", trace=trace, hook=hook)
               if hook is not None else None)
-  x, y = tf.constant(images), tf.constant(labels)
+  take = None if streamed(images) else gatherer(images, labels)
   rng = np.random.default_rng(seed)
   state = resume or FitState(rng_state=rng.bit_generator.state)
   rng.bit_generator.state = state.rng_state
@@ -141,6 +141,8 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
     resuming = state.order is not None and epoch == state.epoch
     if resuming:
       order = np.asarray(state.order)
+    elif hasattr(images, "epoch_order"):  # a folder of images: as fit on Keras's dataset of it
+      order = images.epoch_order(seed, batch_size, epoch)
     else:
       order = rng.permutation(len(images))
       if sorted_shards:
@@ -151,11 +153,13 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
     first = state.next_batch if resuming else 0
     history.permutations.append(order)
     epoch_batches = batches(order, batch_size)
+    if streamed(images):  # read ahead through its tf.data pipeline, in this epoch's order
+      take = ReadAhead(images, labels, epoch_batches[first:], f"train: epoch {epoch + 1}").take
     number = first
     while number < len(epoch_batches):
       chunk = _chunk(epoch_batches, number, global_step, steps_per_execution, hook_step)
       run_step = debug_fn if debug_fn is not None and global_step == hook_step else step_fn
-      for batch, out in zip(chunk, run_chunk(run_step, multi_fn, x, y, chunk)):
+      for batch, out in zip(chunk, run_chunk(run_step, multi_fn, take, chunk)):
         losses, correct = np.reshape(out["loss"], [n]), np.reshape(out["correct"], [n])
         finite = np.reshape(out["finite"], [n, -1]).all(axis=0)
         if not finite.all() or not np.isfinite(losses).all():
@@ -198,9 +202,41 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   return history
 
 
-def run_chunk(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor, y: tf.Tensor,
+def gatherer(images: np.ndarray, labels: np.ndarray) -> Callable:
+  """``take(indices) -> (x, y)``: the examples at ``indices``, gathered from the data held
+  once as tensors (on the device); a streamed ``images`` is indexed (read from storage)."""
+  if streamed(images):
+    return lambda index: (tf.constant(images[np.asarray(index)]),
+                          tf.constant(labels[np.asarray(index)]))
+  x, y = tf.constant(images), tf.constant(labels)
+  return lambda index: (tf.gather(x, index), tf.gather(y, index))
+
+
+class ReadAhead:
+  """A streamed ``images`` read in the order of ``chunks`` (:func:`read_batches`, which reads
+  ahead): ``take(indices)`` returns the next batches, which hold exactly ``indices``."""
+
+  def __init__(self, images, labels, chunks, what: str):
+    self.chunks = iter(chunks)
+    self.items = read_batches(images, labels, chunks, what)
+
+  def take(self, index) -> tuple[tf.Tensor, tf.Tensor]:
+    index, xs, ys, got = np.asarray(index), [], [], 0
+    while got < len(index):
+      expected = next(self.chunks)
+      if not np.array_equal(expected, index[got:got + len(expected)]):
+        raise ValueError("ReadAhead: batches asked out of their order")
+      xb, yb = next(self.items)
+      xs.append(xb)
+      ys.append(yb)
+      got += len(xb)
+    return tf.constant(np.concatenate(xs)), tf.constant(np.concatenate(ys))
+
+
+def run_chunk(step_fn: Callable, multi_fn: Optional[Callable], take: Callable,
               chunk: list[np.ndarray]) -> list[dict]:
-  """Runs one train step per batch of ``chunk`` (example indices into ``x``/``y``), in order:
+  """Runs one train step per batch of ``chunk`` (example indices, read by ``take``:
+  :func:`gatherer`, :class:`ReadAhead`), in order:
   each run of consecutive batches of one size (a graph has one batch shape) in one call of
   ``multi_fn`` (:func:`bnraw.core.step.make_multi_step`) when it has several, else ``step_fn``.
   Returns each step's outputs as numpy, up to and including the first non-finite one."""
@@ -209,7 +245,7 @@ def run_chunk(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor, y: 
     end = start + 1
     while end < len(chunk) and len(chunk[end]) == len(chunk[start]):
       end += 1
-    outs += _run_one_size(step_fn, multi_fn, x, y, chunk[start:end])
+    outs += _run_one_size(step_fn, multi_fn, take, chunk[start:end])
     last = outs[-1]
     if not (np.all(last["finite"]) and np.all(np.isfinite(last["loss"]))):
       break
@@ -217,16 +253,14 @@ def run_chunk(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor, y: 
   return outs
 
 
-def _run_one_size(step_fn: Callable, multi_fn: Optional[Callable], x: tf.Tensor, y: tf.Tensor,
+def _run_one_size(step_fn: Callable, multi_fn: Optional[Callable], take: Callable,
                   chunk: list[np.ndarray]) -> list[dict]:
   if len(chunk) == 1:
-    index = tf.constant(chunk[0])
-    return [tf.nest.map_structure(np.asarray,
-                                  step_fn(tf.gather(x, index), tf.gather(y, index)))]
-  index = tf.constant(np.concatenate(chunk))
+    return [tf.nest.map_structure(np.asarray, step_fn(*take(tf.constant(chunk[0]))))]
+  x, y = take(tf.constant(np.concatenate(chunk)))
   shape = (len(chunk), len(chunk[0]))
-  outs = multi_fn(tf.reshape(tf.gather(x, index), shape + tuple(x.shape[1:])),
-                  tf.reshape(tf.gather(y, index), shape + tuple(y.shape[1:])))
+  outs = multi_fn(tf.reshape(x, shape + tuple(x.shape[1:])),
+                  tf.reshape(y, shape + tuple(y.shape[1:])))
   outs = tf.nest.map_structure(lambda t: t.numpy(), outs)
   return [tf.nest.map_structure(lambda a, j=j: a[j], outs) for j in range(len(outs["loss"]))]
 
@@ -257,16 +291,16 @@ def evaluate(model: Model, images: np.ndarray, labels: np.ndarray, *, batch_size
 def evaluate_batches(model: Model, images: np.ndarray, labels: np.ndarray, chunks, *,
                      batch_size: int, mode: str,
                      strategy: Optional[tf.distribute.Strategy] = None,
-                     training: bool = False) -> tuple[float, float]:
+                     training: bool = False, what: str = "evaluate") -> tuple[float, float]:
   """:func:`evaluate` over the batches ``chunks`` (example indices, cut at ``batch_size``), in
   that order."""
   relax = relaxed_batch(len(images), batch_size)
   step_fn = make_eval_step(model, mode=mode, relax_batch=relax, strategy=strategy,
                            training=training)
 
-  def one_batch(batch):
-    out = step_fn(tf.constant(images[batch]), tf.constant(labels[batch]))
+  def one_batch(xb, yb):
+    out = step_fn(tf.constant(xb), tf.constant(yb))
     return out["loss"], out["correct"]
 
-  return mean_over_batches(one_batch, chunks,
+  return mean_over_batches(one_batch, chunks, (images, labels), what=what,
                            replicas=1 if strategy is None else strategy.num_replicas_in_sync)

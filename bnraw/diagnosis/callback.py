@@ -42,14 +42,19 @@ class BNDiagnosis(keras.callbacks.Callback):
     every: diagnose every K epochs (and at the end of training).
     log_dir: TensorBoard directory (None: no TensorBoard output).
     batch_size: batches for the diagnosis passes (as ``evaluate`` would take them).
+    precise_bn_batches: PreciseBN's statistics from the sample's first K batches (None: all).
     stream: where the final report goes (None: not printed).
   """
 
   def __init__(self, x, y=None, *, every: int = 1, log_dir: Optional[str] = None,
-               batch_size: int = 32, stream=sys.stdout):
+               batch_size: int = 32, precise_bn_batches: Optional[int] = None,
+               stream=sys.stdout):
     super().__init__()
     if every < 1:
       raise ValueError(f"every must be >= 1, got {every}")
+    if precise_bn_batches is not None and precise_bn_batches < 1:
+      raise ValueError(f"precise_bn_batches must be >= 1, got {precise_bn_batches}")
+    self.precise_bn_batches = precise_bn_batches
     self._dataset = x if y is None else None  # read when the model is known
     if self._dataset is not None:
       import tensorflow as tf
@@ -126,6 +131,7 @@ class BNDiagnosis(keras.callbacks.Callback):
     logs = self._last_logs
     result = diagnose_keras(clone, self.x, self.y, batch_size=min(self.batch_size, len(self.x)),
                             fit_loss=logs.get("loss"),
+                            precise_bn_batches=self.precise_bn_batches,
                             last_order=np.random.default_rng(0).permutation(len(self.x)))
     if result["metric"]:  # what fit logged for that same metric, under its name
       result["accuracy"]["fit"] = logs.get(result["metric"]["name"])

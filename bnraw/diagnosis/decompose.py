@@ -143,26 +143,28 @@ def forward_loss_fn(model):
 
 
 def raw_loss(model, images, labels, statistics, batch_size: int,
-             order: Optional[np.ndarray] = None, forward_loss=None) -> tuple[float, float]:
+             order: Optional[np.ndarray] = None, forward_loss=None,
+             what: str = "loss") -> tuple[float, float]:
   """Loss and accuracy over the dataset, BN layers normalising with ``statistics`` (a
   ``bnraw.core.graph.StatisticsChoice``: BATCH, or per layer name), batches taken in ``order``;
   Keras's epoch averaging."""
   forward_loss = forward_loss or forward_loss_fn(model)
   given, use_batch = switch_arguments(model, statistics)
   return mean_over_batches(
-      lambda chunk: forward_loss(tf.constant(images[chunk]), tf.constant(labels[chunk]),
-                                 given, use_batch),
-      batch_chunks(len(images), batch_size, order))
+      lambda xb, yb: forward_loss(tf.constant(xb), tf.constant(yb), given, use_batch),
+      batch_chunks(len(images), batch_size, order), (images, labels), what=what)
 
 
 def per_layer_split(loss_with: callable, names: Sequence[str], moving: Sequence,
                     precise: Sequence) -> list[dict]:
   """Swap moving -> precise statistics one layer at a time, first to last (cumulative);
-  ``contribution[k] = L(k-1 swapped) - L(k swapped)`` where ``loss_with({name: statistics})``
-  is the loss with those statistics; the parts sum to ``evaluate - precise_bn``."""
-  out, previous = [], loss_with(dict(zip(names, moving)))
+  ``contribution[k] = L(k-1 swapped) - L(k swapped)`` where ``loss_with({name: statistics},
+  what)`` is the loss with those statistics (``what`` names the pass); the parts sum to
+  ``evaluate - precise_bn``."""
+  out, previous = [], loss_with(dict(zip(names, moving)), "split: moving statistics")
   for k, name in enumerate(names):
-    current = loss_with(dict(zip(names, list(precise[:k + 1]) + list(moving[k + 1:]))))
+    current = loss_with(dict(zip(names, list(precise[:k + 1]) + list(moving[k + 1:]))),
+                        f"split: layer {k + 1}/{len(names)} ({name})")
     out.append({"layer": name, "contribution": previous - current})
     previous = current
   return out
@@ -170,33 +172,37 @@ def per_layer_split(loss_with: callable, names: Sequence[str], moving: Sequence,
 
 def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                  fit_loss: float, fit_accuracy: float, last_order: np.ndarray,
-                 watcher: StatisticsWatcher, forward_loss=None, population_forward=None) -> dict:
+                 watcher: StatisticsWatcher, forward_loss=None, population_forward=None,
+                 precise_bn_batches: Optional[int] = None) -> dict:
   """The full decomposition for a trained raw model (state left untouched); ``forward_loss``
   and ``population_forward``: compiled functions to reuse (:func:`forward_loss_fn`,
-  ``precise_bn.population_forward_fn``)."""
+  ``precise_bn.population_forward_fn``); ``precise_bn_batches``: PreciseBN's statistics from
+  the data's first that many batches (None: all)."""
   from bnraw.diagnosis.precise_bn import raw_population_statistics
   forward_loss = forward_loss or forward_loss_fn(model)
   names = [layer.name for layer in model.batch_norms]
-  loss = lambda stats, order=None: raw_loss(model, images, labels, stats, batch_size, order,
-                                            forward_loss)
+  loss = lambda stats, order=None, what="loss": raw_loss(model, images, labels, stats,
+                                                         batch_size, order, forward_loss, what)
   per_layer = lambda stats: dict(zip(names, stats))
   moving = [layer.moving for layer in model.batch_norms]
-  precise = raw_population_statistics(model, images, batch_size, population_forward)
+  precise = raw_population_statistics(model, images, batch_size, population_forward,
+                                      precise_bn_batches)
   no_bessel = [ops.Moments(m.mean, tf.constant(v)) for m, v in
                zip(moving, watcher.no_bessel_variance)]
   results = {
       "fit": (fit_loss, fit_accuracy),
-      "train_mode_final": loss(BATCH, last_order),
-      "precise_bn": loss(per_layer(precise)),
-      "last_batch_stats": loss(per_layer(watcher.last)),
-      "no_bessel": loss(per_layer(no_bessel)),
-      "evaluate": loss(per_layer(moving)),
+      "train_mode_final": loss(BATCH, last_order, "train_mode_final"),
+      "precise_bn": loss(per_layer(precise), what="precise_bn"),
+      "last_batch_stats": loss(per_layer(watcher.last), what="last_batch_stats"),
+      "no_bessel": loss(per_layer(no_bessel), what="no_bessel"),
+      "evaluate": loss(per_layer(moving), what="evaluate"),
   }
   losses = {key: results[key][0] for key in LOSS_KEYS}
   out = {
       "losses": losses,
       "attribution": attribution(losses),
-      "per_layer": per_layer_split(lambda stats: loss(stats)[0], names, moving, precise),
+      "per_layer": per_layer_split(lambda stats, what: loss(stats, what=what)[0], names,
+                                   moving, precise),
       "accuracy": {key: results[key][1] for key in LOSS_KEYS},
       "precise_statistics": precise,
   }
@@ -226,8 +232,8 @@ def keras_forward_loss_fn(model, *, training: bool):
 
 
 def keras_loss(model, x, y, batch_size: int, *, training: bool,
-               order: Optional[np.ndarray] = None,
-               forward_loss=None) -> tuple[float, Optional[float]]:
+               order: Optional[np.ndarray] = None, forward_loss=None,
+               what: str = "loss") -> tuple[float, Optional[float]]:
   """Loss (the model's compiled loss, as fit/evaluate compute it, averaged over batches by
   size) and its first compiled metric (:func:`metric_of`; None without one), accumulated over
   every batch as evaluate accumulates it (so AUC or precision are whole-data values too).
@@ -238,9 +244,9 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
   forward_loss = forward_loss or keras_forward_loss_fn(model, training=training)
   found = []
 
-  def one_batch(chunk):
-    yb = tf.constant(y[chunk])
-    loss, y_pred = forward_loss(tf.constant(x[chunk]), yb)
+  def one_batch(xb, yb):
+    yb = tf.constant(yb)
+    loss, y_pred = forward_loss(tf.constant(xb), yb)
     if not found:
       found.append(first_metric(model, yb, y_pred))  # a fresh metric: its state starts empty
     if found[0] is not None:
@@ -250,7 +256,8 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
   restore = (keras_statistics(keras_bn_layers(model), {}) if training  # its updates undone
              else contextlib.nullcontext())
   with restore:
-    loss, _ = mean_over_batches(one_batch, batch_chunks(len(x), batch_size, order))
+    loss, _ = mean_over_batches(one_batch, batch_chunks(len(x), batch_size, order), (x, y),
+                                what=what)
   return loss, (float(found[0].result()) if found and found[0] is not None else None)
 
 
@@ -258,27 +265,32 @@ def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
                    fit_loss: Optional[float] = None, fit_accuracy: Optional[float] = None,
                    last_order: Optional[np.ndarray] = None,
                    last_batch_statistics: Optional[Sequence] = None,
-                   bessel_applied: bool = False) -> dict:
+                   bessel_applied: bool = False,
+                   precise_bn_batches: Optional[int] = None) -> dict:
   """The decomposition for a Keras model; keys that need a training history are None unless
   given (``fit_*``, ``last_batch_statistics``). Keras 3 applies no Bessel factor, so
-  ``no_bessel`` is ``evaluate`` unless ``bessel_applied``."""
+  ``no_bessel`` is ``evaluate`` unless ``bessel_applied``. ``precise_bn_batches``: PreciseBN's
+  statistics from the data's first that many batches (None: all)."""
   from bnraw.diagnosis.precise_bn import (keras_population_statistics,
                                           keras_statistics)
   layers = keras_bn_layers(model)
   names = [layer.name for layer in layers]
-  precise = keras_population_statistics(model, x, batch_size)
+  precise = keras_population_statistics(model, x, batch_size, precise_bn_batches)
   inference = keras_forward_loss_fn(model, training=False)  # one trace for every swap
 
-  def inference_with(statistics):
+  def inference_with(statistics, what):
     with keras_statistics(layers, statistics):
-      return keras_loss(model, x, y, batch_size, training=False, forward_loss=inference)
+      return keras_loss(model, x, y, batch_size, training=False, forward_loss=inference,
+                        what=what)
 
-  evaluate = inference_with({})
+  evaluate = inference_with({}, "evaluate")
   results = {
       "fit": (fit_loss, fit_accuracy),
-      "train_mode_final": keras_loss(model, x, y, batch_size, training=True, order=last_order),
-      "precise_bn": inference_with(dict(zip(names, precise))),
-      "last_batch_stats": (inference_with(dict(zip(names, last_batch_statistics)))
+      "train_mode_final": keras_loss(model, x, y, batch_size, training=True, order=last_order,
+                                     what="train_mode_final"),
+      "precise_bn": inference_with(dict(zip(names, precise)), "precise_bn"),
+      "last_batch_stats": (inference_with(dict(zip(names, last_batch_statistics)),
+                                          "last_batch_stats")
                            if last_batch_statistics else (None, None)),
       "no_bessel": (None, None) if bessel_applied else evaluate,
       "evaluate": evaluate,
@@ -288,8 +300,8 @@ def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
   out = {
       "losses": losses,
       "attribution": attribution(losses),
-      "per_layer": per_layer_split(lambda stats: inference_with(stats)[0], names, moving,
-                                   precise),
+      "per_layer": per_layer_split(lambda stats, what: inference_with(stats, what)[0], names,
+                                   moving, precise),
       "accuracy": {key: results[key][1] for key in LOSS_KEYS},
       "precise_statistics": precise,
   }

@@ -33,11 +33,14 @@ from bnraw.models.workload import Workload
 
 
 def run(workload: Workload, *, out_dir: str, fix: Optional[str] = None,
-        overwrite: bool = False, progress: bool = True) -> dict:
+        overwrite: bool = False, progress: bool = True,
+        precise_bn_batches: Optional[int] = None) -> dict:
   """Trains the seed's workload on its replicas (raw), then the decomposition of this
-  module's docstring; writes ``diagnosis.json``; returns its dict."""
+  module's docstring (``precise_bn_batches``: PreciseBN's statistics from the data's first
+  that many batches; None: all); writes ``diagnosis.json``; returns its dict."""
   if fix not in (None, "precise_bn"):
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
+  from bnraw.diagnosis.precise_bn import precise_bn_data
   if workload.source != "seed":
     raise UsageError("replicas", "the replicated diagnosis runs the seed for now")
   data, model, train = workload.data_config, workload.model_config, workload.train
@@ -63,7 +66,7 @@ def run(workload: Workload, *, out_dir: str, fix: Optional[str] = None,
   last_statistics = [ops.Moments(tf.constant(mean[0]), tf.constant(variance[0]))
                      for mean, variance in zip(last[0]["batch_mean"], last[0]["batch_variance"])]
   result = diagnose(raw, strategy, images, labels, history, last_statistics,
-                    batch_size=train.batch_size, mode=mode)
+                    batch_size=train.batch_size, mode=mode, precise_bn_batches=precise_bn_batches)
   precise = result.pop("precise_statistics")
   title = (f"case {data.case}, width {model.width:g}, momentum {model.momentum:g}, global "
            f"batch {train.batch_size} over {n} replicas ({train.batch_size // n} each"
@@ -72,6 +75,7 @@ def run(workload: Workload, *, out_dir: str, fix: Optional[str] = None,
   out = {"config": workload.recorded(impl="raw", fix=fix),
          "impl": "raw", "title": title, "resolved": {"width": model.width, "mode": mode},
          "environment": outputs.environment(), **result,
+         "precise_bn_data": precise_bn_data(len(images), train.batch_size, precise_bn_batches),
          "history": {"loss": history.loss, "accuracy": history.accuracy}}
   if fix == "precise_bn":  # one population statistic into every copy
     for layer, stats in zip(raw.batch_norms, precise):
@@ -86,7 +90,7 @@ def run(workload: Workload, *, out_dir: str, fix: Optional[str] = None,
 
 def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
              history: loop.History, last_statistics: list, *, batch_size: int,
-             mode: str) -> dict:
+             mode: str, precise_bn_batches: Optional[int] = None) -> dict:
   """The decomposition of a replicated run (module docstring), state left untouched;
   ``last_statistics``: replica 0's batch moments at the last step, per layer."""
   from bnraw.diagnosis.precise_bn import raw_population_statistics
@@ -94,10 +98,10 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
   names = [layer.name for layer in raw.batch_norms]
   per_layer = lambda stats: dict(zip(names, stats))
   forward_loss = dg.forward_loss_fn(raw)  # one device: read outside a replica, replica 0's copy
-  loss = lambda stats, order=None: dg.raw_loss(raw, images, labels, stats, batch_size, order,
-                                               forward_loss)
+  loss = lambda stats, order=None, what="loss": dg.raw_loss(raw, images, labels, stats,
+                                                            batch_size, order, forward_loss, what)
   moving = [layer.moving for layer in raw.batch_norms]
-  precise = raw_population_statistics(raw, images, batch_size)
+  precise = raw_population_statistics(raw, images, batch_size, most=precise_bn_batches)
   gathered = replicas.moving_copies(strategy, raw)  # every replica's copies, one all-gather
   saved = loss(per_layer(moving))
   results = {
@@ -124,7 +128,8 @@ def diagnose(raw, strategy, images: np.ndarray, labels: np.ndarray,
   return {
       "losses": {**losses, "evaluate_saved": losses["evaluate"]},
       "attribution": attribution,
-      "per_layer": dg.per_layer_split(lambda stats: loss(stats)[0], names, moving, precise),
+      "per_layer": dg.per_layer_split(lambda stats, what: loss(stats, what=what)[0], names,
+                                      moving, precise),
       "accuracy": {key: value[1] for key, value in results.items()},
       "replicas": {"count": n, "per_replica_batch": batch_size // n,
                    "saved_copy": "replica 0 (Keras 3 saves the copy read outside a replica)",

@@ -20,6 +20,7 @@ from bnraw.core import autotune, batching, loop, optim, step
 from bnraw.core.layers import BATCH
 from bnraw.diagnosis import board as diagnosis_board
 from bnraw.diagnosis import decompose as dg
+from bnraw.diagnosis.precise_bn import precise_bn_data
 from bnraw.models.keras_bridge import keras_bn_layers, metric_of, set_keras_moving_statistics
 from bnraw.errors import UsageError
 from bnraw.models import keras_bridge, seed, user
@@ -85,7 +86,7 @@ def _keras_train(workload: Workload, mode: str, on_epoch: Callable,
 def run(workload: Workload, *, out_dir: str, impl: str = "raw", trace: bool = False,
         fix: Optional[str] = None, every: int = 0, progress: bool = True,
         overwrite: bool = False, histogram_every: int = HISTOGRAM_EVERY,
-        tensorboard: bool = True) -> dict:
+        tensorboard: bool = True, precise_bn_batches: Optional[int] = None) -> dict:
   """Trains the workload (its raw side, or for the seed ``impl="keras"``: real Keras ``fit``),
   then splits ``evaluate - fit`` into named causes.
 
@@ -93,9 +94,11 @@ def run(workload: Workload, *, out_dir: str, impl: str = "raw", trace: bool = Fa
   Writes ``diagnosis.json`` (and ``fixed/`` with ``fix="precise_bn"``: a user's model
   ``fixed.keras``), and with ``tensorboard`` the diagnosis as TensorBoard charts, text and
   images (:mod:`bnraw.diagnosis.board`); returns the dict. On replicas: the decomposition of
-  :mod:`bnraw.diagnosis.replicas`.
+  :mod:`bnraw.diagnosis.replicas`. ``precise_bn_batches``: PreciseBN's statistics from the
+  data's first that many batches (None: all of it).
   """
   train = workload.train
+  check_precise_bn_batches(precise_bn_batches)
   if impl not in ("raw", "keras"):
     raise UsageError("impl", f"must be raw or keras, got {impl!r}")
   if impl == "keras" and train.steps_per_execution > 1:
@@ -113,20 +116,26 @@ def run(workload: Workload, *, out_dir: str, impl: str = "raw", trace: bool = Fa
       raise UsageError("replicas", "diagnoses a raw run at its end for now (no --impl=keras, "
                        "--trace or --every)")
     return replicas.run(workload, out_dir=out_dir, fix=fix, overwrite=overwrite,
-                        progress=progress)
+                        progress=progress, precise_bn_batches=precise_bn_batches)
   if workload.source == "keras_model":
     if impl != "raw" or trace or every:
       raise UsageError("keras_model", "diagnoses the twin's raw run at its end (no impl keras, "
                        "trace or every)")
     return _run_twin(workload, out_dir=out_dir, fix=fix, overwrite=overwrite,
-                     tensorboard=tensorboard, progress=progress)
+                     tensorboard=tensorboard, progress=progress,
+                     precise_bn_batches=precise_bn_batches)
   return _run_seed(workload, out_dir=out_dir, impl=impl, trace=trace, fix=fix, every=every,
                    progress=progress, overwrite=overwrite, histogram_every=histogram_every,
-                   tensorboard=tensorboard)
+                   tensorboard=tensorboard, precise_bn_batches=precise_bn_batches)
+
+
+def check_precise_bn_batches(batches: Optional[int]) -> None:
+  if batches is not None and batches < 1:
+    raise UsageError("precise_bn_batches", f"must be >= 1, got {batches}")
 
 
 def _run_seed(workload: Workload, *, out_dir, impl, trace, fix, every, progress, overwrite,
-              histogram_every, tensorboard) -> dict:
+              histogram_every, tensorboard, precise_bn_batches) -> dict:
   """:func:`run` for the seed on one device."""
   data, model, train = workload.data_config, workload.model_config, workload.train
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
@@ -180,13 +189,15 @@ def _run_seed(workload: Workload, *, out_dir, impl, trace, fix, every, progress,
       result, history = diagnose_raw_training(workload.model, workload.optimizer,
                                               workload.images, workload.labels, train, mode,
                                               recorders=recorders, on_epoch=on_epoch,
-                                              compiled=compiled)
+                                              compiled=compiled,
+                                              precise_bn_batches=precise_bn_batches)
       if trace:
         recorder.save(os.path.join(out_dir, TRACE_FILE))
     else:
       def keras_diagnosis(kmodel, history, last_batch):
         result = dg.diagnose_keras(kmodel, workload.images, one_hot,
                                    batch_size=train.batch_size, fit_loss=history.loss[-1],
+                                   precise_bn_batches=precise_bn_batches,
                                    fit_accuracy=history.accuracy[-1],
                                    last_order=history.permutations[-1],
                                    last_batch_statistics=last_batch)
@@ -212,7 +223,7 @@ def _run_seed(workload: Workload, *, out_dir, impl, trace, fix, every, progress,
       weights = (workload.model.variables if impl == "raw"
                  else keras_bridge.model_weights(kmodel))
       result["precision"] = _precision(model, train, weights, result["precise_statistics"],
-                                       workload.images)
+                                       workload.images, precise_bn_batches)
     if board is not None and tensorboard:
       layers = workload.batch_norms if impl == "raw" else keras_bn_layers(kmodel)
       diagnosis_board.write(board, result, epoch=train.epochs, title=title,
@@ -223,6 +234,8 @@ def _run_seed(workload: Workload, *, out_dir, impl, trace, fix, every, progress,
          "impl": impl, "title": title, "resolved": {"width": model.width, "mode": mode},
          "autotune": tuning,
          "environment": outputs.environment(), **result, "over_time": over_time,
+         "precise_bn_data": precise_bn_data(len(workload.images), train.batch_size,
+                                            precise_bn_batches),
          "history": {"loss": history.loss, "accuracy": history.accuracy}}
   if fix == "precise_bn":
     if impl == "raw":
@@ -234,7 +247,8 @@ def _run_seed(workload: Workload, *, out_dir, impl, trace, fix, every, progress,
   return out
 
 
-def _precision(model: ModelConfig, train: TrainConfig, weights, precise, images) -> dict:
+def _precision(model: ModelConfig, train: TrainConfig, weights, precise, images,
+               precise_bn_batches: Optional[int] = None) -> dict:
   """How far the policy's rounding moves the statistics: this run's PreciseBN statistics
   against a float32 twin's with the same ``weights`` (:mod:`bnraw.diagnosis.precision`)."""
   from bnraw.diagnosis.precise_bn import raw_population_statistics
@@ -242,7 +256,8 @@ def _precision(model: ModelConfig, train: TrainConfig, weights, precise, images)
   twin = seed.seed_network(dataclasses.replace(model, dtype_policy="float32"), seed=train.seed)
   for target, value in zip(twin.variables, weights):
     target.assign(value.numpy())
-  float32 = raw_population_statistics(twin, images, train.batch_size)
+  float32 = raw_population_statistics(twin, images, train.batch_size,
+                                      most=precise_bn_batches)
   return {"dtype_policy": model.dtype_policy,
           "statistics_vs_float32": statistics_vs_float32(
               [layer.name for layer in twin.batch_norms], precise, float32)}
@@ -270,7 +285,8 @@ def compile_raw(model, optimizer, images: np.ndarray, mode: str, batch_size: int
 def diagnose_raw_training(model, optimizer, images: np.ndarray, labels: np.ndarray,
                           train: TrainConfig, mode: str, *, recorders=(),
                           on_epoch: Optional[Callable] = None,
-                          compiled: Optional[Compiled] = None):
+                          compiled: Optional[Compiled] = None,
+                          precise_bn_batches: Optional[int] = None):
   """Raw training with what the decomposition needs watched, then the decomposition at the
   end; returns ``(result, history)``. ``on_epoch(epoch, history, diagnose_now)`` may call
   ``diagnose_now()`` for the decomposition at that epoch. A non-finite step raises."""
@@ -283,7 +299,8 @@ def diagnose_raw_training(model, optimizer, images: np.ndarray, labels: np.ndarr
                            fit_accuracy=history.accuracy[-1],
                            last_order=history.permutations[-1], watcher=watcher,
                            forward_loss=compiled.forward_loss,
-                           population_forward=compiled.population_forward)
+                           population_forward=compiled.population_forward,
+                           precise_bn_batches=precise_bn_batches)
 
   history = loop.fit(
       model, optimizer, images, labels,
@@ -330,15 +347,17 @@ def _raw_dropout_part(model, images, labels, batch_size: int, order) -> float:
 
   try:
     return batching.mean_over_batches(
-        lambda chunk: with_dropout(tf.constant(images[chunk]), tf.constant(labels[chunk])),
-        dg.batch_chunks(len(images), batch_size, order))[0]
+        lambda xb, yb: with_dropout(tf.constant(xb), tf.constant(yb)),
+        dg.batch_chunks(len(images), batch_size, order), (images, labels),
+        what="training branch with dropout")[0]
   finally:
     for v, value in zip(model.state_variables, saved):
       v.assign(value)
 
 
 def _run_twin(workload: Workload, *, out_dir: str, fix: Optional[str], overwrite: bool,
-              tensorboard: bool, progress: bool) -> dict:
+              tensorboard: bool, progress: bool,
+              precise_bn_batches: Optional[int] = None) -> dict:
   """The full decomposition for a user's model, with history: its raw twin continues training
   ``train.epochs`` epochs from the saved state (fit-faithful: the model's optimizer, loss and
   metric), then the five-way split as for the seed. Frozen BN layers keep their statistics in
@@ -362,7 +381,7 @@ def _run_twin(workload: Workload, *, out_dir: str, fix: Optional[str], overwrite
       len(images), train.batch_size)) if progress else None)
   result, history = diagnose_raw_training(
       raw, workload.optimizer, images, labels, train, mode, compiled=compiled,
-      on_epoch=(lambda epoch, h, now: printer(epoch, h)) if printer else None)
+      precise_bn_batches=precise_bn_batches, on_epoch=(lambda epoch, h, now: printer(epoch, h)) if printer else None)
   y_pred = twin.kmodel(images[:2], training=False)
   result["metric"] = (metric_of(twin.kmodel, labels[:2], y_pred)
                       if twin.metric_name else None)
@@ -387,6 +406,7 @@ def _run_twin(workload: Workload, *, out_dir: str, fix: Optional[str], overwrite
   out = {"config": workload.recorded(fix=fix),
          "impl": "raw_twin", "title": title, "resolved": {"mode": mode},
          "autotune": choice.record, "environment": outputs.environment(), **result,
+         "precise_bn_data": precise_bn_data(len(images), train.batch_size, precise_bn_batches),
          "history": {"loss": history.loss,
                      "accuracy": history.accuracy if twin.metric_name else None}}
   if fix == "precise_bn":
@@ -402,30 +422,37 @@ def _run_twin(workload: Workload, *, out_dir: str, fix: Optional[str], overwrite
 
 
 def run_saved(model_path: str, data_path: str, *, batch_size: Optional[int],
-                    out_dir: str, fix: Optional[str] = None, overwrite: bool = False,
-                    tensorboard: bool = True) -> dict:
+              out_dir: str, fix: Optional[str] = None, overwrite: bool = False,
+              tensorboard: bool = True, image_size: Optional[tuple] = None,
+              precise_bn_batches: Optional[int] = None) -> dict:
   """The decomposition for a user's own trained Keras model: ``evaluate``, ``train_mode_final``,
   ``precise_bn`` and the per-layer split (the rest needs the training history); with
   ``tensorboard`` also as TensorBoard charts, text and images. ``batch_size`` None: Keras
-  ``fit``'s default, 32 (capped at the number of examples)."""
+  ``fit``'s default, 32 (capped at the number of examples). ``image_size``: the size a folder
+  of images is read at, for a model that takes any; ``precise_bn_batches``: PreciseBN's
+  statistics from the data's first that many batches (None: all of it)."""
   if fix not in (None, "precise_bn"):
     raise UsageError("fix", f"must be precise_bn, got {fix!r}")
+  check_precise_bn_batches(precise_bn_batches)
   given = batch_size is not None
   batch_size = batch_size if given else KERAS_FIT_BATCH_SIZE
   if batch_size < 1:
     raise UsageError("batch_size", f"must be >= 1, got {batch_size}")
   kmodel = user.load_keras_model(model_path)
-  x, y = user.load_data(data_path, kmodel)
+  x, y = user.load_data(data_path, kmodel, image_size)
   outputs.prepare_out_dir(out_dir, overwrite=overwrite)
   batch_size = min(batch_size, len(x))
   # train_mode_final on shuffled batches, as fit would draw them (sorted data would put similar
-  # examples together and give batch statistics no training step ever saw)
-  shuffled = np.random.default_rng(0).permutation(len(x))
+  # examples together and give batch statistics no training step ever saw); data read as a
+  # dataset: the batches fit draws from it (a saved dataset's own order)
+  shuffled = (x.epoch_order(0, batch_size, 0) if hasattr(x, "epoch_order")
+              else np.random.default_rng(0).permutation(len(x)))
   from bnraw.models.keras_bridge import noise_layers, quiet_clone, seeded_clone
   noise = noise_layers(kmodel)
   # with dropout the training branch is random and not BN's: the parts use a copy without it
   result = dg.diagnose_keras(quiet_clone(kmodel) if noise else kmodel, x, y,
-                             batch_size=batch_size, last_order=shuffled)
+                             batch_size=batch_size, last_order=shuffled,
+                             precise_bn_batches=precise_bn_batches)
   if noise:  # what dropout adds to the training branch, apart from BN
     with_noise = dg.keras_loss(seeded_clone(kmodel, DROPOUT_SEED), x, y, batch_size,
                                training=True, order=shuffled)[0]
@@ -439,7 +466,7 @@ def run_saved(model_path: str, data_path: str, *, batch_size: Optional[int],
     from bnraw.diagnosis.precision import keras_twin, statistics_vs_float32
     twin = keras_twin(kmodel)
     if twin is not None:  # (None: a nested model: no float32 twin to compare with)
-      float32 = keras_population_statistics(twin, x, batch_size)
+      float32 = keras_population_statistics(twin, x, batch_size, precise_bn_batches)
       result["precision"] = {
           "dtype_policy": policy, "statistics_vs_float32": statistics_vs_float32(
               [layer.name for layer in keras_bn_layers(kmodel)], result["precise_statistics"],
@@ -455,7 +482,8 @@ def run_saved(model_path: str, data_path: str, *, batch_size: Optional[int],
   precise = result.pop("precise_statistics")
   out = {"config": {"keras_model": model_path, "data": data_path, "batch_size": batch_size,
                     "fix": fix},
-         "impl": "keras_model", "title": title, "environment": outputs.environment(), **result}
+         "impl": "keras_model", "title": title, "environment": outputs.environment(), **result,
+         "precise_bn_data": precise_bn_data(len(x), batch_size, precise_bn_batches)}
   if fix == "precise_bn":
     out["fixed"] = _fix_keras(kmodel, precise, x, y, batch_size, out_dir)
   outputs.write_json(os.path.join(out_dir, "diagnosis.json"), out)

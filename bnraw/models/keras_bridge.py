@@ -287,11 +287,20 @@ def fit_replaying(model, images: np.ndarray, one_hot: np.ndarray, orders, *, bat
   ``after_epoch(epoch, order, keras_history)`` runs after it."""
   for epoch in range(epochs):
     order = next(orders)
-    history = model.fit(images[order], one_hot[order], batch_size=batch_size, epochs=epoch + 1,
+    history = model.fit(**keras_data(images, one_hot, order, batch_size), epochs=epoch + 1,
                         initial_epoch=epoch, shuffle=False, verbose=0,
                         callbacks=callbacks_for(epoch, order) if callbacks_for else None)
     if after_epoch is not None:
       after_epoch(epoch, order, history)
+
+
+def keras_data(images, labels, order, batch_size: int) -> dict:
+  """What Keras's ``fit`` or ``evaluate`` takes for the examples in ``order``, in batches of
+  ``batch_size``: the arrays ``x[order]``, ``y[order]``; or, for images read batch by batch
+  (``bnraw.models.data.ImageFolder``), the tf.data dataset of the same batches."""
+  if hasattr(images, "dataset"):
+    return {"x": images.dataset(labels, order, batch_size)}
+  return {"x": images[order], "y": labels[order], "batch_size": batch_size}
 
 
 # -- any Keras model: its BN layers, metrics and noise; quiet and seeded clones ---------------

@@ -304,7 +304,8 @@ def check_train(train) -> None:
     raise UsageError("mode", f"must be one of {', '.join(MODES)}, got {train.mode!r}")
 
 
-def setup(model_path: str, data_path: str, train=None) -> tuple[Twin, Parts, Any]:
+def setup(model_path: str, data_path: str, train=None,
+          image_size: Optional[tuple] = None) -> tuple[Twin, Parts, Any]:
   """The user's model loaded, its data checked, its raw twin built (every problem a
   UsageError, before any output is written); ``train``: the loop's settings, checked too.
   With ``train.replicas`` > 1 both are built under the strategy of
@@ -319,9 +320,10 @@ def setup(model_path: str, data_path: str, train=None) -> tuple[Twin, Parts, Any
       strategy = seed.replicated(train)
   with strategy.scope() if strategy else contextlib.nullcontext():
     kmodel = user.load_keras_model(model_path, nested_bn=True)
-    x, y = user.load_data(data_path, kmodel)
+    x, y = user.load_data(data_path, kmodel, image_size)
     twin = convert(kmodel, y)
   if strategy is not None:
+    x = x if isinstance(x, np.ndarray) else x[:]  # replicas: in memory, batches by --seed
     check_replicas(twin, len(x), train)
     twin.per_replica = True
   return twin, Parts(twin.raw, twin.optimizer, Data(x, y)), strategy

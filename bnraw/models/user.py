@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
+from typing import Optional
 
 import numpy as np
 
@@ -133,16 +134,23 @@ def all_layers(model):
       yield from all_layers(layer)
 
 
-def load_data(path: str, model) -> tuple[np.ndarray, np.ndarray]:
-  """Arrays ``x`` (float32) and ``y`` from ``path`` (a ``.npz``, a saved tf.data dataset or a
-  folder of class sub-folders of images: :mod:`bnraw.models.data`), checked against
-  ``model``: same length, x fits the input, y numeric, finite, and accepted by the model's
-  loss."""
+def load_data(path: str, model, image_size: Optional[tuple] = None) -> tuple:
+  """``x`` (float32) and ``y`` from ``path`` (a ``.npz``, a saved tf.data dataset or a
+  folder of class sub-folders of images, read at ``image_size`` where the model takes any:
+  :mod:`bnraw.models.data`), checked against ``model``: same length, x fits the input, y
+  numeric, finite, and accepted by the model's loss. A folder's ``x`` is a
+  :class:`bnraw.models.data.ImageFolder`, a saved dataset's a
+  :class:`bnraw.models.data.SavedDataset`: read batch by batch (decoded images are finite; a
+  saved dataset's elements were checked as it was read)."""
   from bnraw.models import data
-  x, y = data.read(path, model)
+  if image_size is not None and data.kind(path) != "images":
+    raise UsageError("image_size", f"sets the size a folder of images is read at; {path} "
+                     "is not one")
+  x, y = data.read(path, model, image_size)
   if len(x) != len(y) or len(x) == 0:
     raise UsageError("data", f"x has {len(x)} examples and y {len(y)}; need the same, > 0")
-  for name, array in (("x", x), ("y", y)):
+  streamed = not isinstance(x, np.ndarray)
+  for name, array in ((("y", y),) if streamed else (("x", x), ("y", y))):
     if array.dtype.kind not in "biuf":
       raise UsageError("data", f"{name} holds {array.dtype} values; bnraw needs numbers "
                        "(encode labels as integers)")
@@ -154,7 +162,7 @@ def load_data(path: str, model) -> tuple[np.ndarray, np.ndarray]:
                                         zip(expected, x.shape[1:])):
     raise UsageError("data", f"x examples have shape {x.shape[1:]}, the model takes "
                      f"{expected}")
-  x = x.astype(np.float32)
+  x = x if streamed else x.astype(np.float32)
   if y.dtype.kind == "f":  # Keras's data adapter casts float arrays to floatx; ints stay
     y = y.astype(np.float32)
   problem = data.label_problem(model, x, y)  # the model's own loss on a few examples

@@ -185,15 +185,19 @@ def from_seed(data: DataConfig, model: ModelConfig, train: TrainConfig, *,
                   model_config=model, data_config=data, reference=reference)
 
 
-def from_keras_file(model_path: str, data_path: str, train: TrainConfig) -> Workload:
+def from_keras_file(model_path: str, data_path: str, train: TrainConfig,
+                    image_size: Optional[tuple] = None) -> Workload:
   """A user's saved model and data, through its raw twin (``train.replicas`` > 1: both built
-  under the strategy, the twin's states holding every replica's copy)."""
+  under the strategy, the twin's states holding every replica's copy; ``image_size``: the
+  size a folder of images is read at, for a model that takes any)."""
   from bnraw import machine
   from bnraw.models import twin as twins
-  twin, parts, strategy = twins.setup(model_path, data_path, train)
+  twin, parts, strategy = twins.setup(model_path, data_path, train, image_size)
   files = lambda path: {"path": os.path.abspath(path), "digest": machine.file_digest(path)}
   record = {"keras_model": files(model_path), "data": files(data_path),
             "train": dataclasses.asdict(train)}
+  if image_size is not None:
+    record["data"]["image_size"] = list(image_size)
   return Workload("keras_model", parts.model, parts.optimizer, parts.data.images,
                   parts.data.labels, parts.data.labels, train, record=record,
                   tuning_key={"keras_model": record["keras_model"]["digest"]},
@@ -207,7 +211,8 @@ def from_record(saved: dict, **train_changes) -> tuple[Workload, dict]:
   options = dict(saved.get("options", {}))
   if "keras_model" in saved:
     train = dataclasses.replace(configs.from_values(TrainConfig, saved["train"]), **train_changes)
-    return from_keras_file(saved["keras_model"]["path"], saved["data"]["path"], train), options
+    return from_keras_file(saved["keras_model"]["path"], saved["data"]["path"], train,
+                           saved["data"].get("image_size")), options
   data, model, train, _ = configs.from_record(saved)
   return from_seed(data, model, dataclasses.replace(train, **train_changes)), options
 

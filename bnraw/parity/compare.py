@@ -24,7 +24,6 @@ import os
 from typing import Callable, Optional
 
 import numpy as np
-import tensorflow as tf
 
 from bnraw import machine, outputs
 from bnraw.core import batching, loop, step
@@ -175,7 +174,7 @@ def lockstep(sides: Sides, *, synced: bool, progress: Optional[Callable] = None)
       if progress is not None:
         progress(row)
 
-  orders = batching.epoch_orders(train.seed, len(workload.images))
+  orders = batching.data_orders(train.seed, workload.images, train.batch_size)
   if train.shards == "sorted":  # non-iid shards: the same orders on both sides
     orders = (batching.sorted_within_batches(order, workload.labels, train.batch_size)
               for order in orders)
@@ -189,9 +188,10 @@ def verdict(sides: Sides, steps: list[dict]) -> dict:
   """Evaluate on both sides, the first step beyond tolerance and the bit-identical count."""
   workload = sides.workload
   raw_eval = sides.evaluate()
-  keras_eval = sides.kmodel.evaluate(workload.images, workload.keras_labels,
-                                     batch_size=workload.train.batch_size, verbose=0,
-                                     return_dict=True)
+  keras_eval = sides.kmodel.evaluate(
+      **keras_bridge.keras_data(workload.images, workload.keras_labels,
+                                np.arange(len(workload.images)), workload.train.batch_size),
+      verbose=0, return_dict=True)
   gated = lambda s: (any(s[key] > tol for key, tol in TOLERANCE.items())
                      or s.get("skipped_raw") != s.get("skipped_keras"))
   metric = workload.metric_name
@@ -272,8 +272,8 @@ def run(workload: Workload, *, out_dir: Optional[str], synced: bool = True,
                                  workload=workload.tuning_key)
     mode, tuning, step_fn = choice.mode, choice.record, choice.step_fn
     multi_fn = step.make_multi_step(step_fn, mode, relax_batch=relax)
-    x, y = tf.constant(images), tf.constant(labels)
-    run_group = lambda group: loop.run_chunk(step_fn, multi_fn, x, y, group)
+    take = loop.gatherer(images, labels)
+    run_group = lambda group: loop.run_chunk(step_fn, multi_fn, take, group)
   else:  # the mode Keras compiles replicas in: nothing to measure
     mode, tuning = workload.replica_mode(), None
     step_fn = step.make_train_step(raw, optimizer, mode=mode, trace=False, relax_batch=relax,

@@ -74,8 +74,8 @@ def test_the_whole_diagnosis_traces_each_forward_once_per_shape(saved):
   for statistics, key in ((moving, "evaluate"), (BATCH, None)):
     direct = tf.function(lambda x, y, s=statistics: _loss(model, x, y, s), autograph=False)
     want = decompose.mean_over_batches(
-        lambda chunk: direct(tf.constant(images[chunk]), tf.constant(labels[chunk])),
-        decompose.batch_chunks(len(images), zoo.BATCH_SIZE, None))
+        lambda xb, yb: direct(tf.constant(xb), tf.constant(yb)),
+        decompose.batch_chunks(len(images), zoo.BATCH_SIZE, None), (images, labels))
     got = decompose.raw_loss(model, images, labels, statistics, zoo.BATCH_SIZE,
                              forward_loss=compiled.forward_loss)
     assert got == want

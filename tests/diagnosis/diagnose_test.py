@@ -288,6 +288,33 @@ class PreciseBNTest(tf.test.TestCase):
       self.assertAllClose(a.mean, b.mean, rtol=1e-2, atol=1e-6)
       self.assertAllClose(a.variance, b.variance, rtol=1e-2, atol=1e-6)
 
+  def test_the_first_k_batches_alone(self):
+    """``precise_bn_batches=K``: the statistics of the data's first K batches and nothing
+    else. The first BN layer of the seed normalises relu_1's output, so its truth is the
+    float64 moments of that output over those examples alone; on a Keras model whose first
+    layer is BN on the input, the float64 moments of the input rows."""
+    from bnraw.diagnosis.precise_bn import keras_population_statistics, precise_bn_data
+    parts = seed.build(DataConfig(), ModelConfig(**TINY), TrainConfig())
+    net, images = parts.model, parts.data.images
+    got = raw_population_statistics(net, images, 40, most=2)
+    first = net.layer("relu_1")(net.layer("conv_1")(tf.constant(images[:80]), training=False),
+                                training=False)
+    flat = first.numpy().reshape(-1, first.shape[-1]).astype(np.float64)
+    self.assertAllClose(got[0].mean, flat.mean(0), rtol=1e-5)
+    self.assertAllClose(got[0].variance, flat.var(0), rtol=1e-4)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((30, 4)) * [1, 2, 3, 4] + [0, 1, 2, 3]).astype(np.float32)
+    x[12:] += 100.0  # what PreciseBN must not read
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.BatchNormalization()(inputs)))
+    (stats,) = keras_population_statistics(model, x, 4, most=3)  # the first 12 rows
+    self.assertAllClose(stats.mean, x[:12].astype(np.float64).mean(0), rtol=1e-6)
+    self.assertAllClose(stats.variance, x[:12].astype(np.float64).var(0), rtol=1e-5)
+    self.assertEqual(precise_bn_data(30, 4, 3), {"batches": 3, "examples": 12,
+                                                  "of_examples": 30})
+    self.assertEqual(precise_bn_data(30, 4, None), {"batches": 8, "examples": 30,
+                                                     "of_examples": 30})
+
 
 def user_model():
   inputs = keras.Input((8, 8, 3))

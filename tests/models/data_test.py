@@ -62,11 +62,21 @@ def keras_arrays(path, label_mode):
 def test_an_image_folder_reads_as_keras_reads_it(folder):
   x, y = user.load_data(folder, model())
   kx, ky = keras_arrays(folder, "int")
+  assert isinstance(x, data.ImageFolder)  # read from disk batch by batch
   assert x.shape == (13, SIZE, SIZE, 3) and x.dtype == np.float32
-  np.testing.assert_array_equal(x, kx)
+  np.testing.assert_array_equal(x[:], kx)
   np.testing.assert_array_equal(y, ky)
   assert list(np.bincount(y)) == [4, 4, 5]  # cat, dog, emu; the hidden folder is no class
   np.testing.assert_array_equal(x[3], EXACT)  # cat's files in name order: 0, 1, 2, z_exact
+  order = np.random.default_rng(2).permutation(13)
+  even = [order[i:i + 4] for i in range(0, 13, 4)]  # 4, 4, 4, 1
+  uneven = [order[:3], order[3:10], order[10:]]
+  for chunks in (even, uneven):
+    got = list(x.batches(chunks))
+    assert [len(b) for b in got] == [len(c) for c in chunks]
+    np.testing.assert_array_equal(np.concatenate(got), kx[order])
+  with pytest.raises(TypeError, match="batch by batch"):
+    np.asarray(x)  # never the whole folder in memory by accident
 
 
 def test_two_classes_on_one_unit_are_binary_labels(folder, tmp_path):
@@ -94,8 +104,36 @@ def test_a_saved_dataset_batched_or_not_reads_as_its_elements(tmp_path):
                         ("batched", tf.data.Dataset.from_tensor_slices((x, y)).batch(4))):
     dataset.save(str(tmp_path / name))
     got_x, got_y = user.load_data(str(tmp_path / name), model())
-    np.testing.assert_array_equal(got_x, x)
+    assert isinstance(got_x, data.SavedDataset)  # read from disk batch by batch
+    np.testing.assert_array_equal(got_x[:], x)
     np.testing.assert_array_equal(got_y, y)
+    np.testing.assert_array_equal(got_x[[7, 2, 7]], x[[7, 2, 7]])  # a scan, in the order asked
+    got = list(got_x.batches([np.arange(0, 4), np.arange(4, 8), np.arange(8, 10)]))
+    np.testing.assert_array_equal(np.concatenate(got), x)
+
+
+def test_training_from_a_saved_dataset_is_fit_on_it(folder, tmp_path):
+  """fit never shuffles a dataset: it reads Dataset.load(path) in order every epoch, and so
+  does the twin (2 epochs, batches as saved, the last one short), bit for bit."""
+  import tensorflow as tf
+  from bnraw.config import TrainConfig
+  from bnraw.core import loop
+  from bnraw.models.workload import from_keras_file
+  rng = np.random.default_rng(4)
+  x = rng.uniform(0, 255, (14, SIZE, SIZE, 3)).astype(np.float32)
+  y = rng.integers(0, 3, 14)
+  tf.data.Dataset.from_tensor_slices((x, y)).batch(4).save(str(tmp_path / "saved"))
+  model().save(tmp_path / "m.keras")
+  workload = from_keras_file(str(tmp_path / "m.keras"), str(tmp_path / "saved"),
+                             TrainConfig(batch_size=4, epochs=2, seed=5, mode="function"))
+  kmodel = workload.keras_model(jit_compile=False)
+  history = loop.fit(workload.model, workload.optimizer, workload.images, workload.labels,
+                     batch_size=4, epochs=2, seed=5, mode="function")
+  keras_history = kmodel.fit(tf.data.Dataset.load(str(tmp_path / "saved")), epochs=2, verbose=0)
+  assert [list(p) for p in history.permutations] == [list(range(14))] * 2
+  for a, b in zip(workload.raw_state()["weights"], workload.keras_state(kmodel)["weights"]):
+    np.testing.assert_array_equal(a, b)
+  assert history.loss == keras_history.history["loss"]
 
 
 def test_a_run_from_an_image_folder_is_bit_identical_to_fit(folder, tmp_path):
@@ -111,6 +149,50 @@ def test_a_run_from_an_image_folder_is_bit_identical_to_fit(folder, tmp_path):
                              TrainConfig(batch_size=5, epochs=1, mode="function"))
   result = parity.run(workload, out_dir=None)
   assert result["bit_identical_steps"] == len(result["steps"]) == 3
+
+
+def test_training_from_a_folder_is_fit_on_keras_s_shuffled_dataset_of_it(folder, tmp_path):
+  """The twin trained from the folder with --seed=S draws the batches a real ``fit`` draws from
+  ``image_dataset_from_directory(folder, shuffle=True, seed=S)`` (its file-list shuffle, then
+  its buffer shuffle, a new order every epoch): 3 epochs, bit for bit."""
+  import keras
+  from bnraw.config import TrainConfig
+  from bnraw.core import loop
+  from bnraw.models.workload import from_keras_file
+  model().save(tmp_path / "m.keras")
+  seed, batch, epochs = 11, 4, 3
+  workload = from_keras_file(str(tmp_path / "m.keras"), folder,
+                             TrainConfig(batch_size=batch, epochs=epochs, seed=seed,
+                                         mode="function"))
+  kmodel = workload.keras_model(jit_compile=False)  # the initial state, before the raw run
+  history = loop.fit(workload.model, workload.optimizer, workload.images, workload.labels,
+                     batch_size=batch, epochs=epochs, seed=seed, mode="function")
+  dataset = keras.utils.image_dataset_from_directory(
+      folder, image_size=(SIZE, SIZE), batch_size=batch, shuffle=True, seed=seed, verbose=False)
+  keras_history = kmodel.fit(dataset, epochs=epochs, verbose=0)
+  assert len({tuple(p) for p in history.permutations}) == epochs  # reshuffled every epoch
+  raw, fitted = workload.raw_state(), workload.keras_state(kmodel)
+  for a, b in zip(raw["weights"], fitted["weights"]):
+    np.testing.assert_array_equal(a, b)
+  assert history.loss == keras_history.history["loss"]
+
+
+def test_image_size_reads_a_folder_for_a_model_of_any_size(folder, tmp_path):
+  import keras
+  inputs = keras.Input((None, None, 3))
+  h = keras.layers.BatchNormalization()(keras.layers.Conv2D(2, 3)(inputs))
+  free = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
+      keras.layers.GlobalAveragePooling2D()(h)))
+  free.compile("adam", "sparse_categorical_crossentropy")
+  x, y = user.load_data(folder, free, (SIZE, SIZE))
+  np.testing.assert_array_equal(x[:], keras_arrays(folder, "int")[0])
+  with pytest.raises(UsageError, match="any height or width"):
+    user.load_data(folder, free)
+  with pytest.raises(UsageError, match="not the model's input size"):
+    user.load_data(folder, model(), (SIZE + 1, SIZE))
+  np.savez(tmp_path / "a.npz", x=np.zeros((2, SIZE, SIZE, 3)), y=np.zeros(2))
+  with pytest.raises(UsageError, match="is not one"):
+    user.load_data(str(tmp_path / "a.npz"), model(), (SIZE, SIZE))
 
 
 def test_bad_data_is_one_line_naming_it(folder, tmp_path):
