@@ -156,12 +156,14 @@ def raw_loss(model, images, labels, statistics, batch_size: int,
 
 
 def per_layer_split(loss_with: callable, names: Sequence[str], moving: Sequence,
-                    precise: Sequence) -> list[dict]:
+                    precise: Sequence, start: Optional[float] = None) -> list[dict]:
   """Swap moving -> precise statistics one layer at a time, first to last (cumulative);
   ``contribution[k] = L(k-1 swapped) - L(k swapped)`` where ``loss_with({name: statistics},
   what)`` is the loss with those statistics (``what`` names the pass); the parts sum to
-  ``evaluate - precise_bn``."""
-  out, previous = [], loss_with(dict(zip(names, moving)), "split: moving statistics")
+  ``evaluate - precise_bn``. ``start``: the loss with every layer's moving statistics, where
+  it is known already (``evaluate``: one pass over the data fewer)."""
+  out, previous = [], (start if start is not None else
+                       loss_with(dict(zip(names, moving)), "split: moving statistics"))
   for k, name in enumerate(names):
     current = loss_with(dict(zip(names, list(precise[:k + 1]) + list(moving[k + 1:]))),
                         f"split: layer {k + 1}/{len(names)} ({name})")
@@ -202,7 +204,7 @@ def diagnose_raw(model, images: np.ndarray, labels: np.ndarray, *, batch_size: i
       "losses": losses,
       "attribution": attribution(losses),
       "per_layer": per_layer_split(lambda stats, what: loss(stats, what=what)[0], names,
-                                   moving, precise),
+                                   moving, precise, start=losses["evaluate"]),
       "accuracy": {key: results[key][1] for key in LOSS_KEYS},
       "precise_statistics": precise,
   }
@@ -301,7 +303,7 @@ def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
       "losses": losses,
       "attribution": attribution(losses),
       "per_layer": per_layer_split(lambda stats, what: inference_with(stats, what)[0], names,
-                                   moving, precise),
+                                   moving, precise, start=losses["evaluate"]),
       "accuracy": {key: results[key][1] for key in LOSS_KEYS},
       "precise_statistics": precise,
   }
