@@ -124,13 +124,14 @@ def main(argv):
     from bnraw.config import TrainConfig
     from bnraw.models.workload import from_keras_file
     workload = from_keras_file(FLAGS.keras_model, FLAGS.data,
-                               TrainConfig(batch_size=common.keras_fit_batch_size()))
+                               TrainConfig(batch_size=common.keras_fit_batch_size()),
+                               common.image_size())
     result = profiling.run_keras_model(
         workload, steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
         raw_modes=FLAGS.raw_modes if FLAGS["raw_modes"].present else ["function", "xla"],
         keras_jit=([v == "true" for v in FLAGS.keras_jit] if FLAGS["keras_jit"].present
                    else [False, True]),
-        out_dir=FLAGS.out_dir, progress=True, overwrite=FLAGS.overwrite)
+        out_dir=FLAGS.out_dir, progress=FLAGS.progress, overwrite=FLAGS.overwrite)
     print(profiling.report_keras_model(result))
     print(f"wrote {FLAGS.out_dir}/profile.json")
     return
@@ -141,7 +142,7 @@ def main(argv):
     result = replicas.run(counts=[int(v) for v in FLAGS.replicas],
                           width=common.parse_width(FLAGS.widths[0]), batch_size=FLAGS.batch_size,
                           steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
-                          keras="false" in FLAGS.keras_jit, progress=True)
+                          keras="false" in FLAGS.keras_jit, progress=FLAGS.progress)
     outputs.prepare_out_dir(FLAGS.out_dir, overwrite=FLAGS.overwrite)
     outputs.write_json(os.path.join(FLAGS.out_dir, "profile.json"), result)
     print(replicas.report(result))
@@ -153,7 +154,7 @@ def main(argv):
       keras_jit=[{"true": True, "false": False}.get(v, v) for v in FLAGS.keras_jit],
       steps_per_execution=[int(k) for k in FLAGS.steps_per_execution],
       breakdown=FLAGS.breakdown, dtype_policies=FLAGS.dtype_policy, out_dir=FLAGS.out_dir,
-      profile_dir=FLAGS.profile_dir, hlo_dir=FLAGS.hlo_dir, progress=True,
+      profile_dir=FLAGS.profile_dir, hlo_dir=FLAGS.hlo_dir, progress=FLAGS.progress,
       overwrite=FLAGS.overwrite)
   print(profiling.report(result))
   print(f"wrote {FLAGS.out_dir}/profile.json")

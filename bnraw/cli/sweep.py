@@ -70,7 +70,7 @@ def main(argv):
   from bnraw.diagnosis import sweep
   data, model, train = common.configs(announce_width=FLAGS.widths is None)
   result = sweep.run(data, model, train, out_dir=FLAGS.out_dir, resume=FLAGS.resume,
-                     overwrite=FLAGS.overwrite, **parse_lists())
+                     overwrite=FLAGS.overwrite, progress=FLAGS.progress, **parse_lists())
   print(sweep.report(result))
   print(f"wrote {FLAGS.out_dir}/{sweep.SWEEP_FILE}")
 

@@ -46,7 +46,8 @@ class NonFiniteError(RuntimeError):
 class FitState:
   """Where a run stands, exactly enough to continue it bit for bit: the epoch, the next batch
   of that epoch's order, the epoch's running means so far, and the shuffling generator's state
-  (after this epoch's permutation was drawn)."""
+  (after this epoch's permutation was drawn; data read as a dataset draws each epoch's order
+  from the epoch's number alone)."""
 
   epoch: int = 0
   next_batch: int = 0
@@ -88,7 +89,9 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
         strategy: Optional[tf.distribute.Strategy] = None,
         sorted_shards: bool = False) -> History:
   """Trains until ``epochs`` epochs are done, reshuffling every epoch from
-  ``np.random.default_rng(seed)``; or continues from ``resume``.
+  ``np.random.default_rng(seed)`` (data read as a dataset, an ``images`` with
+  ``epoch_order``: in the orders fit draws from it, ``bnraw.models.data``); or continues
+  from ``resume``.
 
   The permutations are recorded in the returned history so another trainer (Keras ``fit``) can
   replay exactly the same batches. After every step ``should_stop()`` may end the run early
@@ -129,7 +132,7 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
               else None)
   debug_fn = (make_train_step(model, optimizer, mode="eager", trace=trace, hook=hook)
               if hook is not None else None)
-  take = None if streamed(images) else gatherer(images, labels)
+  reader = Reader(images, labels)
   rng = np.random.default_rng(seed)
   state = resume or FitState(rng_state=rng.bit_generator.state)
   rng.bit_generator.state = state.rng_state
@@ -141,7 +144,7 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
     resuming = state.order is not None and epoch == state.epoch
     if resuming:
       order = np.asarray(state.order)
-    elif hasattr(images, "epoch_order"):  # a folder of images: as fit on Keras's dataset of it
+    elif hasattr(images, "epoch_order"):  # data read as a dataset: the batches fit draws from it
       order = images.epoch_order(seed, batch_size, epoch)
     else:
       order = rng.permutation(len(images))
@@ -153,13 +156,12 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
     first = state.next_batch if resuming else 0
     history.permutations.append(order)
     epoch_batches = batches(order, batch_size)
-    if streamed(images):  # read ahead through its tf.data pipeline, in this epoch's order
-      take = ReadAhead(images, labels, epoch_batches[first:], f"train: epoch {epoch + 1}").take
+    reader.epoch(epoch_batches[first:], f"train: epoch {epoch + 1}")
     number = first
     while number < len(epoch_batches):
       chunk = _chunk(epoch_batches, number, global_step, steps_per_execution, hook_step)
       run_step = debug_fn if debug_fn is not None and global_step == hook_step else step_fn
-      for batch, out in zip(chunk, run_chunk(run_step, multi_fn, take, chunk)):
+      for batch, out in zip(chunk, run_chunk(run_step, multi_fn, reader.take, chunk)):
         losses, correct = np.reshape(out["loss"], [n]), np.reshape(out["correct"], [n])
         finite = np.reshape(out["finite"], [n, -1]).all(axis=0)
         if not finite.all() or not np.isfinite(losses).all():
@@ -202,14 +204,26 @@ def fit(model: Model, optimizer, images: np.ndarray, labels: np.ndarray, *, batc
   return history
 
 
-def gatherer(images: np.ndarray, labels: np.ndarray) -> Callable:
-  """``take(indices) -> (x, y)``: the examples at ``indices``, gathered from the data held
-  once as tensors (on the device); a streamed ``images`` is indexed (read from storage)."""
-  if streamed(images):
-    return lambda index: (tf.constant(images[np.asarray(index)]),
-                          tf.constant(labels[np.asarray(index)]))
-  x, y = tf.constant(images), tf.constant(labels)
-  return lambda index: (tf.gather(x, index), tf.gather(y, index))
+class Reader:
+  """Where a run's batches come from: ``take(indices) -> (x, y)`` tensors. Data in memory is
+  held once as tensors (on the device) and gathered; streamed data (``batching.streamed``) is
+  read ahead through each epoch's batches, given to :meth:`epoch` before the epoch starts
+  (``take`` then asks for them in that order)."""
+
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+    self._ahead = None
+    if not streamed(images):
+      self._x, self._y = tf.constant(images), tf.constant(labels)
+
+  def epoch(self, chunks, what: str) -> None:
+    if streamed(self.images):
+      self._ahead = ReadAhead(self.images, self.labels, chunks, what)
+
+  def take(self, index) -> tuple[tf.Tensor, tf.Tensor]:
+    if self._ahead is not None:
+      return self._ahead.take(index)
+    return tf.gather(self._x, index), tf.gather(self._y, index)
 
 
 class ReadAhead:
@@ -236,7 +250,7 @@ class ReadAhead:
 def run_chunk(step_fn: Callable, multi_fn: Optional[Callable], take: Callable,
               chunk: list[np.ndarray]) -> list[dict]:
   """Runs one train step per batch of ``chunk`` (example indices, read by ``take``:
-  :func:`gatherer`, :class:`ReadAhead`), in order:
+  :meth:`Reader.take`), in order:
   each run of consecutive batches of one size (a graph has one batch shape) in one call of
   ``multi_fn`` (:func:`bnraw.core.step.make_multi_step`) when it has several, else ``step_fn``.
   Returns each step's outputs as numpy, up to and including the first non-finite one."""

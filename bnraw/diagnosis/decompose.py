@@ -263,13 +263,14 @@ def keras_loss(model, x, y, batch_size: int, *, training: bool,
   return loss, (float(found[0].result()) if found and found[0] is not None else None)
 
 
-def diagnose_keras(model, x: np.ndarray, y: np.ndarray, *, batch_size: int,
+def diagnose_keras(model, x, y: np.ndarray, *, batch_size: int,
                    fit_loss: Optional[float] = None, fit_accuracy: Optional[float] = None,
                    last_order: Optional[np.ndarray] = None,
                    last_batch_statistics: Optional[Sequence] = None,
                    bessel_applied: bool = False,
                    precise_bn_batches: Optional[int] = None) -> dict:
-  """The decomposition for a Keras model; keys that need a training history are None unless
+  """The decomposition for a Keras model on ``x`` (an array, or data read batch by batch:
+  ``bnraw.models.data``); keys that need a training history are None unless
   given (``fit_*``, ``last_batch_statistics``). Keras 3 applies no Bessel factor, so
   ``no_bessel`` is ``evaluate`` unless ``bessel_applied``. ``precise_bn_batches``: PreciseBN's
   statistics from the data's first that many batches (None: all)."""

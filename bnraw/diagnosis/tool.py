@@ -381,7 +381,8 @@ def _run_twin(workload: Workload, *, out_dir: str, fix: Optional[str], overwrite
       len(images), train.batch_size)) if progress else None)
   result, history = diagnose_raw_training(
       raw, workload.optimizer, images, labels, train, mode, compiled=compiled,
-      precise_bn_batches=precise_bn_batches, on_epoch=(lambda epoch, h, now: printer(epoch, h)) if printer else None)
+      precise_bn_batches=precise_bn_batches,
+      on_epoch=(lambda epoch, h, now: printer(epoch, h)) if printer else None)
   y_pred = twin.kmodel(images[:2], training=False)
   result["metric"] = (metric_of(twin.kmodel, labels[:2], y_pred)
                       if twin.metric_name else None)

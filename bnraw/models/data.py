@@ -222,7 +222,9 @@ class SavedDataset:
       y = np.stack(ys)
     except ValueError:
       raise UsageError("data", f"{path}: its elements differ in the shape of y") from None
-    x = flat.map(lambda x, _: tf.cast(x, tf.float32))
+    # its length known (an unbatched dataset's is not): fit then runs exactly its batches
+    x = flat.map(lambda x, _: tf.cast(x, tf.float32)).apply(
+        tf.data.experimental.assert_cardinality(len(ys)))
     return cls(path, x, (len(ys), *shape)), y
 
   def __len__(self) -> int:
@@ -233,10 +235,8 @@ class SavedDataset:
 
   def __getitem__(self, index) -> np.ndarray:
     import tensorflow as tf
-    if isinstance(index, slice):
-      index = np.arange(len(self))[index]
-    single = np.ndim(index) == 0
-    index = np.atleast_1d(np.asarray(index, np.int64))
+    single = not isinstance(index, slice) and np.ndim(index) == 0
+    index = np.atleast_1d(np.arange(len(self))[index])  # slices, negatives, masks: as numpy
     if len(index) == 0:
       return np.zeros((0, *self.shape[1:]), np.float32)
     if np.array_equal(index, np.arange(index[0], index[0] + len(index))):  # a run: skip, take
@@ -326,12 +326,8 @@ class ImageFolder:
     return files.map(self._load, num_parallel_calls=tf.data.AUTOTUNE)
 
   def __getitem__(self, index) -> np.ndarray:
-    if isinstance(index, slice):
-      index = np.arange(len(self))[index]
-    single = np.ndim(index) == 0
-    index = np.atleast_1d(np.asarray(index))
-    if index.dtype == bool:
-      index = np.flatnonzero(index)
+    single = not isinstance(index, slice) and np.ndim(index) == 0
+    index = np.atleast_1d(np.arange(len(self))[index])  # slices, negatives, masks: as numpy
     if len(index) == 0:
       return np.zeros((0, *self.shape[1:]), np.float32)
     out = next(iter(self._read(self.images(index).batch(len(index)))))
@@ -390,8 +386,8 @@ class ImageFolder:
       shuffled = tf.data.Dataset.range(len(self)).shuffle(8 * batch_size, seed=seed)
       self._orders[key] = (first, shuffled, [])
     first, shuffled, orders = self._orders[key]
-    while len(orders) <= epoch:
-      orders.append(first[np.fromiter((int(i) for i in iter(shuffled)), np.int64, len(self))])
+    while len(orders) <= epoch:  # (the whole order in one batch: one call, not n)
+      orders.append(first[next(iter(shuffled.batch(len(self)))).numpy()])
       iter(shuffled)  # the iterator Keras makes at the epoch's end and never reads
     return orders[epoch]
 

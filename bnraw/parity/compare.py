@@ -94,6 +94,7 @@ class Sides:
   kmodel: object
   run_group: Callable  # [example indices per batch] -> per-step outputs
   evaluate: Callable  # () -> (loss, metric)
+  start_epoch: Optional[Callable] = None  # (that epoch's batches, what) before each epoch
   # the first step that is not bit-identical: its state before, first batch, differing weights
   first_unequal: Optional[dict] = None
 
@@ -125,6 +126,8 @@ def lockstep(sides: Sides, *, synced: bool, progress: Optional[Callable] = None)
     def __init__(self, order):
       super().__init__()
       self.order = order
+      if sides.start_epoch is not None:  # streamed data: read ahead in this epoch's order
+        sides.start_epoch(batching.batches(order, train.batch_size), "compare: epoch")
 
     def on_train_batch_begin(self, batch, logs=None):
       # Keras calls this once per execution of up to steps_per_execution steps (begin step).
@@ -272,10 +275,10 @@ def run(workload: Workload, *, out_dir: Optional[str], synced: bool = True,
                                  workload=workload.tuning_key)
     mode, tuning, step_fn = choice.mode, choice.record, choice.step_fn
     multi_fn = step.make_multi_step(step_fn, mode, relax_batch=relax)
-    take = loop.gatherer(images, labels)
-    run_group = lambda group: loop.run_chunk(step_fn, multi_fn, take, group)
+    reader = loop.Reader(images, labels)
+    run_group = lambda group: loop.run_chunk(step_fn, multi_fn, reader.take, group)
   else:  # the mode Keras compiles replicas in: nothing to measure
-    mode, tuning = workload.replica_mode(), None
+    mode, tuning, reader = workload.replica_mode(), None, None
     step_fn = step.make_train_step(raw, optimizer, mode=mode, trace=False, relax_batch=relax,
                                    strategy=workload.strategy)
     run_group = lambda group: [_global_loss(step_fn(images[batch], labels[batch]))
@@ -284,7 +287,8 @@ def run(workload: Workload, *, out_dir: Optional[str], synced: bool = True,
   if perturbation:
     perturb(raw.trainable_variables, perturbation, train.seed + 1)
   sides = Sides(workload, kmodel, run_group, evaluate=lambda: loop.evaluate(
-      raw, images, labels, batch_size=train.batch_size, mode=mode, strategy=workload.strategy))
+      raw, images, labels, batch_size=train.batch_size, mode=mode, strategy=workload.strategy),
+      start_epoch=reader.epoch if reader is not None else None)
   steps = lockstep(sides, synced=synced, progress=progress)
   result = {
       "reference": workload.reference,

@@ -216,6 +216,8 @@ def run_keras_model(workload, *, steps: int, warmup: int, rounds: int,
     benches.append(Bench({"impl": "raw", "mode": mode, "traced": False,
                           "steps_per_execution": 1}, time.perf_counter() - start,
                          lambda steps, warmup, run=run: _timed(run, steps, warmup), run))
+  if not isinstance(images, np.ndarray):  # streamed data: fit times one batch, as the raw side
+    images, labels = images[:batch_size], labels[:batch_size]
   for jit in keras_jit:
     kmodel = user.load_keras_model(model_path, nested_bn=True)
     recompile(kmodel, jit_compile=jit, steps_per_execution=1)

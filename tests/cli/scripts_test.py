@@ -46,6 +46,7 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
       self.assertEqual(result.returncode, 0, result.stderr)
       self.assertRegex(result.stderr, r"auto mode: (function|xla) \(function [0-9.]+ ms/step, "
                        r"xla [0-9.]+ ms/step; [0-9.]+ s to measure\)")
+      self.assertIn("epoch 3/3", result.stderr)  # progress lines by default
       for needle in ("fit printed", "evaluate gives", "stale_statistics", "dominant cause:",
                      "fix:", "fixed model: evaluate loss"):
         self.assertIn(needle, result.stdout)

@@ -108,8 +108,31 @@ def test_a_saved_dataset_batched_or_not_reads_as_its_elements(tmp_path):
     np.testing.assert_array_equal(got_x[:], x)
     np.testing.assert_array_equal(got_y, y)
     np.testing.assert_array_equal(got_x[[7, 2, 7]], x[[7, 2, 7]])  # a scan, in the order asked
+    np.testing.assert_array_equal(got_x[-1], x[-1])
+    np.testing.assert_array_equal(got_x[[5, -1]], x[[5, -1]])
+    np.testing.assert_array_equal(got_x[y == 1], x[y == 1])
     got = list(got_x.batches([np.arange(0, 4), np.arange(4, 8), np.arange(8, 10)]))
     np.testing.assert_array_equal(np.concatenate(got), x)
+
+
+def test_a_run_from_a_folder_stopped_mid_epoch_resumes_bit_for_bit(folder, tmp_path):
+  from bnraw.config import TrainConfig
+  from bnraw.core import loop
+  from bnraw.models.workload import from_keras_file
+  model().save(tmp_path / "m.keras")
+  train = TrainConfig(batch_size=4, epochs=2, seed=3, mode="function")
+  runs = [from_keras_file(str(tmp_path / "m.keras"), folder, train) for _ in range(2)]
+  fit = lambda w, **kw: loop.fit(w.model, w.optimizer, w.images, w.labels, batch_size=4,
+                                 epochs=2, seed=3, mode="function", **kw)
+  whole = fit(runs[0])
+  steps = []
+  stopped = fit(runs[1], on_step=lambda r: steps.append(r.step),
+                should_stop=lambda: len(steps) == 6)  # epoch 2 of 4 steps each, step 2 of it
+  assert stopped.status == "interrupted" and stopped.state.next_batch == 2
+  resumed = fit(runs[1], resume=stopped.state)
+  assert resumed.loss == whole.loss
+  for a, b in zip(runs[0].raw_state()["weights"], runs[1].raw_state()["weights"]):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_training_from_a_saved_dataset_is_fit_on_it(folder, tmp_path):
@@ -134,6 +157,11 @@ def test_training_from_a_saved_dataset_is_fit_on_it(folder, tmp_path):
   for a, b in zip(workload.raw_state()["weights"], workload.keras_state(kmodel)["weights"]):
     np.testing.assert_array_equal(a, b)
   assert history.loss == keras_history.history["loss"]
+  from bnraw import parity  # compare reads it in order too, on both sides
+  again = from_keras_file(str(tmp_path / "m.keras"), str(tmp_path / "saved"),
+                          TrainConfig(batch_size=4, epochs=1, mode="function"))
+  result = parity.run(again, out_dir=None)
+  assert result["bit_identical_steps"] == len(result["steps"]) == 4
 
 
 def test_a_run_from_an_image_folder_is_bit_identical_to_fit(folder, tmp_path):
