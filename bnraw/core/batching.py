@@ -141,6 +141,14 @@ def observing(observer: Callable):
     _observers.remove(observer)
 
 
+def report(what: str, done: int, total: int) -> None:
+  """Tells the observers of :func:`observing` that pass ``what`` has read ``done`` of
+  ``total`` examples (``done == 0``: it starts); :func:`read_batches` calls it, and so may a
+  pass that reads the data another way (the image check)."""
+  for observer in _observers:
+    observer(what, done, total)
+
+
 def read_batches(x, y, chunks, what: str = "") -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """``(x[chunk], y[chunk])`` (``y`` None: None) for each chunk of example indices, in order:
   a streamed ``x`` (:func:`streamed`) through its own ``batches(chunks)``, which reads ahead;
@@ -150,10 +158,8 @@ def read_batches(x, y, chunks, what: str = "") -> Iterator[tuple[np.ndarray, np.
   total = sum(len(chunk) for chunk in chunks)
   source = x.batches(chunks) if streamed(x) else (x[chunk] for chunk in chunks)
   done = 0
-  for observer in _observers:
-    observer(what, done, total)
+  report(what, done, total)
   for chunk, xb in zip(chunks, source):
     done += len(chunk)
-    for observer in _observers:  # on reading (a reader that stops at the last batch hears it)
-      observer(what, done, total)
+    report(what, done, total)  # on reading (a reader that stops at the last batch hears it)
     yield xb, (y[chunk] if y is not None else None)

@@ -68,16 +68,20 @@ def check_images(path: str) -> int:
   """Decodes every image with Pillow (a truncated file shows here, not in Keras's reader);
   returns their count."""
   from PIL import Image
+  from bnraw.core.batching import report
   files = image_files(path)
   if not files:
     raise UsageError("data", f"{path}: its class sub-folders hold no images "
                      f"({', '.join(IMAGE_SUFFIXES)})")
-  for file in files:
+  report("checking the images", 0, len(files))
+  for done, file in enumerate(files, 1):
     try:
       with Image.open(file) as image:
         image.load()
     except Exception as e:
       raise UsageError("data", f"cannot read image {file}: {str(e).splitlines()[0]}") from None
+    if done % 256 == 0 or done == len(files):  # (a progress line for a large folder)
+      report("checking the images", done, len(files))
   return len(files)
 
 

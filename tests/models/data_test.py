@@ -60,7 +60,13 @@ def keras_arrays(path, label_mode):
 
 
 def test_an_image_folder_reads_as_keras_reads_it(folder):
-  x, y = user.load_data(folder, model())
+  from bnraw.core import batching
+  heard = []
+  with batching.observing(lambda *args: heard.append(args)):
+    x, y = user.load_data(folder, model())
+    list(batching.read_batches(x, y, [np.arange(8), np.arange(8, 13)], "a pass"))
+  assert ("checking the images", 0, 13) in heard and ("checking the images", 13, 13) in heard
+  assert heard[-3:] == [("a pass", 0, 13), ("a pass", 8, 13), ("a pass", 13, 13)]
   kx, ky = keras_arrays(folder, "int")
   assert isinstance(x, data.ImageFolder)  # read from disk batch by batch
   assert x.shape == (13, SIZE, SIZE, 3) and x.dtype == np.float32
