@@ -64,12 +64,11 @@ def image_files(path: str) -> list[str]:
   return found
 
 
-def check_images(path: str) -> int:
-  """Decodes every image with Pillow (a truncated file shows here, not in Keras's reader);
-  returns their count."""
+def check_images(path: str, files: list[str]) -> None:
+  """Decodes every image of ``files`` (:func:`image_files` of ``path``) with Pillow (a
+  truncated file shows here, not in Keras's reader)."""
   from PIL import Image
   from bnraw.core.batching import report
-  files = image_files(path)
   if not files:
     raise UsageError("data", f"{path}: its class sub-folders hold no images "
                      f"({', '.join(IMAGE_SUFFIXES)})")
@@ -82,7 +81,6 @@ def check_images(path: str) -> int:
       raise UsageError("data", f"cannot read image {file}: {str(e).splitlines()[0]}") from None
     if done % 256 == 0 or done == len(files):  # (a progress line for a large folder)
       report("checking the images", done, len(files))
-  return len(files)
 
 
 def read(path: str, model, image_size: Optional[tuple] = None) -> tuple:
@@ -170,9 +168,9 @@ def _image_folder(path: str, model, image_size: Optional[tuple] = None) -> tuple
   if any(given is not None and given != want for given, want in zip(shape[:2], size)):
     raise UsageError("image_size", f"{size[0]},{size[1]} is not the model's input size "
                      f"{shape[0]},{shape[1]}")
-  check_images(path)
-  classes = class_folders(path)
   files = image_files(path)
+  check_images(path, files)
+  classes = class_folders(path)
   index = {folder: k for k, folder in enumerate(classes)}
   labels = np.array([index[os.path.relpath(f, path).split(os.sep)[0]] for f in files],
                     np.int32)
@@ -187,15 +185,43 @@ def _image_folder(path: str, model, image_size: Optional[tuple] = None) -> tuple
   return x, labels  # load_data's check says why they do not fit
 
 
-class SavedDataset:
+class _Streamed:
+  """What :class:`SavedDataset` and :class:`ImageFolder` share: array-like where the tools
+  index them (``len``, ``shape``, ``x[index]`` as numpy indexes, through ``_take`` of the
+  example numbers asked), never one array by accident."""
+
+  dtype = np.dtype(np.float32)
+  path: str
+  shape: tuple
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __array__(self, dtype=None, copy=None):
+    raise TypeError(f"{self.path} is read batch by batch, not as one array")
+
+  def __getitem__(self, index) -> np.ndarray:
+    single = not isinstance(index, slice) and np.ndim(index) == 0
+    index = np.atleast_1d(np.arange(len(self))[index])  # slices, negatives, masks: as numpy
+    if len(index) == 0:
+      return np.zeros((0, *self.shape[1:]), np.float32)
+    out = self._take(index)
+    return out[0] if single else out
+
+  @staticmethod
+  def _one_size(sizes: list[int]) -> bool:
+    """Whether chunks of ``sizes`` are one ``.batch()`` of a run: all one size but the last,
+    which may be short."""
+    return all(size == sizes[0] for size in sizes[:-1]) and sizes[-1] <= sizes[0]
+
+
+class SavedDataset(_Streamed):
   """A saved ``tf.data`` dataset, read from disk batch by batch in its own order: what
   ``fit`` reads from ``tf.data.Dataset.load(path)`` each epoch (it never shuffles a dataset),
   cut into batches of the run's batch size (a dataset saved batched at that size reads to the
   same batches). Array-like where the tools index it, as :class:`ImageFolder`: reading it in
   order is one pass; other indices scan it (a few examples only). ``y`` is read once, into
   memory (:meth:`read`)."""
-
-  dtype = np.dtype(np.float32)
 
   def __init__(self, path: str, dataset, shape: tuple):
     self.path, self.examples, self.shape = path, dataset, tuple(shape)
@@ -231,18 +257,8 @@ class SavedDataset:
         tf.data.experimental.assert_cardinality(len(ys)))
     return cls(path, x, (len(ys), *shape)), y
 
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  def __array__(self, dtype=None, copy=None):
-    raise TypeError(f"{self.path} is read batch by batch, not as one array")
-
-  def __getitem__(self, index) -> np.ndarray:
+  def _take(self, index: np.ndarray) -> np.ndarray:
     import tensorflow as tf
-    single = not isinstance(index, slice) and np.ndim(index) == 0
-    index = np.atleast_1d(np.arange(len(self))[index])  # slices, negatives, masks: as numpy
-    if len(index) == 0:
-      return np.zeros((0, *self.shape[1:]), np.float32)
     if np.array_equal(index, np.arange(index[0], index[0] + len(index))):  # a run: skip, take
       out = next(iter(self.examples.skip(int(index[0])).take(len(index)).batch(len(index))))
     else:  # one scan for the examples asked, then put in the order asked
@@ -250,8 +266,7 @@ class SavedDataset:
       found = self.examples.enumerate().filter(lambda i, _: tf.reduce_any(i == wanted))
       found = next(iter(found.map(lambda _, x: x).batch(len(wanted))))
       out = tf.gather(found, np.searchsorted(np.unique(index), index))
-    out = out.numpy()
-    return out[0] if single else out
+    return out.numpy()
 
   def batches(self, chunks):
     """Each chunk's examples (numpy), in order: one pass, read ahead, where the chunks are
@@ -263,8 +278,7 @@ class SavedDataset:
       return
     flat = np.concatenate(chunks)
     sizes = [len(chunk) for chunk in chunks]
-    if (np.array_equal(flat, np.arange(flat[0], flat[0] + len(flat)))
-        and all(size == sizes[0] for size in sizes[:-1]) and sizes[-1] <= sizes[0]):
+    if np.array_equal(flat, np.arange(flat[0], flat[0] + len(flat))) and self._one_size(sizes):
       run = self.examples.skip(int(flat[0])).take(len(flat)).batch(sizes[0])
       for batch in run.prefetch(tf.data.AUTOTUNE):
         yield batch.numpy()
@@ -287,7 +301,7 @@ class SavedDataset:
     return np.arange(len(self))
 
 
-class ImageFolder:
+class ImageFolder(_Streamed):
   """The images of a folder of class sub-folders, read from disk batch by batch as
   ``keras.utils.image_dataset_from_directory`` reads them (the same ops: ``read_file``,
   ``decode_image(channels, expand_animations=False)``, ``resize(size, bilinear)``, in float32),
@@ -298,7 +312,6 @@ class ImageFolder:
   ``files`` are in Keras's unshuffled order (class folders sorted, then each one walked
   sorted); the orders a shuffled Keras run draws are :meth:`epoch_order`."""
 
-  dtype = np.dtype(np.float32)
   ndim = 4
 
   def __init__(self, path: str, files: list, size: tuple, channels: int,
@@ -308,12 +321,6 @@ class ImageFolder:
     self.size, self.channels, self.interpolation = tuple(size), channels, interpolation
     self.shape = (len(self.files), *self.size, channels)
     self._orders: dict = {}
-
-  def __len__(self) -> int:
-    return len(self.files)
-
-  def __array__(self, dtype=None, copy=None):
-    raise TypeError(f"{self.path} is read batch by batch, not as one array")
 
   def _load(self, file):
     import tensorflow as tf
@@ -329,13 +336,8 @@ class ImageFolder:
     files = tf.data.Dataset.from_tensor_slices(self._paths[np.asarray(index)])
     return files.map(self._load, num_parallel_calls=tf.data.AUTOTUNE)
 
-  def __getitem__(self, index) -> np.ndarray:
-    single = not isinstance(index, slice) and np.ndim(index) == 0
-    index = np.atleast_1d(np.arange(len(self))[index])  # slices, negatives, masks: as numpy
-    if len(index) == 0:
-      return np.zeros((0, *self.shape[1:]), np.float32)
-    out = next(iter(self._read(self.images(index).batch(len(index)))))
-    return out[0] if single else out
+  def _take(self, index: np.ndarray) -> np.ndarray:
+    return next(iter(self._read(self.images(index).batch(len(index)))))
 
   def batches(self, chunks):
     """Each chunk's images (numpy), in order, the next ones decoding while one is used."""
@@ -344,7 +346,7 @@ class ImageFolder:
     if not chunks:
       return
     sizes = [len(chunk) for chunk in chunks]
-    if all(size == sizes[0] for size in sizes[:-1]) and sizes[-1] <= sizes[0]:
+    if self._one_size(sizes):
       dataset = self.images(np.concatenate(chunks)).batch(sizes[0])
     else:  # batches of several sizes: one per chunk, still read ahead
       bounds = np.cumsum([0] + sizes)

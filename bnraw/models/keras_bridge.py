@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from bnraw.config import CONV_BLOCKS, IMAGE_SIZE, NUM_IMAGES, ModelConfig, TrainConfig
+from bnraw.core.batching import streamed
 from bnraw.errors import UsageError
 
 REFERENCES = ("keras3", "tf_keras")
@@ -298,7 +299,7 @@ def keras_data(images, labels, order, batch_size: int) -> dict:
   """What Keras's ``fit`` or ``evaluate`` takes for the examples in ``order``, in batches of
   ``batch_size``: the arrays ``x[order]``, ``y[order]``; or, for images read batch by batch
   (``bnraw.models.data.ImageFolder``), the tf.data dataset of the same batches."""
-  if hasattr(images, "dataset"):
+  if streamed(images):
     return {"x": images.dataset(labels, order, batch_size)}
   return {"x": images[order], "y": labels[order], "batch_size": batch_size}
 

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from bnraw.core import ops
+from bnraw.core.batching import streamed
 from bnraw.core.graph import Model, Node
 from bnraw.core.layers import BatchNorm
 from bnraw.errors import UsageError
@@ -323,7 +324,7 @@ def setup(model_path: str, data_path: str, train=None,
     x, y = user.load_data(data_path, kmodel, image_size)
     twin = convert(kmodel, y)
   if strategy is not None:
-    x = x if isinstance(x, np.ndarray) else x[:]  # replicas: in memory, batches by --seed
+    x = x[:] if streamed(x) else x  # replicas: in memory, batches by --seed
     check_replicas(twin, len(x), train)
     twin.per_replica = True
   return twin, Parts(twin.raw, twin.optimizer, Data(x, y)), strategy

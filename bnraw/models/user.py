@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 
+from bnraw.core.batching import streamed
 from bnraw.errors import UsageError
 from bnraw.models.keras_bridge import keras_bn_layers
 
@@ -149,8 +150,8 @@ def load_data(path: str, model, image_size: Optional[tuple] = None) -> tuple:
   x, y = data.read(path, model, image_size)
   if len(x) != len(y) or len(x) == 0:
     raise UsageError("data", f"x has {len(x)} examples and y {len(y)}; need the same, > 0")
-  streamed = not isinstance(x, np.ndarray)
-  for name, array in ((("y", y),) if streamed else (("x", x), ("y", y))):
+  lazy = streamed(x)
+  for name, array in ((("y", y),) if lazy else (("x", x), ("y", y))):
     if array.dtype.kind not in "biuf":
       raise UsageError("data", f"{name} holds {array.dtype} values; bnraw needs numbers "
                        "(encode labels as integers)")
@@ -162,7 +163,7 @@ def load_data(path: str, model, image_size: Optional[tuple] = None) -> tuple:
                                         zip(expected, x.shape[1:])):
     raise UsageError("data", f"x examples have shape {x.shape[1:]}, the model takes "
                      f"{expected}")
-  x = x if streamed else x.astype(np.float32)
+  x = x if lazy else x.astype(np.float32)
   if y.dtype.kind == "f":  # Keras's data adapter casts float arrays to floatx; ints stay
     y = y.astype(np.float32)
   problem = data.label_problem(model, x, y)  # the model's own loss on a few examples

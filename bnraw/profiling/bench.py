@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from bnraw.config import (CONV_BLOCKS, DTYPE_POLICIES, IMAGE_SIZE, NUM_IMAGES, ModelConfig,
                           TrainConfig)
+from bnraw.core import batching
 from bnraw.profiling import op_stats
 
 # Under mixed_float16 both sides start from this loss scale, so no timed step is one that loss
@@ -216,7 +217,7 @@ def run_keras_model(workload, *, steps: int, warmup: int, rounds: int,
     benches.append(Bench({"impl": "raw", "mode": mode, "traced": False,
                           "steps_per_execution": 1}, time.perf_counter() - start,
                          lambda steps, warmup, run=run: _timed(run, steps, warmup), run))
-  if not isinstance(images, np.ndarray):  # streamed data: fit times one batch, as the raw side
+  if batching.streamed(images):  # streamed data: fit times one batch, as the raw side
     images, labels = images[:batch_size], labels[:batch_size]
   for jit in keras_jit:
     kmodel = user.load_keras_model(model_path, nested_bn=True)
