@@ -446,8 +446,7 @@ def run_saved(model_path: str, data_path: str, *, batch_size: Optional[int],
   # train_mode_final on shuffled batches, as fit would draw them (sorted data would put similar
   # examples together and give batch statistics no training step ever saw); data read as a
   # dataset: the batches fit draws from it (a saved dataset's own order)
-  shuffled = (x.epoch_order(0, batch_size, 0) if hasattr(x, "epoch_order")
-              else np.random.default_rng(0).permutation(len(x)))
+  shuffled = next(batching.data_orders(0, x, batch_size))
   from bnraw.models.keras_bridge import noise_layers, quiet_clone, seeded_clone
   noise = noise_layers(kmodel)
   # with dropout the training branch is random and not BN's: the parts use a copy without it
